@@ -1,0 +1,261 @@
+"""Linear operators and the common interface of the adjoint linear solvers.
+
+All linear solvers act on a batch of independent systems ``A_i x_i = b_i`` stored flat:
+``b`` has shape ``(B, n)`` and the operator maps ``(B, n) -> (B, n)`` element-wise in the batch.
+Solvers are frozen dataclasses; calling ``solver(op, b, x0=None)`` returns a :class:`Result`
+whose ``solution`` is ``x`` of shape ``(B, n)`` and whose flags have shape ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..._result import Result, Status
+
+__all__ = [
+    "Callback",
+    "LinearOperator",
+    "LinearSolver",
+    "Prepared",
+    "check_fields",
+    "conclude",
+    "default_max_iter",
+    "default_rtol",
+    "dot",
+    "finish",
+    "prepare",
+    "stall_update",
+    "stall_window",
+]
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOperator:
+    """A batch of ``B`` square ``n x n`` operators given by their action on vectors.
+
+    Attributes:
+        matvec: ``v (B, n) -> A v (B, n)``.
+        rmatvec: ``v (B, n) -> Aᵀ v (B, n)``, or None when unavailable (then only solvers
+            that need no transpose apply, unless ``symmetric``).
+        batch: ``B``.
+        n: ``n``.
+        dtype: Floating dtype of the vectors.
+        device: Device of the vectors.
+        symmetric: True when ``A = Aᵀ`` (CG, MINRES and Cholesky then apply).
+        positive_definite: True when ``A`` is symmetric positive definite.
+    """
+
+    matvec: Matvec
+    rmatvec: Matvec | None
+    batch: int
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    symmetric: bool = False
+    positive_definite: bool = False
+
+    @staticmethod
+    def from_dense(matrix: torch.Tensor, *, symmetric: bool = False,
+                   positive_definite: bool = False) -> LinearOperator:
+        """Wrap a dense ``(B, n, n)`` matrix."""
+        if matrix.dim() != 3 or matrix.shape[-1] != matrix.shape[-2]:
+            raise ValueError(f"matrix must have shape (B, n, n), got {tuple(matrix.shape)}")
+        return LinearOperator(
+            matvec=lambda v: (matrix @ v.unsqueeze(-1)).squeeze(-1),
+            rmatvec=lambda v: (matrix.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1),
+            batch=matrix.shape[0], n=matrix.shape[-1], dtype=matrix.dtype, device=matrix.device,
+            symmetric=symmetric or positive_definite, positive_definite=positive_definite,
+        )
+
+    @property
+    def T(self) -> LinearOperator:
+        """The transposed operator."""
+        if self.rmatvec is None and not self.symmetric:
+            raise ValueError("this operator has no transpose (rmatvec is None)")
+        rm = self.rmatvec if self.rmatvec is not None else self.matvec
+        return dataclasses.replace(self, matvec=rm, rmatvec=self.matvec)
+
+    def with_ridge(self, ridge: float) -> LinearOperator:
+        """The operator ``A + ridge * I``."""
+        if ridge == 0.0:
+            return self
+        mv, rmv = self.matvec, self.rmatvec
+        return dataclasses.replace(
+            self,
+            matvec=lambda v: mv(v) + ridge * v,
+            rmatvec=None if rmv is None else (lambda v: rmv(v) + ridge * v),
+            positive_definite=self.positive_definite and ridge > 0,
+        )
+
+    def materialize(self) -> torch.Tensor:
+        """The dense matrices, shape ``(B, n, n)``, built from ``n`` matvecs (vmapped)."""
+        eye = torch.eye(self.n, dtype=self.dtype, device=self.device)
+        basis = eye.unsqueeze(1).expand(self.n, self.batch, self.n)
+        try:
+            cols = torch.func.vmap(self.matvec)(basis)  # (n, B, n): cols[k] = A e_k
+        except Exception:  # noqa: BLE001  (operators that cannot be vmapped: a loop is correct)
+            cols = torch.stack([self.matvec(basis[k]) for k in range(self.n)])
+        return cols.permute(1, 2, 0)
+
+
+class LinearSolver(abc.ABC):
+    """Base class of the linear-solver configs (each a frozen dataclass)."""
+
+    ridge: float = 0.0
+
+    @abc.abstractmethod
+    def __call__(self, op: LinearOperator, b: torch.Tensor,
+                 x0: torch.Tensor | None = None) -> Result:
+        """Solve ``(A + ridge I) x = b`` for a batch; returns a flat :class:`Result`."""
+
+
+def finish(x: torch.Tensor, op: LinearOperator, b: torch.Tensor, iterations: torch.Tensor,
+           tol: torch.Tensor, flag: torch.Tensor | None = None) -> Result:
+    """Common epilogue: compute the true residual and per-element status.
+
+    Args:
+        x: The candidate solution ``(B, n)``.
+        op: The operator *with* ridge already applied.
+        b: Right-hand side ``(B, n)``.
+        iterations: int64 ``(B,)``.
+        tol: Absolute tolerance on ``‖Ax - b‖`` per element ``(B,)``.
+        flag: Optional int64 ``(B,)`` status for elements that stopped early
+            (BREAKDOWN, STAGNATION, SINGULAR); 0 elsewhere.
+
+    Returns:
+        Result with ``residual`` the relative residual ``‖Ax - b‖ / max(‖b‖, tiny)``.
+    """
+    r = op.matvec(x) - b
+    rnorm = torch.linalg.vector_norm(r, dim=-1)
+    bnorm = torch.linalg.vector_norm(b, dim=-1)
+    finite = torch.isfinite(x).all(dim=-1) & torch.isfinite(rnorm)
+    # A tiny slack absorbs the round-off between the recurrence residual and the true one.
+    converged = finite & (rnorm <= tol * (1 + 1e-6) + 10 * torch.finfo(b.dtype).eps * bnorm)
+    status = torch.full(converged.shape, int(Status.MAX_ITER), dtype=torch.int64, device=b.device)
+    if flag is not None:
+        status = torch.where(flag != 0, flag, status)
+    status = torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
+    status = torch.where(converged, torch.zeros_like(status), status)
+    rel = rnorm / bnorm.clamp_min(torch.finfo(b.dtype).tiny)
+    rel = torch.where(bnorm > 0, rel, rnorm)
+    return Result(solution=x, converged=converged, iterations=iterations, residual=rel, status=status)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers of the solver implementations (validation, prologue, stagnation tracking).
+# --------------------------------------------------------------------------------------------
+
+#: An iteration "improves" when the residual drops below this fraction of the best one so far.
+STALL_FACTOR = 0.99
+
+
+def default_rtol(dtype: torch.dtype, rtol: float | None) -> float:
+    """``rtol``, or its dtype default when None: 1e-12 for float64, 1e-6 otherwise."""
+    if rtol is not None:
+        return float(rtol)
+    return 1e-12 if dtype == torch.float64 else 1e-6
+
+
+def default_max_iter(n: int, max_iter: int | None) -> int:
+    """``max_iter``, or ``max(10 n, 50)`` when None."""
+    return max(10 * n, 50) if max_iter is None else max_iter
+
+
+def stall_window(n: int) -> int:
+    """Iterations without improvement (see :data:`STALL_FACTOR`) that mean stagnation."""
+    return max(20, min(n, 200))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_fields(obj: object, *, rtol: float | None = None, atol: float = 0.0,
+                 max_iter: int | None = None, ridge: float = 0.0) -> None:
+    """Validate the common config fields; raise ``ValueError`` naming the bad one."""
+    name = type(obj).__name__
+    if rtol is not None and (not _is_real(rtol) or not math.isfinite(rtol) or rtol < 0):
+        raise ValueError(f"{name}: rtol must be a finite float >= 0 or None, got {rtol!r}")
+    if not _is_real(atol) or not math.isfinite(atol) or atol < 0:
+        raise ValueError(f"{name}: atol must be a finite float >= 0, got {atol!r}")
+    if max_iter is not None and (not isinstance(max_iter, int) or isinstance(max_iter, bool)
+                                 or max_iter < 1):
+        raise ValueError(f"{name}: max_iter must be a positive int or None, got {max_iter!r}")
+    if not _is_real(ridge) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"{name}: ridge must be a finite float >= 0, got {ridge!r}")
+
+
+def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner products of two ``(B, n)`` tensors, shape ``(B,)``."""
+    return (u * v).sum(dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A validated, sanitized batch of systems, ready for an iteration.
+
+    Attributes:
+        op: The operator with ``ridge`` applied.
+        b: Right-hand side with non-finite rows replaced by zeros.
+        x: Initial iterate (``x0`` or zeros; zeros on rows with ``b = 0`` or bad input).
+        tol: Absolute tolerance per row, ``max(atol, rtol ‖b‖)``.
+        bad: Rows whose ``b`` or ``x0`` is not finite (reported as NONFINITE).
+        done: Rows with nothing to solve (``bad`` or ``b = 0``, whose solution is 0).
+        b_orig: The right-hand side as given.
+    """
+
+    op: LinearOperator
+    b: torch.Tensor
+    x: torch.Tensor
+    tol: torch.Tensor
+    bad: torch.Tensor
+    done: torch.Tensor
+    b_orig: torch.Tensor
+
+
+def prepare(op: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None, *, ridge: float,
+            rtol: float | None, atol: float) -> Prepared:
+    """Check shapes, apply the ridge, sanitize non-finite rows and compute tolerances."""
+    if not isinstance(b, torch.Tensor) or not b.is_floating_point():
+        raise ValueError("b must be a floating-point tensor")
+    if tuple(b.shape) != (op.batch, op.n):
+        raise ValueError(f"b must have shape (batch, n) = {(op.batch, op.n)}, got {tuple(b.shape)}")
+    if b.dtype != op.dtype:
+        raise ValueError(f"b has dtype {b.dtype} but the operator has dtype {op.dtype}")
+    if x0 is not None and tuple(x0.shape) != tuple(b.shape):
+        raise ValueError(f"x0 must have the shape of b {tuple(b.shape)}, got {tuple(x0.shape)}")
+    bad = ~torch.isfinite(b).all(dim=-1)
+    if x0 is not None:
+        bad = bad | ~torch.isfinite(x0).all(dim=-1)
+    b_clean = torch.where(bad.unsqueeze(-1), torch.zeros_like(b), b)
+    bnorm = torch.linalg.vector_norm(b_clean, dim=-1)
+    done = bad | (bnorm == 0)
+    x = torch.zeros_like(b) if x0 is None else x0.to(b.dtype)
+    x = torch.where(done.unsqueeze(-1), torch.zeros_like(x), x)
+    tol = torch.clamp(default_rtol(b.dtype, rtol) * bnorm, min=atol)
+    return Prepared(op=op.with_ridge(ridge), b=b_clean, x=x, tol=tol, bad=bad, done=done,
+                    b_orig=b)
+
+
+def conclude(prep: Prepared, x: torch.Tensor, iterations: torch.Tensor,
+             flag: torch.Tensor | None = None) -> Result:
+    """Epilogue: NaN solutions on bad rows, then :func:`finish` against the original ``b``."""
+    x = torch.where(prep.bad.unsqueeze(-1), torch.full_like(x, float("nan")), x)
+    return finish(x, prep.op, prep.b_orig, iterations, prep.tol, flag)
+
+
+def stall_update(rnorm: torch.Tensor, best: torch.Tensor, count: torch.Tensor,
+                 active: torch.Tensor, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Track stagnation: ``best`` residual so far and iterations since it last improved."""
+    improved = rnorm < STALL_FACTOR * best
+    best = torch.where(active & improved, rnorm, best)
+    count = torch.where(active, torch.where(improved, torch.zeros_like(count), count + steps), count)
+    return best, count

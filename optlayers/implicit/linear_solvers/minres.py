@@ -1,0 +1,166 @@
+"""MINRES for batches of symmetric (possibly indefinite) systems."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..._result import Result, Status
+from ._base import (
+    Callback,
+    LinearOperator,
+    LinearSolver,
+    check_fields,
+    conclude,
+    default_max_iter,
+    dot,
+    prepare,
+    stall_update,
+    stall_window,
+)
+
+__all__ = ["MINRES"]
+
+_State = dict[str, torch.Tensor]
+
+
+def _init(r: torch.Tensor) -> _State:
+    """Lanczos/QR state of a fresh start from the residual ``r``."""
+    beta = torch.linalg.vector_norm(r, dim=-1)
+    zero, zeros = torch.zeros_like(beta), torch.zeros_like(r)
+    return {"r1": r, "r2": r, "oldb": zero, "beta": beta, "dbar": zero, "epsln": zero,
+            "phibar": beta, "cs": -torch.ones_like(beta), "sn": zero, "w": zeros, "w2": zeros,
+            "first": torch.ones_like(beta, dtype=torch.bool)}
+
+
+def _merge(mask: torch.Tensor, new: _State, old: _State) -> _State:
+    out = {}
+    for key, value in new.items():
+        m = mask.unsqueeze(-1) if value.dim() == 2 else mask
+        out[key] = torch.where(m, value, old[key])
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MINRES(LinearSolver):
+    r"""MINRES (Paige–Saunders) for symmetric, possibly indefinite ``A``.
+
+    Minimizes the residual norm over the Krylov spaces built by the Lanczos process,
+
+    .. math::
+        x_k = \arg\min_{x ∈ x_0 + \mathcal K_k(A, r_0)} ‖(A + ridge I) x − b‖_2,
+
+    updating a QR factorization of the tridiagonal Lanczos matrix with Givens rotations, so
+    each iteration costs one matvec and O(n) work. The residual estimate ``φ̄_k`` decreases
+    monotonically; the true residual is checked when it claims convergence (and the
+    iteration restarts from ``x`` if round-off made them differ).
+
+    Failures: a (numerically) singular tridiagonal pivot ``γ ≤ ε ‖T‖`` stops the element with
+    ``SINGULAR`` (``b`` has a component outside the range of a singular ``A``); an exactly
+    vanishing Lanczos vector without convergence gives ``BREAKDOWN``; no 1% improvement during
+    ``max(20, min(n, 200))`` iterations gives ``STAGNATION``. ``A`` is assumed symmetric (the
+    tag is not checked).
+
+    Args:
+        rtol: Relative tolerance; None means 1e-12 in float64 and 1e-6 in float32.
+        atol: Absolute tolerance.
+        max_iter: Iteration limit; None means ``max(10 n, 50)``.
+        ridge: Tikhonov shift added to ``A``.
+        callback: Called after every iteration with ``(k, φ̄)``, shape ``(B,)``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.implicit.linear_solvers import MINRES, LinearOperator
+        >>> A = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64)).expand(1, 2, 2)
+        >>> op = LinearOperator.from_dense(A, symmetric=True)
+        >>> MINRES()(op, torch.ones(1, 2, dtype=torch.float64)).solution
+        tensor([[ 0.5000, -1.0000]], dtype=torch.float64)
+
+    References:
+        Paige & Saunders, "Solution of sparse indefinite systems of linear equations", 1975.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    max_iter: int | None = None
+    ridge: float = 0.0
+    callback: Callback | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
+
+    def __call__(self, op: LinearOperator, b: torch.Tensor,
+                 x0: torch.Tensor | None = None) -> Result:
+        """Solve ``(A + ridge I) x = b``; see the class docstring."""
+        prep = prepare(op, b, x0, ridge=self.ridge, rtol=self.rtol, atol=self.atol)
+        A, b, x, tol = prep.op, prep.b, prep.x, prep.tol
+        max_iter = default_max_iter(A.n, self.max_iter)
+        eps, tiny = torch.finfo(b.dtype).eps, torch.finfo(b.dtype).tiny
+        window = stall_window(A.n)
+
+        st = _init(b - A.matvec(x))
+        rnorm = st["beta"]
+        active = ~prep.done & ~(rnorm <= tol)
+        flag = torch.zeros_like(active, dtype=torch.int64)
+        iters = torch.zeros_like(flag)
+        best, count = rnorm, torch.zeros_like(flag)
+        tnorm2 = torch.zeros_like(rnorm)
+        one = torch.ones_like(rnorm)
+        k = 0
+        while k < max_iter and bool(active.any()):
+            beta_old = st["beta"]
+            v = st["r2"] / torch.where(active, beta_old, one).unsqueeze(-1)
+            y = A.matvec(v)
+            coef = torch.where(st["first"] | ~active, torch.zeros_like(one),
+                               beta_old / torch.where(active & ~st["first"], st["oldb"], one))
+            y = y - coef.unsqueeze(-1) * st["r1"]
+            alfa = dot(v, y)
+            y = y - (alfa / torch.where(active, beta_old, one)).unsqueeze(-1) * st["r2"]
+            beta = torch.linalg.vector_norm(y, dim=-1)
+            tnorm2 = torch.where(active, tnorm2 + alfa.square() + beta_old.square() + beta.square(),
+                                 tnorm2)
+            cs, sn, dbar = st["cs"], st["sn"], st["dbar"]
+            delta = cs * dbar + sn * alfa
+            gbar = sn * dbar - cs * alfa
+            epsln = sn * beta
+            dbar_new = -cs * beta
+            gamma = torch.hypot(gbar, beta)
+            singular = active & ~(gamma > eps * tnorm2.sqrt())  # also catches NaN
+            flag = torch.where(singular, torch.full_like(flag, int(Status.SINGULAR)), flag)
+            active = active & ~singular
+            gamma = torch.where(active, gamma, one)
+            cs_new, sn_new = gbar / gamma, beta / gamma
+            phi = cs_new * st["phibar"]
+            phibar = sn_new * st["phibar"]
+            w = (v - st["epsln"].unsqueeze(-1) * st["w2"] - delta.unsqueeze(-1) * st["w"]) \
+                / gamma.unsqueeze(-1)
+            step = active.unsqueeze(-1)
+            x = torch.where(step, x + phi.unsqueeze(-1) * w, x)
+            new = {"r1": st["r2"], "r2": y, "oldb": beta_old, "beta": beta, "dbar": dbar_new,
+                   "epsln": epsln, "phibar": phibar, "cs": cs_new, "sn": sn_new, "w": w,
+                   "w2": st["w"], "first": torch.zeros_like(active)}
+            st = _merge(active, new, st)
+            rnorm = torch.where(active, phibar, rnorm)
+            iters = iters + active.to(iters.dtype)
+            k += 1
+
+            claimed = active & (rnorm <= tol)
+            if bool(claimed.any()):  # confirm with the true residual (round-off drift)
+                r_true = b - A.matvec(x)
+                tnorm = torch.linalg.vector_norm(r_true, dim=-1)
+                ok = claimed & (tnorm <= tol)
+                active = active & ~ok
+                restart = claimed & ~ok
+                st = _merge(restart, _init(r_true), st)
+                rnorm = torch.where(restart, tnorm, rnorm)
+            lost = active & ~(st["beta"] > tiny)  # Lanczos vector vanished without convergence
+            flag = torch.where(lost, torch.full_like(flag, int(Status.BREAKDOWN)), flag)
+            active = active & ~lost
+            best, count = stall_update(rnorm, best, count, active)
+            stalled = active & (count >= window)
+            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
+            active = active & ~stalled
+            if self.callback is not None:
+                self.callback(k, rnorm)
+        return conclude(prep, x, iters, flag)
