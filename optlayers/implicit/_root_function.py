@@ -33,6 +33,18 @@ def _is_diff(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
+def jvp_via_vjp(f: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor],
+                tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``∂f · t`` from two reverse passes: the vjp ``v ↦ (∂f)ᵀ v`` is linear, its own vjp is ``∂f``.
+
+    Used instead of forward mode so that implicit JVPs also run under
+    ``torch.autograd.forward_ad`` (which does not nest) and for functions without forward rules.
+    """
+    out, vjp_fn = torch.func.vjp(f, *primals)
+    _, vjp_vjp = torch.func.vjp(lambda v: vjp_fn(v), torch.zeros_like(out))
+    return vjp_vjp(tuple(tangents))[0]
+
+
 def vmap_flat(fn: Callable[..., torch.Tensor], V: int, in_dims: Sequence[int | None],
               n_lead: int = 1) -> Callable[..., torch.Tensor]:
     """Vmap a flat function over a new leading dimension folded into the batch.
@@ -74,6 +86,8 @@ class RootSpec:
     symmetric: bool = False
     positive_definite: bool = False
     name: str = "implicit root"
+    #: How many leading inputs are per-element tensors shaped like ``z`` (folded with it under vmap).
+    n_lead_inputs: int = 0
 
     def fn(self, z: torch.Tensor, *inputs: Any) -> torch.Tensor:
         """Optimality residual ``F(z, inputs)``, ``(B, n) -> (B, n)``; differentiable and vmappable."""
@@ -93,8 +107,8 @@ class RootSpec:
         return torch.func.vjp(lambda zz: self.fn(zz, *inputs), z)[1](u)[0]
 
     def jvp_z(self, w: torch.Tensor, z: torch.Tensor, *inputs: Any) -> torch.Tensor:
-        """``∂_z F w``."""
-        return torch.func.jvp(lambda zz: self.fn(zz, *inputs), (z,), (w,))[1]
+        """``∂_z F w`` (by the double-vjp trick, which also works inside ``torch.autograd.forward_ad``)."""
+        return jvp_via_vjp(lambda zz: self.fn(zz, *inputs), (z,), (w,))
 
 
 @dataclasses.dataclass
@@ -111,6 +125,7 @@ class LinearSpec(RootSpec):
     symmetric: bool = False
     positive_definite: bool = False
     name: str = "adjoint linear solve"
+    n_lead_inputs: int = 1
     fast_matvec: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def fn(self, u: torch.Tensor, *inputs: Any) -> torch.Tensor:
@@ -177,8 +192,8 @@ def _adjoint_spec(spec: RootSpec, *, transpose: bool) -> LinearSpec:
 def _linear_solve(spec: RootSpec, rhs: torch.Tensor, z: torch.Tensor, inputs: Sequence[Any],
                   *, transpose: bool) -> torch.Tensor:
     """Solve ``(∂_z F)ᵀ u = rhs`` (or ``∂_z F u = rhs``) as a differentiable primitive."""
-    if isinstance(spec.adjoint, OneStepAdjoint):
-        return -rhs
+    if isinstance(spec.adjoint, OneStepAdjoint):  # ∂_z F taken as the identity
+        return rhs
     lin = _adjoint_spec(spec, transpose=transpose)
     return ImplicitRoot.apply(lin, torch.zeros_like(rhs), rhs, z, *inputs)[0]
 
@@ -254,11 +269,8 @@ class ImplicitRoot(torch.autograd.Function):
                 full[i] = p
             return spec.fn(z, *full)
 
-        _, rhs = torch.func.jvp(f_params, tuple(inputs[i] for i in idx), tuple(tangents[i] for i in idx))
-        if isinstance(spec.adjoint, OneStepAdjoint):
-            dz = rhs
-        else:
-            dz = -_linear_solve(spec, rhs, z, inputs, transpose=False)
+        rhs = jvp_via_vjp(f_params, [inputs[i] for i in idx], [tangents[i] for i in idx])
+        dz = -_linear_solve(spec, rhs, z, inputs, transpose=False)
         return (dz, *([None] * (n_out - 1)))
 
     @staticmethod
@@ -270,8 +282,12 @@ class ImplicitRoot(torch.autograd.Function):
         z0 = z0.reshape(-1, z0.shape[-1])
         moved = []
         dims: list[int | None] = []
-        for x, d in zip(inputs, in_dims_inputs):
-            if d is None or not isinstance(x, torch.Tensor):
+        for k, (x, d) in enumerate(zip(inputs, in_dims_inputs)):
+            if k < spec.n_lead_inputs:  # per-element like z: fold into the batch
+                x = x.expand(V, *x.shape) if d is None else x.movedim(d, 0)
+                moved.append(x.reshape(-1, *x.shape[2:]))
+                dims.append(None)
+            elif d is None or not isinstance(x, torch.Tensor):
                 moved.append(x)
                 dims.append(None)
             else:

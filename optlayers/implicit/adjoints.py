@@ -7,7 +7,8 @@
   (double backward, ``jacfwd(jacrev(...))``) are exact.
 * :class:`UnrollAdjoint` — differentiate through the solver's iterations (the baseline).
 * :class:`OneStepAdjoint` — Jacobian-free backpropagation (Fung et al., 2022): replaces
-  ``∂_z F`` by ``−I``; exact for ``F(z) = T(z) − z`` only where ``∂T/∂z = 0``.
+  ``∂_z F`` by ``I``; for a fixed point (``F = z − T(z)``) this drops ``∂_z T``, exact only
+  where ``∂T/∂z = 0``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class UnrollAdjoint:
 
 @dataclasses.dataclass(frozen=True)
 class OneStepAdjoint:
-    """Jacobian-free gradient: treat ``∂_z F`` as ``−I`` (one differentiable step at z*).
+    """Jacobian-free gradient: treat ``∂_z F`` as ``I`` (one differentiable step at z*).
 
     For a fixed point ``z = T(z, θ)`` this gives ``θ̄ = (∂_θ T)ᵀ ḡ`` (Fung et al., "JFB: Jacobian-Free
     Backpropagation for Implicit Networks", AAAI 2022). Cheap, approximate.

@@ -44,7 +44,7 @@ class _UserSolverSpec(RootSpec):
             for v in range(V):
                 sliced = [x[v] if d is not None else x for x, d in zip(inputs, in_dims)]
                 outs.append(run(z3[v], sliced))
-            return pytree.tree_map(lambda *xs: torch.stack(xs).flatten(0, 1), *outs)
+            return pytree.tree_map(lambda *xs: None if xs[0] is None else torch.stack(xs).flatten(0, 1), *outs)
 
         return dataclasses.replace(self, optimality=vmap_flat(self.optimality, V, in_dims), run=looped)
 

@@ -33,6 +33,8 @@ References:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -65,37 +67,32 @@ def _is_concrete(t: Tensor) -> bool:
         return False
     if t.device.type == "meta":
         return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return is_wrapped is None or not is_wrapped(t)
 
 
 def _check_input(x: object, name: str = "x", *, min_ndim: int = 0) -> Tensor:
     """Check that ``x`` is a real floating-point tensor with at least ``min_ndim`` dims."""
     if not isinstance(x, Tensor):
-        raise _ArgumentTypeError(
-            f"{name} must be a torch.Tensor, got {type(x).__name__}"
-        )
+        raise _ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must have a floating-point dtype, got {x.dtype}")
     if x.ndim < min_ndim:
         raise ValueError(
-            f"{name} must have at least {min_ndim} dimension(s) (shape (..., n)), "
-            f"got shape {tuple(x.shape)}"
+            f"{name} must have at least {min_ndim} dimension(s) (shape (..., n)), got shape {tuple(x.shape)}"
         )
     return x
 
 
 def _normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
     """Return ``dim`` as a nonnegative index into a tensor with ``ndim`` dimensions."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise _ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}")
+    dim = int(dim)
     if ndim == 0:
-        raise ValueError(
-            "x must have at least one dimension to project along dim, got a 0-d tensor"
-        )
+        raise ValueError("x must have at least one dimension to project along dim, got a 0-d tensor")
     if not -ndim <= dim < ndim:
-        raise ValueError(
-            f"{name}={dim} is out of range for a tensor with {ndim} dimension(s)"
-        )
+        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimension(s)")
     return dim % ndim
 
 
@@ -127,31 +124,23 @@ def _param(
     bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
     if isinstance(value, bool):
         raise _ArgumentTypeError(f"{name} must be a number or a tensor, got bool")
-    if isinstance(value, int | float):
+    if isinstance(value, numbers.Real):
         v = float(value)
         if not (v > minimum if strict else v >= minimum):
             raise ValueError(f"{name} must be {bound}, got {v:g}")
         return v
     if not isinstance(value, Tensor):
-        raise _ArgumentTypeError(
-            f"{name} must be a number or a tensor, got {type(value).__name__}"
-        )
+        raise _ArgumentTypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if value.is_complex() or value.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must be a real number or real tensor, got dtype {value.dtype}"
-        )
+        raise ValueError(f"{name} must be a real number or real tensor, got dtype {value.dtype}")
     try:
         ok = torch.broadcast_shapes(value.shape, shape) == torch.Size(shape)
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(
-            f"{name} of shape {tuple(value.shape)} must broadcast to the {what} {tuple(shape)}"
-        )
+        raise ValueError(f"{name} of shape {tuple(value.shape)} must broadcast to the {what} {tuple(shape)}")
     value = value.to(dtype=x.dtype)
-    _check_value(
-        value > minimum if strict else value >= minimum, f"{name} must be {bound}"
-    )
+    _check_value(value > minimum if strict else value >= minimum, f"{name} must be {bound}")
     return value
 
 
@@ -167,6 +156,9 @@ def _unsqueeze_last(p: Tensor | float) -> Tensor | float:
 
 def _simplex_last(x: Tensor, s: Tensor | float) -> Tensor:
     """Sort-based simplex projection along the last dim; ``s`` is batch-shaped or a number."""
+    if x.dtype in (torch.float16, torch.bfloat16):  # cumsum and the counts k need more bits
+        s32 = s.float() if isinstance(s, Tensor) else s
+        return _simplex_last(x.float(), s32).to(x.dtype)
     n = x.shape[-1]
     u, _ = torch.sort(x, dim=-1, descending=True)
     cssv = torch.cumsum(u, dim=-1) - _unsqueeze_last(s)
@@ -218,9 +210,7 @@ def project_simplex(x: Tensor, s: Scalar = 1.0, *, dim: int = -1) -> Tensor:
     return _simplex_last(xt, s_).movedim(-1, d)
 
 
-def project_sparse_simplex(
-    x: Tensor, k: int, s: Scalar = 1.0, *, dim: int = -1
-) -> Tensor:
+def project_sparse_simplex(x: Tensor, k: int, s: Scalar = 1.0, *, dim: int = -1) -> Tensor:
     r"""Euclidean projection onto the ``k``-sparse simplex.
 
     .. math::
@@ -256,8 +246,9 @@ def project_sparse_simplex(
     """
     _check_input(x)
     d = _normalize_dim(dim, x.ndim)
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise _ArgumentTypeError(f"k must be an int >= 1, got {type(k).__name__}")
+    k = int(k)
     if k < 1:
         raise ValueError(f"k must be an int >= 1, got {k}")
     xt = x.movedim(d, -1)
@@ -423,12 +414,10 @@ def _bound(value: Scalar | None, name: str, x: Tensor, fill: float) -> Tensor | 
         return fill
     if isinstance(value, bool):
         raise _ArgumentTypeError(f"{name} must be a number, a tensor or None, got bool")
-    if isinstance(value, int | float):
+    if isinstance(value, numbers.Real):
         return float(value)
     if not isinstance(value, Tensor):
-        raise _ArgumentTypeError(
-            f"{name} must be a number, a tensor or None, got {type(value).__name__}"
-        )
+        raise _ArgumentTypeError(f"{name} must be a number, a tensor or None, got {type(value).__name__}")
     if value.is_complex() or value.dtype == torch.bool:
         raise ValueError(f"{name} must be real, got dtype {value.dtype}")
     try:
@@ -436,10 +425,7 @@ def _bound(value: Scalar | None, name: str, x: Tensor, fill: float) -> Tensor | 
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(
-            f"{name} of shape {tuple(value.shape)} must broadcast to the shape of x "
-            f"{tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} of shape {tuple(value.shape)} must broadcast to the shape of x {tuple(x.shape)}")
     return value.to(dtype=x.dtype)
 
 
@@ -477,9 +463,7 @@ def project_box(x: Tensor, lower: Scalar | None, upper: Scalar | None) -> Tensor
     hi = _bound(upper, "upper", x, float("inf"))
     if isinstance(lo, float) and isinstance(hi, float):
         if not lo <= hi:
-            raise ValueError(
-                f"lower must be <= upper everywhere, got lower={lo:g} > upper={hi:g}"
-            )
+            raise ValueError(f"lower must be <= upper everywhere, got lower={lo:g} > upper={hi:g}")
         return torch.clamp(x, lo, hi)
     if isinstance(lo, Tensor) and isinstance(hi, Tensor):
         _check_value(lo <= hi, "lower must be <= upper everywhere")
@@ -533,16 +517,11 @@ def project_halfspace(x: Tensor, a: Tensor, b: Scalar) -> Tensor:
     _check_input(x, min_ndim=1)
     _check_input(a, "a", min_ndim=1)
     if a.shape[-1] != x.shape[-1]:
-        raise ValueError(
-            f"a must have shape (..., n) with n = x.shape[-1] = {x.shape[-1]}, "
-            f"got shape {tuple(a.shape)}"
-        )
+        raise ValueError(f"a must have shape (..., n) with n = x.shape[-1] = {x.shape[-1]}, got shape {tuple(a.shape)}")
     try:
         batch = torch.broadcast_shapes(x.shape[:-1], a.shape[:-1])
     except RuntimeError:
-        raise ValueError(
-            f"the batch shapes of x {tuple(x.shape)} and a {tuple(a.shape)} do not broadcast"
-        ) from None
+        raise ValueError(f"the batch shapes of x {tuple(x.shape)} and a {tuple(a.shape)} do not broadcast") from None
     if isinstance(b, Tensor):
         try:
             batch = torch.broadcast_shapes(batch, b.shape)
@@ -553,12 +532,10 @@ def project_halfspace(x: Tensor, a: Tensor, b: Scalar) -> Tensor:
         if b.is_complex() or b.dtype == torch.bool:
             raise ValueError(f"b must be real, got dtype {b.dtype}")
         b_: Tensor | float = b.to(dtype=x.dtype)
-    elif isinstance(b, int | float) and not isinstance(b, bool):
+    elif isinstance(b, numbers.Real) and not isinstance(b, bool):
         b_ = float(b)
     else:
-        raise _ArgumentTypeError(
-            f"b must be a number or a tensor, got {type(b).__name__}"
-        )
+        raise _ArgumentTypeError(f"b must be a number or a tensor, got {type(b).__name__}")
     a = a.to(dtype=x.dtype)
     sq = (a * a).sum(dim=-1)
     zero = sq == 0

@@ -95,9 +95,7 @@ def prox_l1(x: Tensor, lam: Scalar, step: Scalar = 1.0) -> Tensor:
     return _soft_threshold(x, lam_ * step_)
 
 
-def prox_elastic_net(
-    x: Tensor, lam: Scalar, gamma: Scalar, step: Scalar = 1.0
-) -> Tensor:
+def prox_elastic_net(x: Tensor, lam: Scalar, gamma: Scalar, step: Scalar = 1.0) -> Tensor:
     r"""Proximal operator of the elastic net :math:`\lambda\lVert z\rVert_1 + \tfrac{\gamma}{2}\lVert z\rVert_2^2`.
 
     .. math::
@@ -180,9 +178,7 @@ def prox_l2(x: Tensor, lam: Scalar, step: Scalar = 1.0, *, dim: int = -1) -> Ten
     return (xt * _block_scale(sq, t)).movedim(-1, d)
 
 
-def _group_ids(
-    groups: Tensor | Sequence[Tensor], n: int, device: torch.device
-) -> tuple[Tensor, int]:
+def _group_ids(groups: Tensor | Sequence[Tensor], n: int, device: torch.device) -> tuple[Tensor, int]:
     """Return per-coordinate labels in ``[0, G)`` (``-1``: unpenalised) and ``G``."""
     if isinstance(groups, Tensor):
         if groups.dtype not in (
@@ -192,9 +188,7 @@ def _group_ids(
             torch.int8,
             torch.uint8,
         ):
-            raise ValueError(
-                f"groups must be an integer tensor of group ids, got {groups.dtype}"
-            )
+            raise ValueError(f"groups must be an integer tensor of group ids, got {groups.dtype}")
         if groups.shape != (n,):
             raise ValueError(
                 f"groups must have shape (n,) = ({n},) (one group id per coordinate of x), "
@@ -206,20 +200,15 @@ def _group_ids(
         return ids, uniq.numel()
     if isinstance(groups, str) or not isinstance(groups, Sequence):
         raise _ArgumentTypeError(
-            "groups must be an int64 tensor of shape (n,) or a sequence of index tensors, "
-            f"got {type(groups).__name__}"
+            f"groups must be an int64 tensor of shape (n,) or a sequence of index tensors, got {type(groups).__name__}"
         )
     ids = torch.full((n,), -1, dtype=torch.int64, device=device)
     count = torch.zeros(n, dtype=torch.int64, device=device)
     for g, idx in enumerate(groups):
         if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.is_complex():
-            raise _ArgumentTypeError(
-                f"groups[{g}] must be an integer tensor of coordinate indices"
-            )
+            raise _ArgumentTypeError(f"groups[{g}] must be an integer tensor of coordinate indices")
         idx = idx.to(device=device, dtype=torch.int64).reshape(-1)
-        _check_value(
-            (idx >= -n) & (idx < n), f"groups[{g}] has indices out of range for n = {n}"
-        )
+        _check_value((idx >= -n) & (idx < n), f"groups[{g}] has indices out of range for n = {n}")
         idx = idx % n
         ids = ids.index_fill(0, idx, g)
         count = count.index_add(0, idx, torch.ones_like(idx))
@@ -287,8 +276,7 @@ def prox_group_lasso(
         _check_input(weights, "weights", min_ndim=1)
         if weights.shape != (num_groups,):
             raise ValueError(
-                f"weights must have shape (G,) = ({num_groups},), one per group, "
-                f"got shape {tuple(weights.shape)}"
+                f"weights must have shape (G,) = ({num_groups},), one per group, got shape {tuple(weights.shape)}"
             )
         weights = weights.to(dtype=x.dtype, device=x.device)
         _check_value(weights >= 0, "weights must be >= 0")

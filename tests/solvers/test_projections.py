@@ -165,9 +165,7 @@ def test_sparse_simplex_matches_simplex_when_k_large_and_grad() -> None:
     s = torch.tensor([1.0, 2.0, 0.5], dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, s: project_sparse_simplex(x, 2, s), (xg, s))
     # dim handling
-    torch.testing.assert_close(
-        project_sparse_simplex(x.T, 2, dim=0), project_sparse_simplex(x, 2).T
-    )
+    torch.testing.assert_close(project_sparse_simplex(x.T, 2, dim=0), project_sparse_simplex(x, 2).T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +343,7 @@ def test_gradcheck(name: str) -> None:
 def test_vmap_and_jacobians_match_loop(name: str) -> None:
     f, args = _ops()[name]
     x, rest = args[0], args[1:]
+
     # Per-row arguments: parameters of batch shape (2,) or (2, 1) are sliced with x.
     def row(i: int) -> tuple:
         out = []
@@ -360,7 +359,7 @@ def test_vmap_and_jacobians_match_loop(name: str) -> None:
     torch.testing.assert_close(vmap(f, in_dims=in_dims)(x, *rest), loop)
     jr = vmap(jacrev(f), in_dims=in_dims)(x, *rest)
     jf = vmap(jacfwd(f), in_dims=in_dims)(x, *rest)
-    jl = torch.stack([torch.autograd.functional.jacobian(lambda z: f(z, *row(i)), x[i]) for i in range(2)])
+    jl = torch.stack([torch.autograd.functional.jacobian(lambda z, i=i: f(z, *row(i)), x[i]) for i in range(2)])
     torch.testing.assert_close(jr, jl)
     torch.testing.assert_close(jf, jl)
 
@@ -374,6 +373,7 @@ def test_vmap_over_tensor_parameter_skips_value_checks() -> None:
     torch.testing.assert_close(out.sum(-1), r)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     x = _gen(3, 6, seed=14)

@@ -28,6 +28,7 @@ __all__ = [
     "default_rtol",
     "dot",
     "finish",
+    "keep_best",
     "prepare",
     "stall_update",
     "stall_window",
@@ -170,8 +171,12 @@ def default_max_iter(n: int, max_iter: int | None) -> int:
 
 
 def stall_window(n: int) -> int:
-    """Iterations without improvement (see :data:`STALL_FACTOR`) that mean stagnation."""
-    return max(20, min(n, 200))
+    """Iterations without improvement (see :data:`STALL_FACTOR`) that mean stagnation.
+
+    ``max(50, min(2 n, 1000))``: generous, since Krylov residuals can plateau for a while (CG
+    on ill-conditioned systems) before dropping; stopping early would waste the work done.
+    """
+    return max(50, min(2 * n, 1000))
 
 
 def _is_real(value: object) -> bool:
@@ -253,9 +258,23 @@ def conclude(prep: Prepared, x: torch.Tensor, iterations: torch.Tensor,
 
 
 def stall_update(rnorm: torch.Tensor, best: torch.Tensor, count: torch.Tensor,
-                 active: torch.Tensor, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                 active: torch.Tensor, steps: int | torch.Tensor = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Track stagnation: ``best`` residual so far and iterations since it last improved."""
     improved = rnorm < STALL_FACTOR * best
     best = torch.where(active & improved, rnorm, best)
     count = torch.where(active, torch.where(improved, torch.zeros_like(count), count + steps), count)
     return best, count
+
+
+def keep_best(op: LinearOperator, b: torch.Tensor, x: torch.Tensor, x_best: torch.Tensor,
+              rows: torch.Tensor) -> torch.Tensor:
+    """On ``rows``, return whichever of ``x`` and ``x_best`` has the smaller true residual.
+
+    Used by methods with non-monotone residuals (CG, BiCGStab) so that an element that stops
+    unconverged returns its best iterate rather than the last one (its status is unchanged).
+    """
+    if not bool(rows.any()):
+        return x
+    last = torch.linalg.vector_norm(op.matvec(x) - b, dim=-1)
+    best = torch.linalg.vector_norm(op.matvec(x_best) - b, dim=-1)
+    return torch.where((rows & (best < last)).unsqueeze(-1), x_best, x)

@@ -15,6 +15,7 @@ from ._base import (
     conclude,
     default_max_iter,
     dot,
+    keep_best,
     prepare,
     stall_update,
     stall_window,
@@ -40,7 +41,7 @@ class CG(LinearSolver):
 
     Failures are reported, never hidden: a curvature ``pᵀ A p ≤ ε ‖p‖² λ̂`` (``λ̂`` the largest
     Rayleigh quotient seen) stops the element with ``BREAKDOWN`` (``A`` is not positive
-    definite); no 1% improvement of the best residual during ``max(20, min(n, 200))``
+    definite); no 1% improvement of the best residual during ``max(50, min(2n, 1000))``
     iterations gives ``STAGNATION``. ``A`` is assumed symmetric (the tag is not checked).
 
     Args:
@@ -92,6 +93,7 @@ class CG(LinearSolver):
         iters = torch.zeros_like(flag)
         best, count = rnorm, torch.zeros_like(flag)
         scale = torch.zeros_like(rnorm)
+        x_best, r_best = x, rnorm
         k = 0
         while k < max_iter and bool(active.any()):
             Ap = A.matvec(p)
@@ -126,10 +128,14 @@ class CG(LinearSolver):
                                torch.zeros_like(rs))
             p = torch.where(active.unsqueeze(-1), r + beta.unsqueeze(-1) * p, p)
             rs = rs_new
+            better = active & (rnorm < r_best)
+            x_best = torch.where(better.unsqueeze(-1), x, x_best)
+            r_best = torch.where(better, rnorm, r_best)
             best, count = stall_update(rnorm, best, count, active)
             stalled = active & (count >= window)
             flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
             active = active & ~stalled
             if self.callback is not None:
                 self.callback(k, rnorm)
+        x = keep_best(A, b, x, x_best, (flag != 0) | active)
         return conclude(prep, x, iters, flag)

@@ -59,7 +59,7 @@ class MINRES(LinearSolver):
     Failures: a (numerically) singular tridiagonal pivot ``γ ≤ ε ‖T‖`` stops the element with
     ``SINGULAR`` (``b`` has a component outside the range of a singular ``A``); an exactly
     vanishing Lanczos vector without convergence gives ``BREAKDOWN``; no 1% improvement during
-    ``max(20, min(n, 200))`` iterations gives ``STAGNATION``. ``A`` is assumed symmetric (the
+    ``max(50, min(2n, 1000))`` iterations gives ``STAGNATION``. ``A`` is assumed symmetric (the
     tag is not checked).
 
     Args:
@@ -95,9 +95,11 @@ class MINRES(LinearSolver):
         """Solve ``(A + ridge I) x = b``; see the class docstring."""
         prep = prepare(op, b, x0, ridge=self.ridge, rtol=self.rtol, atol=self.atol)
         A, b, x, tol = prep.op, prep.b, prep.x, prep.tol
-        max_iter = default_max_iter(A.n, self.max_iter)
-        eps, tiny = torch.finfo(b.dtype).eps, torch.finfo(b.dtype).tiny
-        window = stall_window(A.n)
+        n = A.n
+        max_iter = default_max_iter(n, self.max_iter)
+        eps = torch.finfo(b.dtype).eps
+        sqrt_eps = eps**0.5
+        window = stall_window(n)
 
         st = _init(b - A.matvec(x))
         rnorm = st["beta"]
@@ -106,6 +108,7 @@ class MINRES(LinearSolver):
         iters = torch.zeros_like(flag)
         best, count = rnorm, torch.zeros_like(flag)
         tnorm2 = torch.zeros_like(rnorm)
+        gmax, gmin = torch.zeros_like(rnorm), torch.full_like(rnorm, float("inf"))
         one = torch.ones_like(rnorm)
         k = 0
         while k < max_iter and bool(active.any()):
@@ -126,7 +129,14 @@ class MINRES(LinearSolver):
             epsln = sn * beta
             dbar_new = -cs * beta
             gamma = torch.hypot(gbar, beta)
-            singular = active & ~(gamma > eps * tnorm2.sqrt())  # also catches NaN
+            anorm = tnorm2.sqrt()
+            gmax = torch.where(active, torch.maximum(gmax, gamma), gmax)
+            gmin = torch.where(active, torch.minimum(gmin, gamma), gmin)
+            # Invariant Krylov space (β ≈ 0): the step is sound only if the last pivot is not
+            # noise too (sₖ = β/γ ≪ 1); afterwards restart from the true residual.
+            exhausted = active & (beta <= sqrt_eps * anorm)
+            singular = active & ~((gamma > n * eps * anorm) & (gmax < 0.1 / eps * gmin))  # also NaN
+            singular = singular | (exhausted & (beta > 0.5 * gamma))
             flag = torch.where(singular, torch.full_like(flag, int(Status.SINGULAR)), flag)
             active = active & ~singular
             gamma = torch.where(active, gamma, one)
@@ -142,21 +152,25 @@ class MINRES(LinearSolver):
                    "w2": st["w"], "first": torch.zeros_like(active)}
             st = _merge(active, new, st)
             rnorm = torch.where(active, phibar, rnorm)
+            # ‖A r‖ / ‖r‖ ≈ hypot(γ̄, δ̄): r has (numerically) reached the null space of A,
+            # i.e. x solves the least-squares problem but b is not in the range.
+            lsq = active & (torch.hypot(gbar, dbar_new) <= n * eps * anorm) & ~(rnorm <= tol)
             iters = iters + active.to(iters.dtype)
             k += 1
 
             claimed = active & (rnorm <= tol)
-            if bool(claimed.any()):  # confirm with the true residual (round-off drift)
+            exhausted = exhausted & active
+            if bool((claimed | exhausted).any()):  # confirm with the true residual / restart
                 r_true = b - A.matvec(x)
                 tnorm = torch.linalg.vector_norm(r_true, dim=-1)
-                ok = claimed & (tnorm <= tol)
+                ok = (claimed | exhausted) & (tnorm <= tol)
                 active = active & ~ok
-                restart = claimed & ~ok
+                restart = (claimed | exhausted) & ~ok
                 st = _merge(restart, _init(r_true), st)
                 rnorm = torch.where(restart, tnorm, rnorm)
-            lost = active & ~(st["beta"] > tiny)  # Lanczos vector vanished without convergence
-            flag = torch.where(lost, torch.full_like(flag, int(Status.BREAKDOWN)), flag)
-            active = active & ~lost
+                lsq = lsq & ~restart
+            flag = torch.where(lsq, torch.full_like(flag, int(Status.SINGULAR)), flag)
+            active = active & ~lsq
             best, count = stall_update(rnorm, best, count, active)
             stalled = active & (count >= window)
             flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)

@@ -1,0 +1,164 @@
+"""BiCGStab for batches of general (nonsymmetric) systems."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..._result import Result, Status
+from ._base import (
+    Callback,
+    LinearOperator,
+    LinearSolver,
+    check_fields,
+    conclude,
+    default_max_iter,
+    dot,
+    keep_best,
+    prepare,
+    stall_update,
+    stall_window,
+)
+
+__all__ = ["BiCGStab"]
+
+_State = dict[str, torch.Tensor]
+
+
+def _init(r: torch.Tensor) -> _State:
+    one = torch.ones(r.shape[:-1], dtype=r.dtype, device=r.device)
+    zeros = torch.zeros_like(r)
+    return {"r": r, "rhat": r, "rho": one, "alpha": one, "omega": one, "v": zeros, "p": zeros}
+
+
+def _merge(mask: torch.Tensor, new: _State, old: _State) -> _State:
+    return {key: torch.where(mask.unsqueeze(-1) if val.dim() == 2 else mask, val, old[key])
+            for key, val in new.items()}
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(v, dim=-1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BiCGStab(LinearSolver):
+    r"""BiCGStab (van der Vorst) for general square ``A``; needs no transpose.
+
+    Combines the BiCG recurrences (shadow residual ``r̂ = r_0``) with a local residual
+    minimization step; each iteration costs two matvecs:
+
+    .. math::
+        ρ_k = r̂ᵀ r_k,\ p = r_k + \frac{ρ_k α}{ρ_{k-1} ω}(p − ω v),\ v = A p,\
+        α = \frac{ρ_k}{r̂ᵀ v},\ s = r_k − α v,\ t = A s,\ ω = \frac{tᵀ s}{tᵀ t},
+
+    then ``x ← x + α p + ω s`` and ``r ← s − ω t``. The true residual is checked when the
+    recurrence claims convergence, and the iteration restarts from ``x`` if they differ.
+
+    Failures: ``|ρ| ≤ ε ‖r̂‖ ‖r‖`` or ``|r̂ᵀ v| ≤ ε ‖r̂‖ ‖v‖`` (BiCG breakdown) or
+    ``|tᵀ s| ≤ ε ‖t‖ ‖s‖`` (``ω ≈ 0``) stop the element with ``BREAKDOWN``; no 1% improvement
+    of the best residual during ``max(50, min(2n, 1000))`` iterations gives ``STAGNATION``.
+
+    Args:
+        rtol: Relative tolerance; None means 1e-12 in float64 and 1e-6 in float32.
+        atol: Absolute tolerance.
+        max_iter: Iteration limit; None means ``max(10 n, 50)``.
+        ridge: Tikhonov shift added to ``A``.
+        callback: Called after every iteration with ``(k, ‖r‖)``, shape ``(B,)``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.implicit.linear_solvers import BiCGStab, LinearOperator
+        >>> A = torch.tensor([[[2.0, 1.0], [0.0, 1.0]]], dtype=torch.float64)
+        >>> BiCGStab()(LinearOperator.from_dense(A), torch.ones(1, 2, dtype=torch.float64)).solution
+        tensor([[0., 1.]], dtype=torch.float64)
+
+    References:
+        van der Vorst, "Bi-CGSTAB: a fast and smoothly converging variant of Bi-CG for the
+        solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput., 1992.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    max_iter: int | None = None
+    ridge: float = 0.0
+    callback: Callback | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
+
+    def __call__(self, op: LinearOperator, b: torch.Tensor,
+                 x0: torch.Tensor | None = None) -> Result:
+        """Solve ``(A + ridge I) x = b``; see the class docstring."""
+        prep = prepare(op, b, x0, ridge=self.ridge, rtol=self.rtol, atol=self.atol)
+        A, b, x, tol = prep.op, prep.b, prep.x, prep.tol
+        max_iter = default_max_iter(A.n, self.max_iter)
+        eps = torch.finfo(b.dtype).eps
+        window = stall_window(A.n)
+
+        st = _init(b - A.matvec(x))
+        rnorm = _norm(st["r"])
+        active = ~prep.done & ~(rnorm <= tol)
+        flag = torch.zeros_like(active, dtype=torch.int64)
+        brk = torch.full_like(flag, int(Status.BREAKDOWN))
+        iters = torch.zeros_like(flag)
+        best, count = rnorm, torch.zeros_like(flag)
+        one = torch.ones_like(rnorm)
+        x_best, r_best = x, rnorm
+        k = 0
+        while k < max_iter and bool(active.any()):
+            r, rhat = st["r"], st["rhat"]
+            rho = dot(rhat, r)
+            bad = active & ~(rho.abs() > eps * _norm(rhat) * _norm(r))
+            beta = (rho / torch.where(active, st["rho"], one)) \
+                * (st["alpha"] / torch.where(active, st["omega"], one))
+            p = r + beta.unsqueeze(-1) * (st["p"] - st["omega"].unsqueeze(-1) * st["v"])
+            v = A.matvec(p)
+            den = dot(rhat, v)
+            bad = bad | (active & ~(den.abs() > eps * _norm(rhat) * _norm(v)))
+            flag = torch.where(bad, brk, flag)
+            active = active & ~bad
+            alpha = rho / torch.where(active, den, one)
+            s = r - alpha.unsqueeze(-1) * v
+            snorm = _norm(s)
+            half = active & (snorm <= tol)
+            t = A.matvec(s)
+            ts, tt = dot(t, s), dot(t, t)
+            tiny_omega = active & ~half & ~(ts.abs() > eps * tt.sqrt() * snorm)
+            full = active & ~half & ~tiny_omega
+            omega = torch.where(full, ts / torch.where(full, tt, one), one)
+            x_half = x + alpha.unsqueeze(-1) * p
+            x = torch.where(full.unsqueeze(-1), x_half + omega.unsqueeze(-1) * s,
+                            torch.where((half | tiny_omega).unsqueeze(-1), x_half, x))
+            r_new = torch.where(full.unsqueeze(-1), s - omega.unsqueeze(-1) * t, s)
+            new = {"r": r_new, "rhat": rhat, "rho": rho, "alpha": alpha, "omega": omega,
+                   "v": v, "p": p}
+            st = _merge(active, new, st)
+            rnorm = torch.where(active, _norm(st["r"]), rnorm)
+            iters = iters + active.to(iters.dtype)
+            k += 1
+            flag = torch.where(tiny_omega, brk, flag)  # the half step was kept; finish may clear it
+
+            claimed = active & (rnorm <= tol)
+            if bool(claimed.any()) or bool(tiny_omega.any()):
+                r_true = b - A.matvec(x)
+                tnorm = _norm(r_true)
+                ok = (claimed | tiny_omega) & (tnorm <= tol)
+                flag = torch.where(ok, torch.zeros_like(flag), flag)
+                active = active & ~ok & ~tiny_omega
+                restart = claimed & ~ok
+                st = _merge(restart, _init(r_true), st)
+                rnorm = torch.where(restart | tiny_omega, tnorm, rnorm)
+            else:
+                active = active & ~tiny_omega
+            better = active & (rnorm < r_best)
+            x_best = torch.where(better.unsqueeze(-1), x, x_best)
+            r_best = torch.where(better, rnorm, r_best)
+            best, count = stall_update(rnorm, best, count, active)
+            stalled = active & (count >= window)
+            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
+            active = active & ~stalled
+            if self.callback is not None:
+                self.callback(k, rnorm)
+        x = keep_best(A, b, x, x_best, (flag != 0) | active)
+        return conclude(prep, x, iters, flag)

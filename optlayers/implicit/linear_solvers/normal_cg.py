@@ -1,0 +1,148 @@
+"""CG on the normal equations (CGLS / CGNR) for batches of general systems."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..._result import Result, Status
+from ._base import (
+    Callback,
+    LinearOperator,
+    LinearSolver,
+    check_fields,
+    conclude,
+    default_max_iter,
+    dot,
+    prepare,
+    stall_update,
+    stall_window,
+)
+
+__all__ = ["NormalCG"]
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(v, dim=-1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NormalCG(LinearSolver):
+    r"""Conjugate gradients on the normal equations ``AᵀA x = Aᵀb`` (CGLS form).
+
+    Works for any square ``A`` (nonsymmetric, indefinite) at the price of squaring the
+    condition number. The iterates minimize ``‖A x − b‖`` over
+    ``x₀ + \mathcal K_k(AᵀA, Aᵀ r₀)``, so the residual decreases monotonically:
+
+    .. math::
+        s = Aᵀ r,\ q = A p,\ α = \frac{‖s‖^2}{‖q‖^2},\ x ← x + α p,\ r ← r − α q,\
+        p ← s_{new} + \frac{‖s_{new}‖^2}{‖s‖^2} p.
+
+    Convergence is tested on the residual of the original system, ``‖A x − b‖ ≤ max(atol,
+    rtol ‖b‖)``, confirmed with the true residual (restarting from ``x`` if they differ).
+
+    Failures: ``‖Aᵀ r‖ ≤ n ε ‖A‖ ‖r‖`` while ``r`` is above tolerance means ``x`` solves the
+    least-squares problem but not the system (``b`` is outside the range of a singular
+    ``A``): ``SINGULAR``, never a silent "solution". ``‖A p‖ = 0`` gives ``BREAKDOWN``; no 1%
+    improvement during ``max(50, min(2n, 1000))`` iterations gives ``STAGNATION``.
+
+    Args:
+        rtol: Relative tolerance; None means 1e-12 in float64 and 1e-6 in float32.
+        atol: Absolute tolerance.
+        max_iter: Iteration limit; None means ``max(10 n, 50)``.
+        ridge: Tikhonov shift added to ``A`` (before forming the normal equations).
+        callback: Called after every iteration with ``(k, ‖r‖)``, shape ``(B,)``.
+
+    Raises (from ``__call__``):
+        ValueError: The operator has no ``rmatvec`` and is not tagged symmetric.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.implicit.linear_solvers import NormalCG, LinearOperator
+        >>> A = torch.tensor([[[2.0, 1.0], [0.0, 1.0]]], dtype=torch.float64)
+        >>> NormalCG()(LinearOperator.from_dense(A), torch.ones(1, 2, dtype=torch.float64)).solution
+        tensor([[0., 1.]], dtype=torch.float64)
+
+    References:
+        Hestenes & Stiefel (1952), §10; Björck, "Numerical Methods for Least Squares Problems",
+        SIAM, 1996, §7.4 (CGLS).
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    max_iter: int | None = None
+    ridge: float = 0.0
+    callback: Callback | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
+
+    def __call__(self, op: LinearOperator, b: torch.Tensor,
+                 x0: torch.Tensor | None = None) -> Result:
+        """Solve ``(A + ridge I) x = b``; see the class docstring."""
+        if op.rmatvec is None and not op.symmetric:
+            raise ValueError("NormalCG needs the transpose: give the operator an rmatvec or tag it "
+                             "symmetric, or use GMRES / BiCGStab, which need no transpose")
+        prep = prepare(op, b, x0, ridge=self.ridge, rtol=self.rtol, atol=self.atol)
+        A, b, x, tol = prep.op, prep.b, prep.x, prep.tol
+        At = A.T
+        n = A.n
+        max_iter = default_max_iter(n, self.max_iter)
+        eps = torch.finfo(b.dtype).eps
+        window = stall_window(n)
+
+        r = b - A.matvec(x)
+        s = At.matvec(r)
+        gamma = dot(s, s)
+        rnorm = _norm(r)
+        active = ~prep.done & ~(rnorm <= tol)
+        p = s
+        flag = torch.zeros_like(active, dtype=torch.int64)
+        iters = torch.zeros_like(flag)
+        best, count = rnorm, torch.zeros_like(flag)
+        anorm = torch.zeros_like(rnorm)
+        one = torch.ones_like(rnorm)
+        k = 0
+        while k < max_iter and bool(active.any()):
+            q = A.matvec(p)
+            qq, pp = dot(q, q), dot(p, p)
+            est = (qq / pp.clamp_min(torch.finfo(b.dtype).tiny)).sqrt()
+            anorm = torch.where(active & torch.isfinite(est), torch.maximum(anorm, est), anorm)
+            broke = active & ~(qq > 0)  # also catches NaN
+            flag = torch.where(broke, torch.full_like(flag, int(Status.BREAKDOWN)), flag)
+            active = active & ~broke
+            alpha = gamma / torch.where(active, qq, one)
+            step = active.unsqueeze(-1)
+            x = torch.where(step, x + alpha.unsqueeze(-1) * p, x)
+            r = torch.where(step, r - alpha.unsqueeze(-1) * q, r)
+            rnorm = torch.where(active, _norm(r), rnorm)
+            iters = iters + active.to(iters.dtype)
+            k += 1
+
+            restart = torch.zeros_like(active)
+            claimed = active & (rnorm <= tol)
+            if bool(claimed.any()):  # confirm with the true residual (round-off drift)
+                r_true = b - A.matvec(x)
+                tnorm = _norm(r_true)
+                ok = claimed & (tnorm <= tol)
+                active = active & ~ok
+                restart = claimed & ~ok
+                r = torch.where(restart.unsqueeze(-1), r_true, r)
+                rnorm = torch.where(restart, tnorm, rnorm)
+            s = At.matvec(r)
+            gamma_new = dot(s, s)
+            lsq = active & (gamma_new.sqrt() <= n * eps * anorm * rnorm)
+            flag = torch.where(lsq, torch.full_like(flag, int(Status.SINGULAR)), flag)
+            active = active & ~lsq
+            beta = torch.where(active & ~restart, gamma_new / torch.where(active, gamma, one),
+                               torch.zeros_like(gamma))
+            p = torch.where(active.unsqueeze(-1), s + beta.unsqueeze(-1) * p, p)
+            gamma = torch.where(active, gamma_new, gamma)
+            best, count = stall_update(rnorm, best, count, active)
+            stalled = active & (count >= window)
+            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
+            active = active & ~stalled
+            if self.callback is not None:
+                self.callback(k, rnorm)
+        return conclude(prep, x, iters, flag)

@@ -1,0 +1,201 @@
+"""Shared pieces of the DRO inner solvers.
+
+All solvers here work on a flat float64 batch of finite losses ``L`` of shape ``(B, n)`` (the
+front end in :mod:`.robust_weights` flattens, upcasts and screens non-finite rows) and return a
+:class:`Solved` record. Weights are computed without gradient; the differentiable robust value
+is assembled by the front end (Danskin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Solved",
+    "exact",
+    "newton_bisect",
+    "simplex_threshold",
+    "tie_average",
+    "argmax_uniform",
+    "kl_to_uniform",
+    "chi2_to_uniform",
+]
+
+
+@dataclasses.dataclass
+class Solved:
+    """What an inner solver returns for a flat batch of ``B`` rows.
+
+    The robust value is ``<p, L> - penalty``; ``eta``/``lam`` are the dual variables (their
+    meaning is spec-specific and documented in :mod:`.robust_weights`).
+    """
+
+    p: Tensor
+    penalty: Tensor
+    eta: Tensor
+    lam: Tensor
+    divergence: Tensor
+    converged: Tensor
+    iterations: Tensor
+    residual: Tensor
+
+
+def exact(p: Tensor, *, penalty: Tensor | None = None, eta: Tensor | None = None,
+          lam: Tensor | None = None, divergence: Tensor | None = None) -> Solved:
+    """Wrap the output of a closed-form (tolerance-free) solver."""
+    B = p.shape[0]
+    zeros = p.new_zeros(B)
+    return Solved(
+        p=p,
+        penalty=zeros if penalty is None else penalty,
+        eta=torch.full_like(zeros, math.nan) if eta is None else eta,
+        lam=zeros if lam is None else lam,
+        divergence=torch.full_like(zeros, math.nan) if divergence is None else divergence,
+        converged=torch.ones(B, dtype=torch.bool, device=p.device),
+        iterations=torch.zeros(B, dtype=torch.int64, device=p.device),
+        residual=(p.sum(-1) - 1.0).abs(),
+    )
+
+
+def kl_to_uniform(p: Tensor) -> Tensor:
+    """:math:`\\mathrm{KL}(p\\|u) = \\sum_i p_i \\log(n p_i)` over the last dimension."""
+    n = p.shape[-1]
+    return torch.special.xlogy(p, p * n).sum(-1)
+
+
+def chi2_to_uniform(p: Tensor) -> Tensor:
+    """:math:`\\frac1n\\sum_i (n p_i - 1)^2` over the last dimension."""
+    n = p.shape[-1]
+    return ((n * p - 1.0) ** 2).sum(-1) / n
+
+
+def argmax_uniform(L: Tensor) -> Tensor:
+    """Uniform weights over the entries tied at the row maximum (deterministic tie-breaking)."""
+    top = L == L.amax(-1, keepdim=True)
+    t = top.to(L.dtype)
+    return t / t.sum(-1, keepdim=True)
+
+
+def tie_average(s_sorted: Tensor, w: Tensor) -> Tensor:
+    """Average ``w`` over runs of equal values of the sorted rows ``s_sorted`` (both ``(B, n)``).
+
+    Gives tied losses equal weights, so the result does not depend on how a sort ordered them.
+    """
+    B, n = s_sorted.shape
+    if n == 1:
+        return w
+    new = torch.ones_like(s_sorted, dtype=torch.bool)
+    new[:, 1:] = s_sorted[:, 1:] != s_sorted[:, :-1]
+    if bool(new.all()):
+        return w
+    seg = torch.cumsum(new.to(torch.int64), dim=1) - 1 + (torch.arange(B, device=w.device) * n)[:, None]
+    seg = seg.reshape(-1)
+    sums = torch.zeros(B * n, dtype=w.dtype, device=w.device).index_add_(0, seg, w.reshape(-1))
+    cnt = torch.zeros(B * n, dtype=w.dtype, device=w.device).index_add_(0, seg, torch.ones_like(w).reshape(-1))
+    return (sums[seg] / cnt[seg]).reshape(B, n)
+
+
+def simplex_threshold(s_desc: Tensor, c: Tensor, mass: float | Tensor = 1.0) -> Tensor:
+    """Threshold :math:`\\eta` with :math:`\\sum_i c\\,(s_i - \\eta)_+ = \\text{mass}`.
+
+    ``s_desc`` is sorted in descending order (``(B, n)``), ``c`` of shape ``(B,)`` is positive and
+    finite. This is the sort-and-cumsum Euclidean simplex projection written for a scaled input:
+    :math:`\\Pi_\\Delta(a + c\\,s) = c\\,(s - \\eta)_+` for any constant ``a``.
+    """
+    B, n = s_desc.shape
+    k = torch.arange(1, n + 1, dtype=s_desc.dtype, device=s_desc.device)
+    cs = torch.cumsum(s_desc, dim=1)
+    eta_k = (cs - (mass / c)[:, None] if isinstance(mass, Tensor) else cs - mass / c[:, None]) / k
+    valid = s_desc > eta_k
+    # the largest valid k (k = 1 is always valid)
+    kstar = (valid.to(torch.int64) * torch.arange(1, n + 1, device=s_desc.device)).amax(1).clamp(min=1)
+    return eta_k.gather(1, (kstar - 1)[:, None]).squeeze(1)
+
+
+def newton_bisect(
+    fn: Callable[[Tensor], tuple[Tensor, Tensor]],
+    lo: Tensor,
+    hi: Tensor,
+    x0: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    feasible: str | None = None,
+    xtol: float = 4e-16,
+    active: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Safeguarded Newton–bisection for a batch of increasing scalar functions.
+
+    Finds the root of ``f`` (``fn(x) -> (f, df)``, elementwise over ``(B,)``) bracketed by
+    ``f(lo) <= 0 <= f(hi)``. A Newton step that leaves the open bracket, has a non-positive
+    derivative, or fails to halve the bracket in two steps is replaced by bisection, so each
+    element converges at least linearly.
+
+    With ``feasible="hi"`` (``"lo"``) only points with ``f >= 0`` (``f <= 0``) count as solutions:
+    an element stops when such a point has ``|f| <= tol``, and Newton steps taken from the other
+    side overshoot slightly so the iterates cross over (Newton on a convex function otherwise
+    approaches from one side only). With ``feasible=None`` any ``|f| <= tol`` stops. An element
+    also stops when its bracket is narrower than ``xtol * (1 + |x|)`` (machine precision).
+
+    Args:
+        fn: Increasing function and derivative.
+        lo, hi: Bracket ``(B,)``.
+        x0: Starting point inside the bracket.
+        tol: Absolute tolerance on ``f``.
+        max_iter: Iteration limit.
+        feasible: Which side of the root is feasible (``"hi"``, ``"lo"`` or None).
+        xtol: Relative bracket-width tolerance.
+        active: Optional bool mask of elements to solve (others are returned as converged).
+
+    Returns:
+        ``(x, lo, hi, residual, converged, iterations)``; the bracket still satisfies
+        ``f(lo) <= 0 <= f(hi)`` and the feasible end is within ``tol`` when converged.
+    """
+    x = torch.where((x0 > lo) & (x0 < hi), x0, 0.5 * (lo + hi))
+    B = x.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=x.device) if active is None else ~active
+    iters = torch.zeros(B, dtype=torch.int64, device=x.device)
+    res = torch.zeros_like(x)
+    width_prev = (hi - lo).abs()
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        f, df = fn(x)
+        f = torch.where(done, torch.zeros_like(f), f)
+        res = torch.where(done, res, f.abs())
+        iters = iters + (~done).to(torch.int64)
+        lo = torch.where(~done & (f <= 0), x, lo)
+        hi = torch.where(~done & (f >= 0), x, hi)
+        width = hi - lo
+        if feasible == "hi":
+            wrong = f < 0
+        elif feasible == "lo":
+            wrong = f > 0
+        else:
+            wrong = torch.zeros_like(done)
+        newly = ((f.abs() <= tol) & ~wrong) | (width <= xtol * (1.0 + x.abs()))
+        done = done | newly
+        delta = f / df
+        step = x - torch.where(wrong, 1.001 * delta, delta)
+        bad = ~torch.isfinite(step) | (df <= 0) | (step <= lo) | (step >= hi) | (width > 0.5 * width_prev)
+        width_prev = torch.where(bad, width, width_prev)
+        nxt = torch.where(bad, 0.5 * (lo + hi), step)
+        x = torch.where(done, x, nxt)
+    if not bool(done.all()):
+        # one more evaluation so the residual and the bracket describe the returned point
+        f, _ = fn(x)
+        res = torch.where(done, res, f.abs())
+        lo = torch.where(~done & (f <= 0), x, lo)
+        hi = torch.where(~done & (f >= 0), x, hi)
+        ok = f.abs() <= tol
+        if feasible == "hi":
+            ok = ok & (f >= 0)
+        elif feasible == "lo":
+            ok = ok & (f <= 0)
+        done = done | ok
+    return x, lo, hi, res, done, iters

@@ -1,0 +1,153 @@
+r"""Spectral risk measures with an optional :math:`\chi^2` or KL penalty: sort + PAV, exact.
+
+.. math:: \max_{q\in\mathcal P(\sigma)} \langle q,\ell\rangle - \lambda D(q)
+
+over the permutahedron of the spectrum :math:`\sigma` (Mehta et al., "Distributionally Robust
+Optimization with Bias and Variance Reduction", ICLR 2024; Blondel et al., "Fast Differentiable
+Sorting and Ranking", ICML 2020):
+
+* :math:`\lambda = 0`: :math:`q` assigns :math:`\sigma_i` to the :math:`i`-th smallest loss
+  (losses tied share their :math:`\sigma`'s equally);
+* :math:`\chi^2` (:math:`D = n\lVert q-u\rVert^2`): with :math:`z = \ell/(2\lambda n)` sorted
+  descending and :math:`w` = :math:`\sigma` sorted descending,
+  :math:`q_{\text{sorted}} = z - v`, where :math:`v` is the non-increasing isotonic regression of
+  :math:`z - w` (pool adjacent violators, block value = mean);
+* KL: with :math:`z = \ell/\lambda`, :math:`q_{\text{sorted}} = e^{z - v}` where the PAV block
+  value is :math:`\log\sum_B e^{z_i} - \log\sum_B w_i`.
+
+The PAV kernels ``"dro.pav_l2"`` (``fn(y) -> v``) and ``"dro.pav_kl"`` (``fn(z, w) -> v``) on
+``(B, n)`` float64 rows have the sequential Python references below (CPU; CUDA inputs are copied
+to the CPU for this O(n) pass) and Numba versions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ...kernels import Backend, dispatch, register
+from ._common import Solved, chi2_to_uniform, exact, kl_to_uniform, tie_average
+from ._specs import Spectral
+
+__all__ = ["pav_l2_reference", "pav_kl_reference", "solve_spectral"]
+
+
+def _pav_l2_row(y: list[float]) -> list[float]:
+    n = len(y)
+    sums = [0.0] * n
+    cnt = [0] * n
+    top = -1
+    for i in range(n):
+        top += 1
+        sums[top] = y[i]
+        cnt[top] = 1
+        while top > 0 and sums[top - 1] * cnt[top] <= sums[top] * cnt[top - 1]:
+            sums[top - 1] += sums[top]
+            cnt[top - 1] += cnt[top]
+            top -= 1
+    out: list[float] = []
+    for b in range(top + 1):
+        out.extend([sums[b] / cnt[b]] * cnt[b])
+    return out
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    m = max(a, b)
+    return m + math.log(math.exp(a - m) + math.exp(b - m))
+
+
+def _pav_kl_row(z: list[float], w: list[float]) -> list[float]:
+    n = len(z)
+    lse = [0.0] * n
+    ws = [0.0] * n
+    val = [0.0] * n
+    cnt = [0] * n
+    top = -1
+    for i in range(n):
+        top += 1
+        lse[top] = z[i]
+        ws[top] = w[i]
+        val[top] = z[i] - math.log(w[i]) if w[i] > 0 else math.inf
+        cnt[top] = 1
+        while top > 0 and val[top - 1] <= val[top]:
+            lse[top - 1] = _logaddexp(lse[top - 1], lse[top])
+            ws[top - 1] += ws[top]
+            cnt[top - 1] += cnt[top]
+            val[top - 1] = lse[top - 1] - math.log(ws[top - 1]) if ws[top - 1] > 0 else math.inf
+            top -= 1
+    out: list[float] = []
+    for b in range(top + 1):
+        out.extend([val[b]] * cnt[b])
+    return out
+
+
+def pav_l2_reference(y: Tensor) -> Tensor:
+    """Non-increasing isotonic regression of each row of ``y`` (sequential reference)."""
+    rows = y.detach().cpu().tolist()
+    return torch.tensor([_pav_l2_row(r) for r in rows], dtype=y.dtype).to(y.device)
+
+
+def pav_kl_reference(z: Tensor, w: Tensor) -> Tensor:
+    """KL (log-sum-exp) pooling isotonic regression of each row of ``z`` against weights ``w``."""
+    wl = w.detach().cpu().tolist()
+    rows = z.detach().cpu().tolist()
+    return torch.tensor([_pav_kl_row(r, wl) for r in rows], dtype=z.dtype).to(z.device)
+
+
+def _load_l2() -> object:
+    from ...kernels.dro_kernels import pav_l2_numba
+
+    return pav_l2_numba
+
+
+def _load_kl() -> object:
+    from ...kernels.dro_kernels import pav_kl_numba
+
+    return pav_kl_numba
+
+
+register("dro.pav_l2", Backend.REFERENCE, lambda: pav_l2_reference)
+register("dro.pav_l2", Backend.NUMBA, _load_l2, min_size=0)
+register("dro.pav_kl", Backend.REFERENCE, lambda: pav_kl_reference)
+register("dro.pav_kl", Backend.NUMBA, _load_kl, min_size=0)
+
+
+def _on_cpu(fn_name: str, backend: Backend | str | None, n: int):
+    # PAV is sequential: it always runs on the CPU (CUDA rows are copied over and back).
+    return dispatch(fn_name, backend=backend, device="cpu", size=n)
+
+
+def solve_spectral(L: Tensor, spec: Spectral, *, backend: Backend | str | None = None) -> Solved:
+    """Exact spectral-risk weights; duals ``eta`` = NaN, ``lam`` = the penalty :math:`\\lambda`."""
+    B, n = L.shape
+    sigma = spec.sigma.weights(n, dtype=L.dtype, device=L.device)
+    lam = spec.lam
+    if lam == 0.0:
+        s, idx = torch.sort(L, dim=1, stable=True)
+        qs = tie_average(s, sigma.expand(B, n).contiguous())
+        q = torch.empty_like(L).scatter_(1, idx, qs)
+        return exact(q, divergence=chi2_to_uniform(q))
+    s, idx = torch.sort(L, dim=1, descending=True, stable=True)
+    w = sigma.flip(0).contiguous()
+    dev = L.device
+    if spec.divergence == "chi2":
+        z = s / (2.0 * lam * n)
+        fn = _on_cpu("dro.pav_l2", backend, n)
+        v = fn((z - w).cpu()).to(dev)
+        qs = (z - v).clamp(min=0.0)
+    else:
+        z = s / lam
+        fn = _on_cpu("dro.pav_kl", backend, n)
+        v = fn(z.cpu(), w.cpu()).to(dev)
+        qs = torch.exp(z - v)
+    qs = qs / qs.sum(1, keepdim=True)
+    q = torch.empty_like(L).scatter_(1, idx, qs)
+    div = chi2_to_uniform(q) if spec.divergence == "chi2" else kl_to_uniform(q)
+    return exact(q, penalty=lam * div, lam=torch.full((B,), lam, dtype=L.dtype, device=dev), divergence=div)
+

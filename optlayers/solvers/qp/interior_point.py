@@ -1,0 +1,414 @@
+r"""Batched dense QP solver: a primal-dual interior-point method on the homogeneous embedding.
+
+Solves, for a batch of problems at once,
+
+.. math::
+
+    \min_x \tfrac12 x^\top Q x + p^\top x \quad\text{s.t.}\quad Ax = b,\; Gx \le h,
+    \qquad Q \succeq 0,
+
+by Mehrotra's predictor–corrector method applied to the homogeneous self-dual embedding of
+the KKT conditions (the QP form of Goulart & Chen's Clarabel), with slack :math:`s = h - Gx`,
+inequality dual :math:`\lambda \ge 0`, equality dual :math:`\nu`, and scalars
+:math:`\tau, \kappa \ge 0`:
+
+.. math::
+
+    Qx + A^\top\nu + G^\top\lambda + p\tau = 0,\quad Ax - b\tau = 0,\quad Gx + s - h\tau = 0,\\
+    \kappa + p^\top x + b^\top\nu + h^\top\lambda + x^\top Q x/\tau = 0,\quad
+    s \circ \lambda = 0,\quad \tau\kappa = 0.
+
+When :math:`\tau > 0` at the limit, :math:`(x, \nu, \lambda, s)/\tau` solves the QP. When
+:math:`\tau \to 0` with :math:`\kappa > 0`, the iterates converge to a certificate:
+:math:`(\nu, \lambda)` with :math:`A^\top\nu + G^\top\lambda = 0`,
+:math:`b^\top\nu + h^\top\lambda < 0` proves the constraints infeasible (Farkas), and
+:math:`x` with :math:`Qx = 0,\ Ax = 0,\ Gx \le 0,\ p^\top x < 0` proves the QP unbounded.
+Both tests run per batch element every iteration, so an infeasible element is reported
+(``Status.INFEASIBLE`` / ``Status.UNBOUNDED``) without holding back the others. Each
+iteration makes **one** batched factorization of the KKT system (:mod:`.kkt`) and three
+batched solves (two for the predictor, one for the corrector).
+
+``Q`` need only be positive semidefinite (LPs have ``Q = 0``): the factorization carries a
+small static regularization removed by iterative refinement, so a PSD ``Q`` with constraints
+that make the solution unique is solved exactly; a non-unique solution is solved to an
+(arbitrary) optimal point, and its gradient is then not defined.
+
+References:
+    Goulart & Chen, "Clarabel: An interior-point solver for conic programs with quadratic
+    objectives", arXiv:2405.12762 (2024). Mehrotra, "On the implementation of a primal-dual
+    interior point method", SIAM J. Optim. 2(4), 1992. Amos & Kolter, "OptNet: Differentiable
+    optimization as a layer in neural networks", ICML 2017.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from ..._result import Result, Status, raise_if_failed, register_aux
+from ._data import QPData, prepare_qp
+from .kkt import bmtv, bmv, factor_kkt, solve_kkt
+
+__all__ = ["InteriorPoint", "QPAux", "solve_qp"]
+
+
+@register_aux
+@dataclasses.dataclass(frozen=True)
+class QPAux:
+    """Dual solution and slack of a QP.
+
+    Attributes:
+        ineq_dual: ``(*batch, m)`` multipliers ``λ ≥ 0`` of ``Gx ≤ h``.
+        eq_dual: ``(*batch, p)`` multipliers ``ν`` of ``Ax = b``.
+        slack: ``(*batch, m)`` the slack ``s = h - Gx ≥ 0``.
+    """
+
+    ineq_dual: torch.Tensor
+    eq_dual: torch.Tensor
+    slack: torch.Tensor
+
+
+def _tol(dtype: torch.dtype, value: float | None, f64: float, f32: float) -> float:
+    if value is not None:
+        return value
+    return f64 if dtype == torch.float64 else f32
+
+
+def _amax(v: torch.Tensor) -> torch.Tensor:
+    """Per-element max-norm of ``(B, k)`` (0 when ``k == 0``)."""
+    if v.shape[-1] == 0:
+        return v.new_zeros(v.shape[:-1])
+    return v.abs().amax(-1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)
+
+
+def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """Largest ``α`` with ``v + α dv ≥ 0`` per element (``inf`` when unconstrained)."""
+    ratio = torch.where(dv < 0, -v / torch.where(dv < 0, dv, -torch.ones_like(dv)), torch.full_like(v, float("inf")))
+    if ratio.shape[-1] == 0:
+        return v.new_full(v.shape[:-1], float("inf"))
+    return ratio.amin(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class InteriorPoint:
+    r"""Configuration of the batched primal-dual interior-point QP solver.
+
+    Stopping test (per batch element, on :math:`\bar x = x/\tau` etc.): the primal residual
+    :math:`\max(\|A\bar x - b\|_\infty, \|G\bar x + \bar s - h\|_\infty)`, the dual residual
+    :math:`\|Q\bar x + p + A^\top\bar\nu + G^\top\bar\lambda\|_\infty` and the gap
+    :math:`\bar s^\top\bar\lambda`, each divided by the size of the terms it is made of
+    (floored at ``atol / rtol``), must all be at most ``rtol``. ``Result.residual`` is the
+    largest of the three ratios.
+
+    Args:
+        max_iter: Iteration limit (interior-point methods need 10–30 iterations).
+        rtol: Relative tolerance; ``None`` means ``1e-12`` in float64 and ``1e-6`` in float32.
+        atol: Absolute floor; ``None`` means ``1e-12`` in float64 and ``1e-6`` in float32.
+        infeasibility_tol: A certificate of infeasibility (unboundedness) is accepted when its
+            residual is at most this fraction of its objective (so no feasible point has
+            ``‖x‖₁ < 1/infeasibility_tol``); ``None``: ``1e-9`` (float64) / ``1e-5`` (float32).
+        regularization: Static regularization of the KKT factorization, relative to the data
+            scale, removed by iterative refinement; ``None``: ``1e-11`` / ``1e-6``.
+        refine: Iterative-refinement steps per KKT solve.
+        step_fraction: Fraction of the step to the boundary of the cone (``0 < · < 1``).
+        check_every: Test for convergence (a host synchronisation) every this many iterations
+            and stop when every element is done; ``None`` runs exactly ``max_iter`` iterations
+            without host synchronisation (elements still freeze once done).
+        callback: Called as ``callback(iteration, residual)`` with the ``(B,)`` residuals.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers import solve_qp
+        >>> Q = torch.eye(2, dtype=torch.float64); p = -torch.ones(2, dtype=torch.float64)
+        >>> G = torch.eye(2, dtype=torch.float64); h = 0.5 * torch.ones(2, dtype=torch.float64)
+        >>> solve_qp(Q, p, G, h).solution
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+
+    max_iter: int = 50
+    rtol: float | None = None
+    atol: float | None = None
+    infeasibility_tol: float | None = None
+    regularization: float | None = None
+    refine: int = 1
+    step_fraction: float = 0.99
+    check_every: int | None = 1
+    callback: Callable[[int, torch.Tensor], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int, got {self.max_iter!r}")
+        for name in ("rtol", "atol", "infeasibility_tol", "regularization"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0):
+                raise ValueError(f"{name} must be nonnegative or None, got {v!r}")
+        if not isinstance(self.refine, int) or self.refine < 0:
+            raise ValueError(f"refine must be a nonnegative int, got {self.refine!r}")
+        if not 0.0 < self.step_fraction < 1.0:
+            raise ValueError(f"step_fraction must be in (0, 1), got {self.step_fraction!r}")
+        if self.check_every is not None and (not isinstance(self.check_every, int) or self.check_every < 1):
+            raise ValueError(f"check_every must be a positive int or None, got {self.check_every!r}")
+
+    def tolerance(self, dtype: torch.dtype) -> float:
+        """The relative tolerance in force for ``dtype``."""
+        return _tol(dtype, self.rtol, 1e-12, 1e-6)
+
+    # ------------------------------------------------------------------------------------
+    def run(self, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None,
+            h: torch.Tensor | None = None, A: torch.Tensor | None = None,
+            b: torch.Tensor | None = None, *, init: Result | torch.Tensor | None = None) -> Result[QPAux]:
+        """Solve a batch of QPs (no autograd; see :func:`optlayers.layers.qp` for gradients).
+
+        Args:
+            Q: ``(*bQ, n, n)`` symmetric PSD.
+            p: ``(*bp, n)``.
+            G, h: ``(*bG, m, n)`` and ``(*bh, m)``, or None for no inequalities.
+            A, b: ``(*bA, p, n)`` and ``(*bb, p)``, or None for no equalities.
+            init: Warm start: a previous :class:`Result` of the same shapes (primal and duals
+                are used) or a primal guess ``x0`` of shape ``(*batch, n)``.
+
+        Returns:
+            :class:`Result` with ``solution`` ``x`` of shape ``(*batch, n)`` and
+            :class:`QPAux`; NaN where the element is infeasible, unbounded or non-finite.
+        """
+        data = prepare_qp(Q, p, G, h, A, b)
+        with torch.no_grad():
+            return self._run(data, init)
+
+    def _run(self, d: QPData, init: Result | torch.Tensor | None) -> Result[QPAux]:
+        dtype, device = d.Q.dtype, d.Q.device
+        Bn, n, ne, m = d.B, d.n, d.n_eq, d.n_ineq
+        rtol = self.tolerance(dtype)
+        atol = _tol(dtype, self.atol, 1e-12, 1e-6)
+        eps_inf = _tol(dtype, self.infeasibility_tol, 1e-9, 1e-5)
+        reg = _tol(dtype, self.regularization, 1e-11, 1e-6)
+        floor = atol / rtol if rtol > 0 else 0.0
+        tiny = torch.finfo(dtype).tiny
+        Qd, pd, Ad, bd, Gd, hd = d.Q, d.p, d.A, d.b, d.G, d.h
+
+        def per_elem(t: torch.Tensor) -> torch.Tensor:
+            flat = t.reshape(t.shape[0], -1)
+            r = torch.isfinite(flat).all(-1) if flat.shape[-1] else torch.ones(t.shape[0], dtype=torch.bool, device=device)
+            return r.expand(Bn)
+
+        finite = per_elem(Qd) & per_elem(pd) & per_elem(Ad) & per_elem(bd) & per_elem(Gd) & per_elem(hd)
+        # Data scale for the static regularization.
+        def amax_mat(t: torch.Tensor) -> torch.Tensor:
+            if t.numel() == 0:
+                return t.new_zeros(t.shape[0])
+            return t.abs().reshape(t.shape[0], -1).amax(-1)
+        scale = torch.stack(torch.broadcast_tensors(amax_mat(Qd), amax_mat(Gd) ** 2, amax_mat(Ad) ** 2,
+                                                    torch.ones(Bn, dtype=dtype, device=device)), 0).amax(0)
+        delta = (reg * scale).unsqueeze(-1)  # (B, 1)
+
+        norm_p = _amax(pd).expand(Bn)
+        norm_bh = torch.maximum(_amax(bd).expand(Bn), _amax(hd).expand(Bn))
+
+        x, y, z, s, tau, kappa = self._initial_point(Qd, pd, Ad, bd, Gd, hd, Bn, delta, init)
+
+        done = ~finite
+        status = torch.where(finite, torch.full((Bn,), int(Status.MAX_ITER), dtype=torch.int64, device=device),
+                             torch.full((Bn,), int(Status.NONFINITE), dtype=torch.int64, device=device))
+        iterations = torch.zeros(Bn, dtype=torch.int64, device=device)
+        residual = torch.full((Bn,), float("inf"), dtype=dtype, device=device)
+        small_steps = torch.zeros(Bn, dtype=torch.int64, device=device)
+        frac = self.step_fraction
+
+        for it in range(self.max_iter + 1):
+            # ---- residuals of the embedding -------------------------------------------------
+            t1 = tau
+            tc = tau.unsqueeze(-1)
+            Qx, Aty, Gtz, Ax, Gx = bmv(Qd, x), bmtv(Ad, y), bmtv(Gd, z), bmv(Ad, x), bmv(Gd, x)
+            rx = Qx + Aty + Gtz + pd * tc
+            ry = Ax - bd * tc
+            rz = Gx + s - hd * tc
+            xQx = _dot(x, Qx)
+            px, by_hz = _dot(pd, x), _dot(bd, y) + _dot(hd, z)
+            rtau = kappa + px + by_hz + xQx / tau
+            # ---- convergence on the unscaled point -------------------------------------------
+            n_Ax, n_Gx, n_Aty, n_Gtz, n_Qx = _amax(Ax), _amax(Gx), _amax(Aty), _amax(Gtz), _amax(Qx)
+            pres = torch.maximum(_amax(ry), _amax(rz)) / t1
+            pscale = torch.stack([torch.maximum(n_Ax, n_Gx) / t1, _amax(s) / t1, norm_bh]).amax(0)
+            dres = _amax(rx) / t1
+            dscale = torch.stack([torch.maximum(n_Qx, torch.maximum(n_Aty, n_Gtz)) / t1, norm_p]).amax(0)
+            gap = _dot(s, z) / t1 ** 2
+            pobj = 0.5 * xQx / t1 ** 2 + px / t1
+            dobj = -0.5 * xQx / t1 ** 2 - by_hz / t1
+            gscale = torch.maximum(pobj.abs(), dobj.abs())
+            res_now = torch.stack([pres / pscale.clamp_min(floor), dres / dscale.clamp_min(floor),
+                                   gap.abs() / gscale.clamp_min(floor)]).amax(0)
+            res_now = torch.where(torch.isfinite(res_now), res_now, torch.full_like(res_now, float("inf")))
+            residual = torch.where(done, residual, res_now)
+            conv_now = ~done & (res_now <= rtol)
+            # ---- infeasibility certificates --------------------------------------------------
+            kt = kappa > tau
+            nyz = torch.maximum(_amax(y), _amax(z)).clamp_min(tiny)
+            cp = -by_hz / nyz
+            rp = _amax(Aty + Gtz) / nyz
+            pinf = ~done & ~conv_now & kt & (cp > eps_inf * norm_bh) & (rp <= eps_inf * cp)
+            nx = _amax(x).clamp_min(tiny)
+            cd = -px / nx
+            rd = torch.stack([n_Qx, n_Ax, _amax(Gx.clamp_min(0.0))]).amax(0) / nx
+            dinf = ~done & ~conv_now & ~pinf & kt & (cd > eps_inf * norm_p) & (rd <= eps_inf * cd)
+            bad = ~done & ~(torch.isfinite(x).all(-1) & torch.isfinite(z).all(-1) & torch.isfinite(y).all(-1)
+                            & torch.isfinite(s).all(-1) & torch.isfinite(tau) & torch.isfinite(kappa))
+            stalled = ~done & (small_steps >= 5)
+            status = torch.where(conv_now, torch.zeros_like(status), status)
+            status = torch.where(pinf, torch.full_like(status, int(Status.INFEASIBLE)), status)
+            status = torch.where(dinf, torch.full_like(status, int(Status.UNBOUNDED)), status)
+            status = torch.where(bad, torch.full_like(status, int(Status.NONFINITE)), status)
+            status = torch.where(stalled & ~conv_now & ~pinf & ~dinf & ~bad,
+                                 torch.full_like(status, int(Status.STAGNATION)), status)
+            done = done | conv_now | pinf | dinf | bad | stalled
+            if self.callback is not None:
+                self.callback(it, residual)
+            if it == self.max_iter:
+                break
+            if self.check_every is not None and it % self.check_every == 0 and bool(done.all()):
+                break
+            iterations = iterations + (~done).to(torch.int64)
+
+            # ---- Newton step (Mehrotra predictor-corrector) ---------------------------------
+            active = ~done
+            mu = (_dot(s, z) + tau * kappa) / (m + 1)
+            w = s / z
+            f = factor_kkt(Qd, Ad, Gd, w, delta, retry=self.check_every is not None)
+            Qxi = Qx / tc
+            c_x = pd + 2.0 * Qxi
+            xiQxi = xQx / t1 ** 2
+            k_t = kappa / tau
+
+            # Two right-hand sides in one solve: [-p; b; h] and the affine direction.
+            rhs_x = torch.stack([-pd.expand(Bn, n), -rx], -1)
+            rhs_y = torch.stack([bd.expand(Bn, ne), -ry], -1)
+            rhs_z = torch.stack([hd.expand(Bn, m), -rz + s], -1)
+            ux, uy, uz = solve_kkt(f, rhs_x, rhs_y, rhs_z, refine=self.refine)
+            u1x, u1y, u1z = ux[..., 0], uy[..., 0], uz[..., 0]
+            denom = _dot(c_x, u1x) + _dot(bd, u1y) + _dot(hd, u1z) - xiQxi - k_t
+            denom = torch.where(denom < 0, denom, -torch.ones_like(denom))  # guard; < 0 in exact arithmetic
+
+            def direction(u2x: torch.Tensor, u2y: torch.Tensor, u2z: torch.Tensor, eta: torch.Tensor | float,
+                          d_s: torch.Tensor, d_k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                num = -eta * rtau - d_k / t1 - _dot(c_x, u2x) - _dot(bd, u2y) - _dot(hd, u2z)
+                dt = num / denom
+                dx = u2x + dt.unsqueeze(-1) * u1x
+                dy = u2y + dt.unsqueeze(-1) * u1y
+                dz = u2z + dt.unsqueeze(-1) * u1z
+                ds = (d_s - s * dz) / z
+                dk = (d_k - kappa * dt) / t1
+                return dx, dy, dz, ds, dt, dk
+
+            d_s_a = -s * z
+            d_k_a = -tau * kappa
+            dxa, dya, dza, dsa, dta, dka = direction(ux[..., 1], uy[..., 1], uz[..., 1], 1.0, d_s_a, d_k_a)
+            alpha_a = torch.stack([_max_step(s, dsa), _max_step(z, dza),
+                                   _max_step(t1.unsqueeze(-1), dta.unsqueeze(-1)),
+                                   _max_step(kappa.unsqueeze(-1), dka.unsqueeze(-1))]).amin(0).clamp(max=1.0)
+            mu_a = (_dot(s + alpha_a.unsqueeze(-1) * dsa, z + alpha_a.unsqueeze(-1) * dza)
+                    + (t1 + alpha_a * dta) * (kappa + alpha_a * dka)) / (m + 1)
+            sigma = (mu_a / mu.clamp_min(tiny)).clamp(0.0, 1.0) ** 3
+            eta = 1.0 - sigma
+            smu = (sigma * mu).unsqueeze(-1)
+            d_s = -s * z + smu - dsa * dza
+            d_k = -tau * kappa + sigma * mu - dta * dka
+            cx, cy, cz = solve_kkt(f, -eta.unsqueeze(-1) * rx, -eta.unsqueeze(-1) * ry,
+                                   -eta.unsqueeze(-1) * rz - d_s / z, refine=self.refine)
+            dx, dy, dz, ds, dt, dk = direction(cx, cy, cz, eta, d_s, d_k)
+            alpha = torch.stack([_max_step(s, ds), _max_step(z, dz), _max_step(t1.unsqueeze(-1), dt.unsqueeze(-1)),
+                                 _max_step(kappa.unsqueeze(-1), dk.unsqueeze(-1))]).amin(0)
+            alpha = (frac * alpha).clamp(max=1.0)
+            ok_step = active & f.ok & torch.isfinite(alpha)
+            alpha = torch.where(ok_step, alpha, torch.zeros_like(alpha))
+            small_steps = torch.where(active & (alpha < 1e-8), small_steps + 1, torch.zeros_like(small_steps))
+            a = alpha.unsqueeze(-1)
+            upd = ok_step.unsqueeze(-1)
+            x = torch.where(upd, x + a * dx, x)
+            y = torch.where(upd, y + a * dy, y)
+            z = torch.where(upd, z + a * dz, z)
+            s = torch.where(upd, s + a * ds, s)
+            tau = torch.where(ok_step, tau + alpha * dt, tau)
+            kappa = torch.where(ok_step, kappa + alpha * dk, kappa)
+
+        converged = status == int(Status.SUCCESS)
+        invalid = (status == int(Status.INFEASIBLE)) | (status == int(Status.UNBOUNDED)) | (status == int(Status.NONFINITE))
+        nan = torch.tensor(float("nan"), dtype=dtype, device=device)
+
+        def finish(v: torch.Tensor) -> torch.Tensor:
+            v = v / tau.unsqueeze(-1)
+            v = torch.where(invalid.unsqueeze(-1), nan, v)
+            return v.reshape(d.batch_shape + v.shape[-1:])
+
+        bs = d.batch_shape
+        return Result(solution=finish(x), converged=converged.reshape(bs), iterations=iterations.reshape(bs),
+                      residual=residual.reshape(bs), status=status.reshape(bs),
+                      aux=QPAux(ineq_dual=finish(z), eq_dual=finish(y), slack=finish(s)))
+
+    def _initial_point(self, Q: torch.Tensor, p: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
+                       G: torch.Tensor, h: torch.Tensor, Bn: int, delta: torch.Tensor,
+                       init: Result | torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        dtype, device = Q.dtype, Q.device
+        n, ne, m = p.shape[-1], b.shape[-1], h.shape[-1]
+        one = torch.ones(Bn, dtype=dtype, device=device)
+        if init is not None:
+            if isinstance(init, Result):
+                x0 = init.solution
+                y0 = init.aux.eq_dual if init.aux is not None else None
+                z0 = init.aux.ineq_dual if init.aux is not None else None
+            else:
+                x0, y0, z0 = init, None, None
+            x = x0.detach().to(dtype).reshape(-1, n).expand(Bn, n).clone()
+            y = (y0.detach().to(dtype).reshape(-1, ne).expand(Bn, ne).clone() if y0 is not None
+                 else torch.zeros(Bn, ne, dtype=dtype, device=device))
+            sl = (h - bmv(G, x)).expand(Bn, m)
+            floor = 1e-2 * (1.0 + _amax(sl)).unsqueeze(-1)
+            s = torch.maximum(sl, floor)
+            if z0 is not None:
+                zf = z0.detach().to(dtype).reshape(-1, m).expand(Bn, m)
+                z = torch.maximum(zf, 1e-2 * (1.0 + _amax(zf)).unsqueeze(-1))
+            else:
+                z = torch.ones(Bn, m, dtype=dtype, device=device)
+            ok = torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1) & torch.isfinite(z).all(-1)
+            if bool(ok.all()):
+                return x, y, z, s, one.clone(), one.clone()
+        # Cold start: solve K(W = I) [x; y; z] = [-p; b; h], then shift (s, z) into the cone.
+        w = torch.ones(Bn, m, dtype=dtype, device=device)
+        f = factor_kkt(Q, A, G, w, delta, retry=self.check_every is not None)
+        x, y, zz = solve_kkt(f, -p.expand(Bn, n), b.expand(Bn, ne), h.expand(Bn, m), refine=self.refine)
+        s = -zz
+        z = zz.clone()
+        if m:
+            ap = (-s).amax(-1, keepdim=True)
+            s = torch.where(ap >= 0, s + 1.0 + ap, s)
+            ad = (-z).amax(-1, keepdim=True)
+            z = torch.where(ad >= 0, z + 1.0 + ad, z)
+        return x, y, z, s, one.clone(), one.clone()
+
+
+def solve_qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch.Tensor | None = None,
+             A: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
+             solver: InteriorPoint | None = None, init: Result | torch.Tensor | None = None,
+             throw: bool = True) -> Result[QPAux]:
+    """Solve a batch of QPs ``min ½xᵀQx + pᵀx s.t. Ax = b, Gx ≤ h`` (forward only).
+
+    A thin wrapper of :meth:`InteriorPoint.run` that raises on failure. It records no
+    gradient; use :func:`optlayers.layers.qp` to differentiate the solution.
+
+    Args:
+        Q, p, G, h, A, b: The data, each shared or batched (leading dimensions broadcast).
+        solver: The :class:`InteriorPoint` configuration (default settings when None).
+        init: Warm start (see :meth:`InteriorPoint.run`).
+        throw: Raise :class:`~optlayers.ConvergenceError` when an element fails (naming the
+            status — e.g. ``INFEASIBLE`` — and the failing batch indices).
+
+    Returns:
+        :class:`Result` with solution ``x`` and :class:`QPAux`.
+    """
+    cfg = solver if solver is not None else InteriorPoint()
+    res = cfg.run(Q, p, G, h, A, b, init=init)
+    return raise_if_failed("InteriorPoint", res, throw, tol=cfg.tolerance(Q.dtype), max_iter=cfg.max_iter)
