@@ -9,6 +9,7 @@ solver under autograd for :class:`UnrollAdjoint`), and applies the ``throw`` pol
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,9 @@ class FrontSpec(RootSpec):
     positive_definite: bool = False
     name: str = "solver"
     operator: Callable[..., torch.Tensor] | None = None  # symmetric stand-in for ∂_z F (GN mode)
+    throw: bool = True
+    solver: Any = None
+    batch_shape: tuple[int, ...] = ()
 
     def fn(self, z: torch.Tensor, *inputs: Any) -> torch.Tensor:
         return self.optimality(z, *inputs)
@@ -59,7 +63,16 @@ class FrontSpec(RootSpec):
         return super().jvp_z(w, z, *inputs)
 
     def solve(self, z0: torch.Tensor, inputs: Sequence[Any]) -> Result:
-        return self.runner(bind(self.funcs, inputs), z0)
+        res = self.runner(bind(self.funcs, inputs), z0)
+        if self.throw:  # checked here, on real tensors, so that it also works under vmap
+            shaped = res
+            if math.prod(self.batch_shape) == res.converged.shape[0]:
+                shape = self.batch_shape
+                shaped = res.replace(converged=res.converged.reshape(shape), residual=res.residual.reshape(shape),
+                                     status=res.status.reshape(shape), iterations=res.iterations.reshape(shape))
+            raise_if_failed(self.name, shaped, True, tol=_tol(self.solver, z0.dtype),
+                            max_iter=getattr(self.solver, "max_iter", None))
+        return res
 
     def vmapped(self, V: int, in_dims: Sequence[int | None]) -> FrontSpec:
         funcs = {k: UserFn(vmap_flat(f.flat, V, in_dims, f.n_lead), f.n_lead) for k, f in self.funcs.items()}
@@ -107,13 +120,23 @@ def solve(*, name: str, z0: Any, params: Sequence[Any], batch_ndim: int,
             optimality=make_optimality(layout, ptree), funcs=funcs,
             runner=lambda f, z: runner(solver, f, z), adjoint=adj, symmetric=symmetric,
             positive_definite=symmetric, name=name,
-            operator=None if make_operator is None else make_operator(layout, ptree))
+            operator=None if make_operator is None else make_operator(layout, ptree),
+            throw=throw, solver=solver, batch_shape=layout.batch_shape)
         res = implicit_root(spec, z0f.detach(), ptree.tensors)
     u = layout.unflatten_batch
     out = Result(layout.from_flat(res.solution), u(res.converged), u(res.iterations), u(res.residual),
                  u(res.status))
-    return raise_if_failed(name, out, throw, tol=getattr(solver, "rtol", None),
-                           max_iter=getattr(solver, "max_iter", None))
+    if isinstance(adj, UnrollAdjoint):
+        raise_if_failed(name, out, throw, tol=_tol(solver, z0f.dtype), max_iter=getattr(solver, "max_iter", None))
+    return out
+
+
+def _tol(solver: Any, dtype: torch.dtype) -> float | None:
+    """The solver's relative tolerance as resolved for ``dtype`` (for messages)."""
+    rtol = getattr(solver, "rtol", None)
+    if rtol is None and hasattr(solver, "rtol"):
+        rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    return rtol
 
 
 def _unroll(adj: UnrollAdjoint, solver: Any, runner: Callable[..., Result],

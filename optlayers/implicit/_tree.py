@@ -62,7 +62,7 @@ class Layout:
     def from_flat(self, v: torch.Tensor) -> Any:
         """``(B, n)`` -> pytree with the batch shape leading."""
         parts = [v] if len(self.sizes) == 1 else list(torch.split(v, self.sizes, dim=-1))
-        leaves = [p.reshape(*self.batch_shape, *s) for p, s in zip(parts, self.event_shapes)]
+        leaves = [p.reshape((*self.batch_shape, *s)) for p, s in zip(parts, self.event_shapes)]
         return pytree.tree_unflatten(leaves, self.spec)
 
     def unflatten_batch(self, t: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +29,7 @@ from ..._result import Result, Status, status_from
 
 __all__ = [
     "Callback", "IterativeSolver", "Tracker", "default_tol", "masked", "batched_jacobian",
-    "batched_value_and_grad", "solve_or_pinv", "line_search", "check_iterate", "check_output", "Fn",
+    "batched_value_and_grad", "solve_or_pinv", "line_search", "Step", "check_iterate", "check_output", "Fn",
     "merit",
 ]
 
@@ -134,20 +135,34 @@ def solve_or_pinv(A: torch.Tensor, b: torch.Tensor, sync: bool = True) -> torch.
     return x.squeeze(-1) if vec else x
 
 
+class Step(NamedTuple):
+    """Outcome of :func:`line_search` (all ``(B,)`` or ``(B, n)``)."""
+
+    t: torch.Tensor  # accepted step (0 where none)
+    z: torch.Tensor  # accepted point (z where none)
+    values: tuple[torch.Tensor, ...]  # evaluate() there
+    ok: torch.Tensor  # bool: a step was accepted
+    t_retry: torch.Tensor  # where not ok: the next trial step to try (next iteration)
+
+
 def line_search(evaluate: Callable[[torch.Tensor], Sequence[torch.Tensor]], z: torch.Tensor,
                 d: torch.Tensor, phi0: torch.Tensor, slope: torch.Tensor,
                 current: Sequence[torch.Tensor], active: torch.Tensor, *,
-                t0: torch.Tensor | float = 1.0, wolfe: bool = False, sync: bool = True,
-                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+                t0: torch.Tensor | float = 1.0, wolfe: bool = False, has_grad: bool = False,
+                sync: bool = True) -> Step:
     r"""Per-element backtracking (Armijo) or weak-Wolfe bisection line search.
 
     Seeks ``t_b`` with the sufficient decrease (Armijo) condition
-    ``φ(z + t d) <= φ(z) + c₁ t φ'(0) + 10 ε |φ(z)|`` (the last term absorbs round-off near a
-    solution), ``c₁ = 1e-4``. With ``wolfe=True`` the weak curvature condition
-    ``∇φ(z + t d)·d >= c₂ φ'(0)`` (``c₂ = 0.9``) is also required, by bisection/expansion
-    (Lewis & Overton 2013); ``evaluate`` must then return the gradient second. Otherwise the
-    step is halved until it is accepted. At most 30 trials; with ``sync=False`` all 30 run
-    (no host synchronisation), accepted elements keeping their step.
+    ``φ(z + t d) <= φ(z) + c₁ t φ'(0) + 10ε|φ(z)|``, ``c₁ = 1e-4`` (the slack absorbs
+    round-off). Where ``φ`` cannot resolve the decrease (``t|φ'(0)| <= 1000ε|φ(z)|``) and
+    ``has_grad`` (``evaluate`` returns the gradient second), the approximate Armijo condition
+    of Hager & Zhang (2005) is used instead: ``φ(z + t d) <= φ(z) + 10ε|φ(z)|`` and
+    ``∇φ(z + t d)·d <= (2c₁ - 1) φ'(0)``. With ``wolfe=True`` (needs the gradient) the weak
+    curvature condition ``∇φ(z + t d)·d >= c₂ φ'(0)`` (``c₂ = 0.9``) is also sought by
+    bisection/expansion (Lewis & Overton 2013), an Armijo point being kept if it is not met;
+    otherwise a rejected step is replaced by the minimiser of the quadratic interpolant,
+    safeguarded to ``[t/10, t/2]``. At most 30 trials; with ``sync=False`` a single trial
+    (no host synchronisation): the caller retries from ``t_retry`` at the next iteration.
 
     Args:
         evaluate: ``w (B, n) -> (φ(w) (B,), *extras)``; extras are batch-first tensors.
@@ -158,23 +173,23 @@ def line_search(evaluate: Callable[[torch.Tensor], Sequence[torch.Tensor]], z: t
         t0: First trial step, float or ``(B,)``.
 
     Returns:
-        ``(t, z_new, values, ok)``: accepted steps, points, ``evaluate`` outputs there, and
-        ``ok`` (B,) false where no point satisfied the Armijo condition (then ``z_new = z``).
+        A :class:`Step`.
     """
-    B = z.shape[0]
-    t = torch.as_tensor(t0, dtype=z.dtype, device=z.device).expand(B).clone()
+    t = torch.as_tensor(t0, dtype=z.dtype, device=z.device).expand(z.shape[0]).clone()
     lo, hi = torch.zeros_like(t), torch.full_like(t, float("inf"))
     slack = 10 * torch.finfo(z.dtype).eps * phi0.abs()
-    searching = active.clone()
-    ok = torch.zeros_like(active)
+    searching, ok = active.clone(), torch.zeros_like(active)
     t_acc, z_acc, vals_acc = torch.zeros_like(t), z, tuple(current)
-    for _ in range(MAX_TRIALS):
+    for _ in range(MAX_TRIALS if sync else 1):
         z_try = z + t.unsqueeze(-1) * d
         vals = tuple(evaluate(z_try))
-        armijo = torch.isfinite(vals[0]) & (vals[0] <= phi0 + ARMIJO_C1 * t * slope + slack)
-        good = armijo
-        if wolfe:
-            good = armijo & ((vals[1] * d).sum(-1) >= WOLFE_C2 * slope)
+        phi, finite = vals[0], torch.isfinite(vals[0])
+        armijo = finite & (phi <= phi0 + ARMIJO_C1 * t * slope + slack)
+        if has_grad or wolfe:
+            dphi = (vals[1] * d).sum(-1)
+            approx = finite & (phi <= phi0 + slack) & (dphi <= (2 * ARMIJO_C1 - 1) * slope)
+            armijo = torch.where(t * slope.abs() <= 100 * slack, approx, armijo)
+        good = armijo & (dphi >= WOLFE_C2 * slope) if wolfe else armijo
         upd = searching & armijo
         t_acc, z_acc = torch.where(upd, t, t_acc), masked(upd, z_try, z_acc)
         vals_acc = tuple(masked(upd, v, a) for v, a in zip(vals, vals_acc, strict=True))
@@ -184,12 +199,14 @@ def line_search(evaluate: Callable[[torch.Tensor], Sequence[torch.Tensor]], z: t
             hi = torch.where(searching & ~armijo, t, hi)
             lo = torch.where(searching & armijo, t, lo)
             t_next = torch.where(torch.isinf(hi), 2 * t, (lo + hi) / 2)
-        else:
-            t_next = t / 2
+        else:  # minimiser of the quadratic interpolating φ(0), φ'(0), φ(t), kept in [t/10, t/2]
+            curv = torch.where(finite, phi - phi0 - slope * t, torch.full_like(t, float("inf")))
+            t_q = -slope * t * t / (2 * curv).clamp_min(torch.finfo(t.dtype).tiny)
+            t_next = torch.minimum(torch.maximum(t_q, t / 10), t / 2)
         t = torch.where(searching, t_next, t)
         if sync and not bool(searching.any()):
             break
-    return t_acc, z_acc, vals_acc, ok
+    return Step(t_acc, z_acc, vals_acc, ok, t)
 
 
 class Tracker:

@@ -55,7 +55,7 @@ class Broyden(IterativeSolver):
         init: ``"identity"`` (default) or ``"jacobian"``.
         init_scale: ``H₀ = -init_scale · I`` for ``init="identity"`` (default 1.0).
         check_every: Host-sync period of the stopping test; ``None`` runs exactly ``max_iter``
-            (the backtracking then runs all of its 30 trials).
+            (one line-search trial per iteration, retried at the next if rejected).
 
     Example:
         >>> T = lambda z: 0.5 * torch.cos(z)
@@ -93,17 +93,19 @@ class Broyden(IterativeSolver):
         tr = self._tracker(torch.linalg.vector_norm(Fz, dim=-1), z.dtype, callback,
                            nonfinite=~torch.isfinite(z).all(-1))
         H = self._initial(F, z, tr.sync)
-        fresh = torch.ones_like(tr.active)
+        fresh, t_next = torch.ones_like(tr.active), torch.ones_like(tr.residual)
         evaluate = merit(F)
         for _ in tr:
             d = -(H @ Fz.unsqueeze(-1)).squeeze(-1)
             phi0 = 0.5 * (Fz * Fz).sum(-1)
             active = tr.active
-            _, z_new, (_, F_new), ok = line_search(
-                evaluate, z, d, phi0, -2 * phi0, (phi0, Fz), active, sync=tr.sync)
-            reset = active & ~ok & ~fresh
-            take = tr.advance(torch.linalg.vector_norm(F_new, dim=-1),
-                              nonfinite=~torch.isfinite(z_new).all(-1), stalled=~ok & fresh)
+            step = line_search(evaluate, z, d, phi0, -2 * phi0, (phi0, Fz), active, t0=t_next, sync=tr.sync)
+            z_new, F_new, ok = step.z, step.values[1], step.ok
+            exhausted = ~ok if tr.sync else ~ok & (step.t_retry < 2.0**-10)
+            reset = active & exhausted & ~fresh
+            take = tr.advance(torch.linalg.vector_norm(F_new, dim=-1), nonfinite=~torch.isfinite(z_new).all(-1),
+                              stalled=exhausted & fresh if tr.sync else None)
+            t_next = torch.where(ok | reset, 1.0, step.t_retry)
             # Sherman–Morrison update of the inverse Jacobian where a step was taken.
             s, y = z_new - z, F_new - Fz
             Hy = (H @ y.unsqueeze(-1)).squeeze(-1)

@@ -57,7 +57,7 @@ class GaussNewton(IterativeSolver):
         max_iter: Iteration limit (default 100).
         line_search: Backtrack on ``½‖r‖²`` (default True).
         check_every: Host-sync period of the stopping test; ``None`` runs exactly ``max_iter``
-            (the backtracking then runs all of its 30 trials).
+            (one line-search trial per iteration, retried at the next if rejected).
 
     Example:
         >>> t = torch.linspace(0, 1, 5, dtype=torch.float64)
@@ -90,7 +90,7 @@ class GaussNewton(IterativeSolver):
 
         tr = self._tracker(torch.linalg.vector_norm(g, dim=-1), z.dtype, callback,
                            nonfinite=~torch.isfinite(z).all(-1), solved=small(rz))
-        evaluate = merit(r)
+        evaluate, t_next = merit(r), torch.ones_like(tr.residual)
         for _ in tr:
             d = solve_or_pinv(J.transpose(-1, -2) @ J, -g, tr.sync)
             stalled = None
@@ -99,9 +99,10 @@ class GaussNewton(IterativeSolver):
                 descent = slope < 0
                 d = masked(descent, d, -g)
                 slope = torch.where(descent, slope, -(g * g).sum(-1))
-                _, z_new, _, ok = line_search(evaluate, z, d, phi0, slope, (phi0, rz),
-                                              tr.active, sync=tr.sync)
-                stalled = ~ok
+                step = line_search(evaluate, z, d, phi0, slope, (phi0, rz), tr.active, t0=t_next,
+                                   sync=tr.sync)
+                z_new, t_next = step.z, torch.where(step.ok, 1.0, step.t_retry)
+                stalled = ~step.ok if tr.sync else None
             else:
                 z_new = z + d
             r_new, J_new, g_new = linearize(r, z_new, m)

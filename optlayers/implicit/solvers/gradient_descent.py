@@ -45,7 +45,7 @@ class GradientDescent(IterativeSolver):
         rtol, atol: Tolerances (``None``: 1e-10/1e-12 in float64, 1e-5/1e-7 in float32).
         max_iter: Iteration limit (default 1000).
         check_every: Host-sync period of the stopping test; ``None`` runs exactly ``max_iter``
-            (the backtracking then runs all of its 30 trials; prefer a fixed ``step``).
+            (one line-search trial per iteration, retried at the next if rejected).
 
     Example:
         >>> f = lambda z: ((z - 1.0) ** 2).sum(-1)
@@ -85,10 +85,12 @@ class GradientDescent(IterativeSolver):
             stalled = None
             if self.step is None:
                 t0 = torch.where(grow, 2 * t, t).clamp_max(torch.finfo(z.dtype).max ** 0.5)
-                t_new, z_new, (f_new, g_new), ok = line_search(
-                    evaluate, z, -g, fz, -(g * g).sum(-1), (fz, g), tr.active, t0=t0, sync=tr.sync)
-                grow = ok & (t_new == t0)
-                t, stalled = torch.where(ok, t_new, t), ~ok
+                step = line_search(evaluate, z, -g, fz, -(g * g).sum(-1), (fz, g), tr.active, t0=t0,
+                                   has_grad=True, sync=tr.sync)
+                z_new, (f_new, g_new) = step.z, step.values
+                grow = step.ok & (step.t == t0)
+                t = torch.where(step.ok, step.t, step.t_retry)
+                stalled = ~step.ok if tr.sync else None
             else:
                 z_new = z - self.step * g
                 f_new, g_new = batched_value_and_grad(f, z_new)

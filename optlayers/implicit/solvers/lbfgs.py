@@ -61,7 +61,7 @@ class LBFGS(IterativeSolver):
         rtol, atol: Tolerances (``None``: 1e-10/1e-12 in float64, 1e-5/1e-7 in float32).
         max_iter: Iteration limit (default 500).
         check_every: Host-sync period of the stopping test; ``None`` runs exactly ``max_iter``
-            (the line search then runs all of its 30 trials).
+            (one line-search trial per iteration, retried at the next if rejected).
 
     Example:
         >>> f = lambda z: (100 * (z[:, 1] - z[:, 0] ** 2) ** 2 + (1 - z[:, 0]) ** 2)
@@ -101,7 +101,8 @@ class LBFGS(IterativeSolver):
         Y: list[torch.Tensor] = []
         R: list[torch.Tensor] = []
         gamma = torch.ones_like(fz)
-        has_pair = torch.zeros_like(tr.active)
+        has_pair, retry = torch.zeros_like(tr.active), torch.zeros_like(tr.active)
+        t_retry = torch.ones_like(fz)
         tiny = torch.finfo(z.dtype).tiny
 
         def evaluate(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,12 +116,16 @@ class LBFGS(IterativeSolver):
             gg = (g * g).sum(-1)
             slope = torch.where(descent, slope, -gg)
             t0 = torch.where(has_pair, 1.0, 1.0 / gg.sqrt().clamp_min(tiny)).clamp_max(1.0)
-            _, z_new, (f_new, g_new), ok = line_search(
-                evaluate, z, d, fz, slope, (fz, g), tr.active, t0=t0,
-                wolfe=self.line_search == "wolfe", sync=tr.sync)
-            take = tr.advance(torch.linalg.vector_norm(g_new, dim=-1), stalled=~ok & ~has_pair,
+            step = line_search(evaluate, z, d, fz, slope, (fz, g), tr.active, t0=torch.where(retry, t_retry, t0),
+                               wolfe=self.line_search == "wolfe", has_grad=True, sync=tr.sync)
+            z_new, (f_new, g_new), ok = step.z, step.values, step.ok
+            # Exhausted line search: clear the history (retry with steepest descent), or stop.
+            exhausted = ~ok if tr.sync else ~ok & (step.t_retry < 2.0**-10)
+            take = tr.advance(torch.linalg.vector_norm(g_new, dim=-1),
+                              stalled=exhausted & ~has_pair if tr.sync else None,
                               nonfinite=~torch.isfinite(z_new).all(-1) | ~torch.isfinite(f_new))
-            reset = tr.active & ~ok
+            reset = tr.active & exhausted & has_pair
+            retry, t_retry = ~ok & ~reset, step.t_retry
             s, y = z_new - z, g_new - g
             sy, yy = (s * y).sum(-1), (y * y).sum(-1)
             eps = torch.finfo(z.dtype).eps

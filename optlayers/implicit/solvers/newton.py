@@ -47,8 +47,8 @@ class Newton(IterativeSolver):
         atol: Absolute tolerance (``None``: 1e-12 in float64, 1e-7 in float32).
         max_iter: Iteration limit (default 50).
         line_search: Backtrack on ``½‖F‖²`` (default True); False takes full Newton steps.
-            With ``check_every=None`` the backtracking runs all of its 30 trials (no early
-            exit), so prefer ``line_search=False`` for compiled fixed-iteration runs.
+            With ``check_every=None`` each iteration makes one trial (no host sync), a
+            rejected step being halved and retried at the next iteration.
         check_every: Host-sync period of the stopping test; ``None`` runs exactly ``max_iter``.
 
     Example:
@@ -76,7 +76,7 @@ class Newton(IterativeSolver):
         Fz = check_output(F(z), tuple(z.shape), "F")
         tr = self._tracker(torch.linalg.vector_norm(Fz, dim=-1), z.dtype, callback,
                            nonfinite=~torch.isfinite(z).all(-1))
-        evaluate = merit(F)
+        evaluate, t_next = merit(F), torch.ones_like(tr.residual)
         for _ in tr:
             J = batched_jacobian(F, z, n)
             d = solve_or_pinv(J, -Fz, tr.sync)
@@ -88,9 +88,11 @@ class Newton(IterativeSolver):
                 descent = slope < 0
                 d = masked(descent, d, -grad)
                 slope = torch.where(descent, slope, -(grad * grad).sum(-1))
-                _, z_new, (_, F_new), ok = line_search(
-                    evaluate, z, d, phi0, slope, (phi0, Fz), tr.active, sync=tr.sync)
-                stalled = ~ok
+                step = line_search(evaluate, z, d, phi0, slope, (phi0, Fz), tr.active, t0=t_next,
+                                   sync=tr.sync)
+                z_new, F_new = step.z, step.values[1]
+                t_next = torch.where(step.ok, 1.0, step.t_retry)
+                stalled = ~step.ok if tr.sync else None
             else:
                 z_new = z + d
                 F_new = F(z_new)

@@ -131,7 +131,7 @@ def _dense_or_sparse(A: Any, name: str, like: Tensor) -> Tensor:
                 coo = A.tocoo()
                 idx = torch.as_tensor(__import__("numpy").vstack([coo.row, coo.col]), dtype=torch.int64)
                 return torch.sparse_coo_tensor(idx, torch.as_tensor(coo.data, dtype=like.dtype),
-                                               coo.shape, device=like.device).coalesce()
+                                               coo.shape, device=like.device, check_invariants=False).coalesce()
         except ImportError:  # pragma: no cover
             pass
     return _as_tensor(A, name, like)
@@ -146,7 +146,8 @@ def _stack_sparse(parts: list[Tensor], n: int) -> Tensor:
         cols.append(idx[1])
         vals.append(coo.values())
         off += P.shape[0]
-    return torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (off, n)).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (off, n),
+                                   check_invariants=False).coalesce()
 
 
 def prepare_lp(c: Any, A_ub: Any = None, b_ub: Any = None, A_eq: Any = None, b_eq: Any = None,

@@ -269,7 +269,6 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
         eta = 0.998 / _power_norm(K, B, x)
     cn, bn = _norm(c), _norm(rhs)
     omega = torch.where((cn > 1e-10) & (bn > 1e-10), cn / bn.clamp_min(1e-300), torch.ones_like(cn))
-    k_att = torch.zeros(B, dtype=dtype, device=x.device)
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
     active = finite_in.clone()
     done_status = torch.where(finite_in, torch.full((B,), int(Status.MAX_ITER)), torch.full((B,), int(Status.NONFINITE)))
@@ -289,45 +288,63 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
     restarts = torch.zeros(B, dtype=torch.int64, device=x.device)
     # windows for infeasibility detection
     x_c, y_c, Kx_c, KTy_c = x.clone(), y.clone(), Kx.clone(), KTy.clone()
-    dx_l, dy_l, dKx_l, dKTy_l = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(Kx), torch.zeros_like(KTy)
     res_out = torch.full((B,), float("inf"), dtype=dtype, device=x.device)
     stats: dict[str, Tensor] = {}
     check = cfg.check_every
     first_check = True
 
+    has_q = bool((qpos != 0).any())
+    ylow = torch.where(eq, torch.full_like(rhs[:1], float("-inf")), torch.zeros_like(rhs[:1]))
+    cpu = x.device.type == "cpu"
+    adaptive = cfg.step == "adaptive"
+    dx = dy = dKx = dKTy = None
+    upd = active
     for it in range(max_iter):
         tau = (eta / omega).unsqueeze(-1)
         sigma = (eta * omega).unsqueeze(-1)
-        xn = torch.maximum(torch.minimum((x - tau * (c - KTy)) / (1 + tau * qpos), hi), lo)
+        xn = torch.addcmul(x, tau, KTy - c)
+        if has_q:
+            xn = xn / (1 + tau * qpos)
+        xn = torch.clamp(xn, lo, hi)
         Kxn = K.mv(xn)
-        yn = y + sigma * (rhs - 2 * Kxn + Kx)
-        yn = torch.where(eq, yn, yn.clamp_min(0))
+        yn = torch.addcmul(y, sigma, torch.add(rhs + Kx, Kxn, alpha=-2.0))
+        yn = torch.maximum(yn, ylow)
         KTyn = K.rmv(yn)
         dx, dy, dKx = xn - x, yn - y, Kxn - Kx
-        if cfg.step == "adaptive":
-            inter = (dy * dKx).sum(-1).abs()
-            move = 0.5 * (omega * (dx * dx).sum(-1) + (dy * dy).sum(-1) / omega)
-            limit = torch.where(inter > 0, move / inter.clamp_min(1e-300), torch.full_like(inter, float("inf")))
-            accept = eta <= limit
-            k_att = k_att + active.to(dtype)
-            eta_new = torch.minimum((1 - (k_att + 1) ** -0.3) * limit, (1 + (k_att + 1) ** -0.6) * eta)
+        dKTy = KTyn - KTy
+        if adaptive:
+            inter = torch.linalg.vecdot(dy, dKx).abs_()
+            move = 0.5 * (omega * torch.linalg.vecdot(dx, dx) + torch.linalg.vecdot(dy, dy) / omega)
+            limit = move / inter  # inf where inter = 0; NaN (a fixed point) counts as accepted
+            accept = ~(eta > limit)
+            kk = it + 2.0
+            eta_new = torch.fmin((1 - kk ** -0.3) * limit, (1 + kk ** -0.6) * eta)
+            upd = accept & active
+        all_upd = cpu and bool(upd.all())
+        if all_upd:
+            x, y, Kx, KTy = xn, yn, Kxn, KTyn
+            w = eta.unsqueeze(-1)
+            sw = sw + eta
+            if adaptive:
+                eta = eta_new
+            iters += 1
+            since += 1
+            total += 1
         else:
-            accept = torch.ones_like(active)
-            eta_new = eta
-        upd = accept & active
-        u1 = upd.unsqueeze(-1)
-        w = torch.where(upd, eta, torch.zeros_like(eta)).unsqueeze(-1)
-        sx, sy = sx + w * xn, sy + w * yn
-        sKx, sKTy = sKx + w * Kxn, sKTy + w * KTyn
-        sw = sw + w.squeeze(-1)
-        dx_l, dy_l = torch.where(u1, dx, dx_l), torch.where(u1, dy, dy_l)
-        dKx_l, dKTy_l = torch.where(u1, dKx, dKx_l), torch.where(u1, KTyn - KTy, dKTy_l)
-        x, y = torch.where(u1, xn, x), torch.where(u1, yn, y)
-        Kx, KTy = torch.where(u1, Kxn, Kx), torch.where(u1, KTyn, KTy)
-        eta = torch.where(active, eta_new, eta)
-        iters = iters + active.to(torch.int64)
-        since = since + upd.to(dtype)
-        total = total + upd.to(dtype)
+            u1 = upd.unsqueeze(-1)
+            w = torch.where(u1, eta.unsqueeze(-1), 0.0)
+            sw = sw + w.squeeze(-1)
+            x, y = torch.where(u1, xn, x), torch.where(u1, yn, y)
+            Kx, KTy = torch.where(u1, Kxn, Kx), torch.where(u1, KTyn, KTy)
+            if adaptive:
+                eta = torch.where(active, eta_new, eta)
+            iters = iters + active.to(torch.int64)
+            since = since + upd.to(dtype)
+            total = total + upd.to(dtype)
+        sx.addcmul_(w, xn)
+        sy.addcmul_(w, yn)
+        sKx.addcmul_(w, Kxn)
+        sKTy.addcmul_(w, KTyn)
         last = it == max_iter - 1
         if not last and (check is None or (it + 1) % check != 0):
             continue
@@ -376,8 +393,9 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
         done_status = torch.where(nonfin, torch.full_like(done_status, int(Status.NONFINITE)), done_status)
         active = active & ~newly & ~nonfin
         if mode == "optimize" and not first_check:
-            inf_p, inf_d = _infeasibility(sc, data, cfg, eq, [(dy_l, dKTy_l), (y - y_c, KTy - KTy_c)],
-                                          [(dx_l, dKx_l), (x - x_c, Kx - Kx_c)])
+            assert dx is not None and dy is not None and dKx is not None and dKTy is not None
+            inf_p, inf_d = _infeasibility(sc, data, cfg, eq, [(dy, dKTy), (y - y_c, KTy - KTy_c)],
+                                          [(dx, dKx), (x - x_c, Kx - Kx_c)])
             inf_p, inf_d = inf_p & active, inf_d & active & ~inf_p
             done_status = torch.where(inf_p, torch.full_like(done_status, int(Status.INFEASIBLE)), done_status)
             done_status = torch.where(inf_d, torch.full_like(done_status, int(Status.UNBOUNDED)), done_status)

@@ -30,6 +30,8 @@ References:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -56,12 +58,17 @@ class LinOp:
         else:
             self.K = K
             self.m, self.n = K.shape[-2], K.shape[-1]
+            if K.shape[0] == 1:
+                self.K0, self.K0T = K[0], K[0].T.contiguous()
 
     def _build(self) -> None:
         idx = torch.stack([self.rows, self.cols])
         shape = (self.m, self.n)
-        self.Kc = torch.sparse_coo_tensor(idx, self.values, shape).coalesce().to_sparse_csr()
-        self.Ktc = torch.sparse_coo_tensor(idx.flip(0), self.values, shape[::-1]).coalesce().to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            self.Kc = torch.sparse_coo_tensor(idx, self.values, shape, check_invariants=False).coalesce().to_sparse_csr()
+            self.Ktc = torch.sparse_coo_tensor(idx.flip(0), self.values, shape[::-1],
+                                               check_invariants=False).coalesce().to_sparse_csr()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,7 +83,7 @@ class LinOp:
         if self.sparse:
             return (self.Kc @ x.T).T
         if self.K.shape[0] == 1:
-            return x @ self.K[0].T
+            return x @ self.K0T
         return (self.K @ x.unsqueeze(-1)).squeeze(-1)
 
     def rmv(self, y: Tensor) -> Tensor:
@@ -84,7 +91,7 @@ class LinOp:
         if self.sparse:
             return (self.Ktc @ y.T).T
         if self.K.shape[0] == 1:
-            return y @ self.K[0]
+            return y @ self.K0
         return (self.K.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1)
 
     def abs_stats(self, kind: str) -> tuple[Tensor, Tensor]:

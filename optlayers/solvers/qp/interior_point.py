@@ -49,7 +49,7 @@ import torch
 
 from ..._result import Result, Status, raise_if_failed, register_aux
 from ._data import QPData, prepare_qp
-from .kkt import bmtv, bmv, factor_kkt, solve_kkt
+from .kkt import bmtv, bmv, factor_kkt, kkt_constant, solve_kkt
 
 __all__ = ["InteriorPoint", "QPAux", "solve_qp"]
 
@@ -187,7 +187,7 @@ class InteriorPoint:
         rtol = self.tolerance(dtype)
         atol = _tol(dtype, self.atol, 1e-12, 1e-6)
         eps_inf = _tol(dtype, self.infeasibility_tol, 1e-9, 1e-5)
-        reg = _tol(dtype, self.regularization, 1e-11, 1e-6)
+        reg = _tol(dtype, self.regularization, 1e-8, 1e-4)
         floor = atol / rtol if rtol > 0 else 0.0
         tiny = torch.finfo(dtype).tiny
         Qd, pd, Ad, bd, Gd, hd = d.Q, d.p, d.A, d.b, d.G, d.h
@@ -210,7 +210,8 @@ class InteriorPoint:
         norm_p = _amax(pd).expand(Bn)
         norm_bh = torch.maximum(_amax(bd).expand(Bn), _amax(hd).expand(Bn))
 
-        x, y, z, s, tau, kappa = self._initial_point(Qd, pd, Ad, bd, Gd, hd, Bn, delta, init)
+        H0 = kkt_constant(Qd, Ad, delta)
+        x, y, z, s, tau, kappa = self._initial_point(Qd, pd, Ad, bd, Gd, hd, Bn, delta, H0, init)
 
         done = ~finite
         status = torch.where(finite, torch.full((Bn,), int(Status.MAX_ITER), dtype=torch.int64, device=device),
@@ -278,7 +279,7 @@ class InteriorPoint:
             active = ~done
             mu = (_dot(s, z) + tau * kappa) / (m + 1)
             w = s / z
-            f = factor_kkt(Qd, Ad, Gd, w, delta, retry=self.check_every is not None)
+            f = factor_kkt(Qd, Ad, Gd, w, delta, retry=self.check_every is not None, H0=H0)
             Qxi = Qx / tc
             c_x = pd + 2.0 * Qxi
             xiQxi = xQx / t1 ** 2
@@ -350,7 +351,7 @@ class InteriorPoint:
                       aux=QPAux(ineq_dual=finish(z), eq_dual=finish(y), slack=finish(s)))
 
     def _initial_point(self, Q: torch.Tensor, p: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
-                       G: torch.Tensor, h: torch.Tensor, Bn: int, delta: torch.Tensor,
+                       G: torch.Tensor, h: torch.Tensor, Bn: int, delta: torch.Tensor, H0: torch.Tensor,
                        init: Result | torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         dtype, device = Q.dtype, Q.device
         n, ne, m = p.shape[-1], b.shape[-1], h.shape[-1]
@@ -378,7 +379,7 @@ class InteriorPoint:
                 return x, y, z, s, one.clone(), one.clone()
         # Cold start: solve K(W = I) [x; y; z] = [-p; b; h], then shift (s, z) into the cone.
         w = torch.ones(Bn, m, dtype=dtype, device=device)
-        f = factor_kkt(Q, A, G, w, delta, retry=self.check_every is not None)
+        f = factor_kkt(Q, A, G, w, delta, retry=self.check_every is not None, H0=H0)
         x, y, zz = solve_kkt(f, -p.expand(Bn, n), b.expand(Bn, ne), h.expand(Bn, m), refine=self.refine)
         s = -zz
         z = zz.clone()

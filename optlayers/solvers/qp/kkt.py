@@ -14,12 +14,13 @@ inequality dual),
 
     K = \begin{bmatrix} Q & A^\top & G^\top \\ A & 0 & 0 \\ G & 0 & -W \end{bmatrix}.
 
-:func:`factor_kkt` eliminates the inequality block and the equality block (two batched
-Cholesky factorizations: :math:`H = Q + G^\top W^{-1} G + \delta I = LL^\top` and the Schur
-complement :math:`S = A H^{-1} A^\top + \delta I`), with a small static regularization
-:math:`\delta` that makes both factorizations exist for PSD ``Q``, rank-deficient ``A`` and a
-vanishing ``W``; :func:`solve_kkt` then removes the regularization's error by iterative
-refinement against the unregularized :math:`K` (:func:`kkt_matvec`).
+:func:`factor_kkt` regularizes :math:`K` (quasi-definite form: :math:`+\delta` on the first
+block, :math:`-\delta` on the other two) and eliminates both constraint blocks, leaving one
+batched Cholesky factorization of
+:math:`H = Q + \delta I + G^\top (W + \delta I)^{-1} G + A^\top A/\delta = LL^\top`, which
+exists for PSD ``Q``, rank-deficient ``A`` and a vanishing ``W`` (LPs included);
+:func:`solve_kkt` then removes the regularization's error by iterative refinement against the
+unregularized :math:`K` (:func:`kkt_matvec`).
 
 All tensors are *flat-batched*: a leading dimension ``B`` (or ``1`` for data shared by the
 whole batch, which broadcasts); vectors are ``(B, k)``. Multiple right-hand sides are stacked
@@ -32,7 +33,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["KKTFactor", "factor_kkt", "solve_kkt", "kkt_matvec", "bmv", "bmtv"]
+__all__ = ["KKTFactor", "kkt_constant", "factor_kkt", "solve_kkt", "kkt_matvec", "bmv", "bmtv"]
 
 
 def bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -68,12 +69,10 @@ class KKTFactor:
     Attributes:
         Q, A, G: The data, ``(B|1, n, n)``, ``(B|1, p, n)``, ``(B|1, m, n)``.
         w: ``(B, m)`` the diagonal ``W`` of the unregularized system.
-        d: ``(B, m)`` ``1 / (W + δ)``, the elimination weights.
-        L: ``(B, n, n)`` Cholesky factor of ``H``.
-        M: ``(B, n, p)`` ``L⁻¹ Aᵀ``.
-        LS: ``(B, p, p)`` Cholesky factor of ``S``.
+        d: ``(B, m)`` ``1 / (W + δ)``, the inequality elimination weights.
+        L: ``(B, n, n)`` Cholesky factor of ``H = Q + Gᵀ D G + Aᵀ A / δ + δ I``.
         delta: ``(B, 1)`` the static regularization.
-        ok: ``(B,)`` bool, False where a factorization failed (non-finite data).
+        ok: ``(B,)`` bool, False where the factorization failed (non-finite data).
     """
 
     Q: torch.Tensor
@@ -82,42 +81,54 @@ class KKTFactor:
     w: torch.Tensor
     d: torch.Tensor
     L: torch.Tensor
-    M: torch.Tensor
-    LS: torch.Tensor
     delta: torch.Tensor
     ok: torch.Tensor
 
 
 def _safe_cholesky(H: torch.Tensor, delta: torch.Tensor, retry: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched Cholesky; elements that fail are retried once with a 1e4× larger ridge.
+    """Batched Cholesky; elements that fail are retried once with a larger ridge.
 
     Returns the factor (identity where it still failed, so solves stay finite) and an ok mask.
     """
     L, info = torch.linalg.cholesky_ex(H)
     ok = info == 0
+    if H.shape[-1] == 0:
+        return L, ok
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     if retry and not bool(ok.all()):
-        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-        H2 = H + (1e4 * delta).unsqueeze(-1) * eye
-        L2, info2 = torch.linalg.cholesky_ex(H2)
+        ridge = torch.maximum(1e4 * delta, 1e3 * torch.finfo(H.dtype).eps * H.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True))
+        L2, info2 = torch.linalg.cholesky_ex(H + ridge.unsqueeze(-1) * eye)
         L = torch.where(ok[:, None, None], L, L2)
         ok = ok | (info2 == 0)
-    if H.shape[-1]:
-        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-        L = torch.where(ok[:, None, None] & torch.isfinite(L).all(-1).all(-1)[:, None, None], L, eye)
-    return L, ok
+    ok = ok & torch.isfinite(L).flatten(1).all(-1)
+    return torch.where(ok[:, None, None], L, eye), ok
+
+
+def kkt_constant(Q: torch.Tensor, A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The part of ``H`` that does not change between interior-point iterations."""
+    H0 = Q + delta.unsqueeze(-1) * torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    if A.shape[-2]:
+        H0 = H0 + (A.transpose(-1, -2) @ A) / delta.unsqueeze(-1)
+    return H0
 
 
 def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tensor,
-               delta: torch.Tensor, *, retry: bool = True) -> KKTFactor:
+               delta: torch.Tensor, *, retry: bool = True, H0: torch.Tensor | None = None) -> KKTFactor:
     """Factor the regularized KKT matrix for a batch.
+
+    The regularized system replaces the zero block by ``-δ I`` and ``W`` by ``W + δ I`` and adds
+    ``δ I`` to ``Q``; eliminating both constraint blocks leaves one Cholesky factorization of
+    ``H = Q + δ I + Gᵀ (W + δ I)⁻¹ G + Aᵀ A / δ``, which is positive definite for any PSD ``Q``
+    and any ``A`` (rank-deficient included).
 
     Args:
         Q: ``(B|1, n, n)`` symmetric PSD.
         A: ``(B|1, p, n)`` equality constraints (``p`` may be 0).
         G: ``(B|1, m, n)`` inequality constraints (``m`` may be 0).
         w: ``(B, m)`` positive diagonal ``W``.
-        delta: ``(B, 1)`` static regularization added to ``H``, ``W`` and the equality block.
+        delta: ``(B, 1)`` static regularization.
         retry: Retry failed Cholesky factorizations with a larger ridge (a host sync).
+        H0: The constant part ``Q + δ I + Aᵀ A / δ`` when precomputed (:func:`kkt_constant`).
 
     Returns:
         The :class:`KKTFactor`.
@@ -125,33 +136,24 @@ def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tenso
     B = w.shape[0]
     n = Q.shape[-1]
     d = 1.0 / (w + delta)
-    GtD = G.transpose(-1, -2) * d.unsqueeze(-2)  # (B, n, m)
-    H = Q + GtD @ G
-    H = H + delta.unsqueeze(-1) * torch.eye(n, dtype=w.dtype, device=w.device)
-    H = 0.5 * (H + H.transpose(-1, -2))
+    if H0 is None:
+        H0 = kkt_constant(Q, A, delta)
+    H = H0 + (G.transpose(-1, -2) * d.unsqueeze(-2)) @ G
     if H.shape[0] != B:
         H = H.expand(B, n, n)
     L, ok = _safe_cholesky(H, delta, retry)
-    At = A.transpose(-1, -2).expand(B, n, A.shape[-2])
-    M = torch.linalg.solve_triangular(L, At, upper=False)
-    p_ = A.shape[-2]
-    S = M.transpose(-1, -2) @ M + delta.unsqueeze(-1) * torch.eye(p_, dtype=w.dtype, device=w.device)
-    LS, okS = _safe_cholesky(S, delta, retry)
-    return KKTFactor(Q=Q, A=A, G=G, w=w, d=d, L=L, M=M, LS=LS, delta=delta, ok=ok & okS)
+    return KKTFactor(Q=Q, A=A, G=G, w=w, d=d, L=L, delta=delta, ok=ok)
 
 
 def _solve_regularized(f: KKTFactor, rx: torch.Tensor, ry: torch.Tensor,
                        rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One solve with the regularized factorization; right-hand sides ``(B, k, r)``."""
-    rxt = rx + bmtv(f.G, f.d.unsqueeze(-1) * rz)
-    a = torch.linalg.solve_triangular(f.L, rxt, upper=False)
+    dl = f.delta.unsqueeze(-1)
+    rhs = rx + bmtv(f.G, f.d.unsqueeze(-1) * rz)
     if f.A.shape[-2]:
-        rhs = f.M.transpose(-1, -2) @ a - ry
-        dy = torch.cholesky_solve(rhs, f.LS)
-        a = a - f.M @ dy
-    else:
-        dy = ry
-    dx = torch.linalg.solve_triangular(f.L.transpose(-1, -2), a, upper=True)
+        rhs = rhs + bmtv(f.A, ry) / dl
+    dx = torch.cholesky_solve(rhs, f.L)
+    dy = (bmv(f.A, dx) - ry) / dl
     dz = f.d.unsqueeze(-1) * (bmv(f.G, dx) - rz)
     return dx, dy, dz
 
