@@ -110,3 +110,66 @@ def run_bench(suites: list[str], *, full: bool = False, device: str = "cpu",
         json.dump(results, fh, indent=2, default=str)
     print(f"\nresults written to {json_path}")
     return 1 if failed else 0
+
+
+def time_median(fn: Any, repeats: int = 5, warmup: int = 1) -> tuple[float, Any]:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after ``warmup``); returns (seconds, last output)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2], out
+
+
+def rss_kb(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc/self/status, in kB (VmRSS now, VmHWM peak)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set (VmHWM) to the current one (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def isolated(path: str, case: str, *, repeats: int = 5, timeout: float = 1200, **kwargs: Any) -> dict[str, Any]:
+    """Measure one configuration in a fresh subprocess: median time and peak memory.
+
+    The benchmark file defines ``CASES[case](**kwargs) -> run`` (set-up done, returns a callable
+    that performs the measured work and returns a dict of extra fields, e.g. accuracy). Peak
+    memory is the growth of the child's peak resident set over its value after set-up.
+    """
+    import subprocess
+
+    code = (
+        "import json, resource, sys, importlib.util\n"
+        "from optlayers.bench import time_median\n"
+        f"spec = importlib.util.spec_from_file_location('bench_case', {path!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        f"run = mod.CASES[{case!r}](**json.loads(sys.argv[1]))\n"
+        "import gc; gc.collect()\n"
+        "from optlayers.bench import reset_peak_rss, rss_kb\n"
+        "reset_peak_rss(); base = rss_kb('VmRSS')\n"
+        f"t, out = time_median(run, repeats={repeats})\n"
+        "peak = rss_kb('VmHWM')\n"
+        "out = dict(out or {}); out.update(median_s=t, peak_mem_mb=max(peak - base, 0) / 1024)\n"
+        "print('RESULT' + json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
+                          timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    raise RuntimeError(f"benchmark case {case} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -50,9 +50,12 @@ def run(quick: bool, out: Path) -> StageResult:
     d = Xtr.shape[1]
     inner = make_inner(Xtr, ytr)
     solver = LBFGS()
+    # The finite-difference check needs inner solves far below its step (the problem is
+    # ill-conditioned: nearly separable data, tiny penalties).
+    tight_solver = LBFGS(rtol=1e-15, atol=1e-15, max_iter=3000)
 
-    def val_loss(log_lam: torch.Tensor, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        res = minimize(inner, w0, log_lam, solver=solver)
+    def val_loss(log_lam: torch.Tensor, w0: torch.Tensor, tight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        res = minimize(inner, w0, log_lam, solver=tight_solver if tight else solver)
         return logistic(res.solution, Xva, yva), res.solution.detach()
 
     # grid search over one shared penalty
@@ -61,7 +64,7 @@ def run(quick: bool, out: Path) -> StageResult:
     w0 = torch.zeros(d, dtype=DT)
     for g in progress(grid, desc="grid search"):
         loss, _ = val_loss(torch.full((d - 1,), float(g), dtype=DT), w0)
-        grid_losses.append(float(loss))
+        grid_losses.append(float(loss.detach()))
     best = int(torch.tensor(grid_losses).argmin())
     # hypergradient descent on all per-feature log-penalties, from the best grid point
     log_lam = torch.full((d - 1,), float(grid[best]), dtype=DT, requires_grad=True)
@@ -74,20 +77,20 @@ def run(quick: bool, out: Path) -> StageResult:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     final, w = val_loss(log_lam.detach(), w)
     history.append(float(final))
     # check the hypergradient against a central finite difference on one coordinate
     lam0 = log_lam.detach().clone().requires_grad_()
-    g_impl = torch.autograd.grad(val_loss(lam0, w)[0], lam0)[0]
-    h, j = 1e-5, int(g_impl.abs().argmax())
+    g_impl = torch.autograd.grad(val_loss(lam0, w, tight=True)[0], lam0)[0]
+    h, j = 1e-4, int(g_impl.abs().argmax())
     e = torch.zeros_like(lam0)
     e[j] = h
-    fd = (float(val_loss(lam0.detach() + e, w)[0]) - float(val_loss(lam0.detach() - e, w)[0])) / (2 * h)
+    fd = (float(val_loss(lam0.detach() + e, w, True)[0]) - float(val_loss(lam0.detach() - e, w, True)[0])) / (2 * h)
     fd_err = abs(float(g_impl[j]) - fd) / max(abs(fd), 1e-12)
     acc = lambda ww: float(((Xte @ ww > 0).to(DT) == yte).to(DT).mean())  # noqa: E731
     w_grid = val_loss(torch.full((d - 1,), float(grid[best]), dtype=DT), w0)[1]
-    passed = history[-1] <= grid_losses[best] + 1e-9 and fd_err < 1e-4
+    passed = history[-1] <= grid_losses[best] + 1e-9 and fd_err < 1e-6
     table = "\n".join([
         f"{'method':<28}{'val loss':>10}{'test acc':>10}",
         f"{'grid search (1 penalty)':<28}{grid_losses[best]:>10.4f}{acc(w_grid):>10.3f}",
@@ -118,5 +121,5 @@ def run(quick: bool, out: Path) -> StageResult:
         name="hypergradients",
         solved="per-feature L2 of logistic regression on breast cancer (implicit hypergradients)",
         result=f"val loss {grid_losses[best]:.4f} (grid) -> {history[-1]:.4f}",
-        check=f"val loss <= best grid; hypergradient vs finite difference rel. err {fd_err:.1e} < 1e-4",
+        check=f"val loss <= best grid; hypergradient vs finite difference rel. err {fd_err:.1e} < 1e-6",
         passed=passed, figures=figures, table=table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import scipy.optimize as so
@@ -73,18 +75,22 @@ class Root:
 
 
 class Fit:
-    """Exponential fit ``r(z) = z₀ exp(z₁ t) + z₂ - y`` (m = 10, n = 3)."""
+    """Gaussian-bump fit ``r(z) = z₀ exp(-(t - z₁)²) + z₂ - y`` (m = 10, n = 3)."""
 
-    t = torch.linspace(0, 1, 10, dtype=torch.float64)
+    t = torch.linspace(-2, 2, 10, dtype=torch.float64)
 
     def __init__(self, dtype: torch.dtype, noise: float = 0.05, idx: list[int] | None = None):
-        ztrue = torch.tensor([[2.0, -1.0, 0.5], [1.0, -2.0, 0.1], [3.0, -1.5, -0.3]], dtype=torch.float64)
-        y = ztrue[:, :1] * torch.exp(ztrue[:, 1:2] * self.t) + ztrue[:, 2:] + noise * _rand(B, 10, seed=3)
+        ztrue = torch.tensor([[2.0, 0.3, 0.5], [1.0, -0.5, 0.1], [3.0, 0.0, -0.3]], dtype=torch.float64)
+        y = self.model(ztrue, self.t) + noise * _rand(B, 10, seed=3)
         idx = list(range(B)) if idx is None else idx
         self.y, self.ztrue, self.tt = y[idx].to(dtype), ztrue[idx].to(dtype), self.t.to(dtype)
 
+    @staticmethod
+    def model(z, t):
+        return z[:, :1] * torch.exp(-((t - z[:, 1:2]) ** 2)) + z[:, 2:]
+
     def r(self, z: torch.Tensor) -> torch.Tensor:
-        return z[:, :1] * torch.exp(z[:, 1:2] * self.tt) + z[:, 2:] - self.y
+        return self.model(z, self.tt) - self.y
 
     def z0(self) -> torch.Tensor:
         return torch.tensor([[1.0, 0.0, 0.0]] * self.y.shape[0], dtype=self.y.dtype)
@@ -92,10 +98,18 @@ class Fit:
     def scipy(self) -> np.ndarray:
         t = self.t.numpy()
         return np.stack([
-            so.least_squares(lambda x, yi=yi: x[0] * np.exp(x[1] * t) + x[2] - yi, z0, xtol=1e-15, ftol=1e-15,
-                             gtol=1e-15).x
+            so.least_squares(lambda x, yi=yi: x[0] * np.exp(-((t - x[1]) ** 2)) + x[2] - yi, z0, xtol=1e-15,
+                             ftol=1e-15, gtol=1e-15).x
             for yi, z0 in zip(self.y.double().numpy(), self.z0().double().numpy(), strict=True)
         ])
+
+
+def _scipy_rosenbrock(a: float, z0: np.ndarray) -> np.ndarray:
+    def fun(x):
+        return (a - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2, np.array(
+            [-2 * (a - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2), 200 * (x[1] - x[0] ** 2)])
+
+    return so.minimize(fun, z0, jac=True, method="BFGS", options={"gtol": 1e-10}).x
 
 
 def rosenbrock(a: torch.Tensor, b: float = 100.0):
@@ -161,7 +175,8 @@ def test_picard_and_anderson_on_contraction(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("solver", [GradientDescent(), LBFGS(), LBFGS(line_search="armijo")], ids=str)
+@pytest.mark.parametrize("solver", [GradientDescent(), GradientDescent(step=0.1), LBFGS(), LBFGS(line_search="armijo")],
+                         ids=str)
 def test_minimize_quadratic(solver, dtype):
     p = Root(dtype)
     res = solver.run_minimize(p.f, p.z0())
@@ -176,9 +191,7 @@ def test_lbfgs_rosenbrock(line_search, dtype):
     z0 = torch.tensor([[-1.2, 1.0], [0.0, 0.0], [2.0, 2.0]], dtype=dtype)
     res = LBFGS(line_search=line_search).run_minimize(rosenbrock(a), z0)
     assert res.converged.all()
-    ref = np.stack([so.minimize(lambda x, ai=ai: (ai - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2, zi, method="BFGS",
-                                options={"gtol": 1e-12}).x for ai, zi in zip(a.double().numpy(), z0.double().numpy(),
-                                                                            strict=True)])
+    ref = np.stack([_scipy_rosenbrock(ai, zi) for ai, zi in zip(a.double().numpy(), z0.double().numpy(), strict=True)])
     closed = torch.stack([a, a**2], -1)
     torch.testing.assert_close(res.solution, closed, atol=10 * acc(dtype), rtol=0)
     np.testing.assert_allclose(res.solution.double().numpy(), ref, atol=max(1e-6, 10 * acc(dtype)))
@@ -186,25 +199,36 @@ def test_lbfgs_rosenbrock(line_search, dtype):
 
 def test_gradient_descent_mild_rosenbrock():
     a = torch.tensor([1.0, 1.5, 0.5], dtype=torch.float64)
-    res = GradientDescent(rtol=1e-8).run_minimize(rosenbrock(a, b=2.0), torch.zeros(B, 2, dtype=torch.float64))
+    res = GradientDescent().run_minimize(rosenbrock(a, b=2.0), torch.zeros(B, 2, dtype=torch.float64))
     assert res.converged.all()
-    torch.testing.assert_close(res.solution, torch.stack([a, a**2], -1), atol=1e-7, rtol=0)
-    fixed = GradientDescent(step=0.05, rtol=1e-8).run_minimize(rosenbrock(a, b=2.0), torch.zeros(B, 2, dtype=torch.float64))
-    torch.testing.assert_close(fixed.solution, res.solution, atol=1e-7, rtol=0)
+    torch.testing.assert_close(res.solution, torch.stack([a, a**2], -1), atol=1e-8, rtol=0)
+
+
+@functools.lru_cache
+def _lasso_reference(lam: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Lasso data and exact solutions: ISTA finds the support, a linear solve on it the values."""
+    A, b = _rand(B, 30, 5, seed=4) / 30**0.5, _rand(B, 30, seed=5) / 30**0.5
+    An, bn, ref = A.numpy(), b.numpy(), []
+    for i in range(B):
+        L, x = np.linalg.norm(An[i], 2) ** 2, np.zeros(5)
+        for _ in range(3000):
+            v = x - An[i].T @ (An[i] @ x - bn[i]) / L
+            x = np.sign(v) * np.maximum(np.abs(v) - lam / L, 0)
+        S, sign = np.abs(x) > 1e-8, np.sign(x)
+        x = np.zeros(5)
+        x[S] = np.linalg.solve(An[i][:, S].T @ An[i][:, S], An[i][:, S].T @ bn[i] - lam * sign[S])
+        g = An[i].T @ (An[i] @ x - bn[i])  # KKT: g_S = -λ sign(x_S), |g_i| <= λ off the support
+        assert np.allclose(g[S], -lam * sign[S], atol=1e-12) and (np.abs(g[~S]) <= lam).all()
+        ref.append(x)
+    return A, b, np.stack(ref)
 
 
 def _lasso(dtype):
-    A, b, lam = _rand(B, 12, 5, seed=4), _rand(B, 12, seed=5), 0.3
+    lam = 0.05
+    A, b, ref = _lasso_reference(lam)
     f = lambda z: 0.5 * ((A.to(dtype) @ z.unsqueeze(-1)).squeeze(-1) - b.to(dtype)).pow(2).sum(-1)  # noqa: E731
     soft = lambda v, eta: torch.sign(v) * (v.abs() - lam * eta).clamp_min(0)  # noqa: E731
-    An, bn, ref = A.numpy(), b.numpy(), []
-    for i in range(B):  # a long ISTA run in numpy (strongly convex: converges to machine precision)
-        L, x = np.linalg.norm(An[i], 2) ** 2, np.zeros(5)
-        for _ in range(20000):
-            v = x - An[i].T @ (An[i] @ x - bn[i]) / L
-            x = np.sign(v) * np.maximum(np.abs(v) - lam / L, 0)
-        ref.append(x)
-    return f, soft, np.stack(ref)
+    return f, soft, ref
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -242,7 +266,7 @@ def test_least_squares_vs_scipy(solver, dtype):
     p = Fit(dtype)
     res = solver.run_least_squares(p.r, p.z0())
     assert res.converged.all() and (res.status == Status.SUCCESS).all()
-    np.testing.assert_allclose(res.solution.double().numpy(), p.scipy(), atol=1e-6 if dtype == torch.float64 else 1e-3)
+    np.testing.assert_allclose(res.solution.double().numpy(), p.scipy(), atol=10 * acc(dtype))
     exact = Fit(dtype, noise=0.0)  # zero residual: converged by ‖r‖ <= atol, solution exact
     res = solver.run_least_squares(exact.r, exact.z0())
     assert res.converged.all()
@@ -259,7 +283,7 @@ def test_per_element_independence(kind, solver):
     alone = run(solver, _make(kind, torch.float64, idx=[1, 2]), z0[1:])
     torch.testing.assert_close(res.solution[1:], alone.solution, atol=1e-13, rtol=0)
     assert torch.equal(res.iterations[1:], alone.iterations)
-    assert res.converged.all()
+    assert res.converged[1:].all()
 
 
 @pytest.mark.parametrize(("kind", "solver"), ALL, ids=IDS)
@@ -284,13 +308,22 @@ def test_max_iter_one(kind, solver):
 def test_check_every_none_runs_exactly_max_iter(kind, solver):
     p = _make(kind, torch.float64)
     ref = run(solver, p)
-    max_iter = int(ref.iterations.max()) + 3
+    # One line-search trial per iteration without synchronisation: allow for rejected trials.
+    max_iter = 2 * int(ref.iterations.max()) + 10
     fixed = run(type(solver)(**{**_fields(solver), "max_iter": max_iter, "check_every": None}), p)
     assert (fixed.iterations == max_iter).all()
     assert fixed.converged.all() and (fixed.status == Status.SUCCESS).all()
     torch.testing.assert_close(fixed.solution, ref.solution, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize(("kind", "solver"), [ALL[0], ALL[4], ALL[6], ALL[11]], ids=str)
+def test_check_every_k_checks_periodically(kind, solver):
+    p = _make(kind, torch.float64)
+    ref = run(solver, p)
     sparse = run(type(solver)(**{**_fields(solver), "check_every": 4}), p)
     assert sparse.converged.all()
+    assert torch.equal(sparse.iterations, ref.iterations)  # frozen per element at convergence
+    torch.testing.assert_close(sparse.solution, ref.solution, atol=0, rtol=0)
 
 
 def _fields(solver) -> dict:

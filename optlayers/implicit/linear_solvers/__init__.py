@@ -90,5 +90,5 @@ def resolve_linear_solver(solver: LinearSolver | str) -> LinearSolver:
         if cls is not None:
             return cls()
         raise ValueError(f"unknown linear solver {solver!r}; valid names: {sorted(_NAMES)}")
-    raise ValueError(f"linear_solver must be a LinearSolver instance or one of the names "
+    raise ValueError(f"linear_solver must be a LinearSolver instance or a name; valid names: "
                      f"{sorted(_NAMES)}, got {solver!r}")

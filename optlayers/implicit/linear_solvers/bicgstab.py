@@ -29,7 +29,8 @@ _State = dict[str, torch.Tensor]
 def _init(r: torch.Tensor) -> _State:
     one = torch.ones(r.shape[:-1], dtype=r.dtype, device=r.device)
     zeros = torch.zeros_like(r)
-    return {"r": r, "rhat": r, "rho": one, "alpha": one, "omega": one, "v": zeros, "p": zeros}
+    return {"r": r, "rhat": r, "rho": one, "alpha": one, "omega": one, "v": zeros, "p": zeros,
+            "fresh": torch.ones_like(one, dtype=torch.bool)}
 
 
 def _merge(mask: torch.Tensor, new: _State, old: _State) -> _State:
@@ -55,8 +56,11 @@ class BiCGStab(LinearSolver):
     then ``x ← x + α p + ω s`` and ``r ← s − ω t``. The true residual is checked when the
     recurrence claims convergence, and the iteration restarts from ``x`` if they differ.
 
-    Failures: ``|ρ| ≤ ε ‖r̂‖ ‖r‖`` or ``|r̂ᵀ v| ≤ ε ‖r̂‖ ‖v‖`` (BiCG breakdown) or
-    ``|tᵀ s| ≤ ε ‖t‖ ‖s‖`` (``ω ≈ 0``) stop the element with ``BREAKDOWN``; no 1% improvement
+    Breakdowns: ``|ρ| ≤ ε ‖r̂‖ ‖r‖`` or ``|r̂ᵀ v| ≤ ε ‖r̂‖ ‖v‖`` (BiCG breakdown) restart the
+    element from the true residual with a fresh shadow ``r̂ = r``, and so does ``ω ≈ 0``
+    (``|tᵀ s| ≤ ε ‖t‖ ‖s‖``, after keeping the BiCG half step); a breakdown in the very first
+    step after a (re)start is genuine and stops the element with ``BREAKDOWN``. An element
+    that stops unconverged returns its best iterate. No 1% improvement
     of the best residual during ``max(50, min(2n, 1000))`` iterations gives ``STAGNATION``.
 
     Args:
@@ -70,8 +74,10 @@ class BiCGStab(LinearSolver):
         >>> import torch
         >>> from optlayers.implicit.linear_solvers import BiCGStab, LinearOperator
         >>> A = torch.tensor([[[2.0, 1.0], [0.0, 1.0]]], dtype=torch.float64)
-        >>> BiCGStab()(LinearOperator.from_dense(A), torch.ones(1, 2, dtype=torch.float64)).solution
-        tensor([[0., 1.]], dtype=torch.float64)
+        >>> b = torch.ones(1, 2, dtype=torch.float64)
+        >>> result = BiCGStab()(LinearOperator.from_dense(A), b)
+        >>> bool(result.converged.all()), torch.allclose(result.solution, torch.linalg.solve(A, b))
+        (True, True)
 
     References:
         van der Vorst, "Bi-CGSTAB: a fast and smoothly converging variant of Bi-CG for the
@@ -116,41 +122,43 @@ class BiCGStab(LinearSolver):
             v = A.matvec(p)
             den = dot(rhat, v)
             bad = bad | (active & ~(den.abs() > eps * _norm(rhat) * _norm(v)))
-            flag = torch.where(bad, brk, flag)
-            active = active & ~bad
-            alpha = rho / torch.where(active, den, one)
+            # A near-breakdown right after a (re)start is genuine; later ones restart with a
+            # fresh shadow residual r̂ = r.
+            genuine = bad & st["fresh"]
+            flag = torch.where(genuine, brk, flag)
+            active = active & ~genuine
+            soft = bad & ~genuine
+            go = active & ~soft
+            alpha = rho / torch.where(go, den, one)
             s = r - alpha.unsqueeze(-1) * v
             snorm = _norm(s)
-            half = active & (snorm <= tol)
+            half = go & (snorm <= tol)
             t = A.matvec(s)
             ts, tt = dot(t, s), dot(t, t)
-            tiny_omega = active & ~half & ~(ts.abs() > eps * tt.sqrt() * snorm)
-            full = active & ~half & ~tiny_omega
+            tiny_omega = go & ~half & ~(ts.abs() > eps * tt.sqrt() * snorm)  # ω ≈ 0: restart
+            full = go & ~half & ~tiny_omega
             omega = torch.where(full, ts / torch.where(full, tt, one), one)
             x_half = x + alpha.unsqueeze(-1) * p
             x = torch.where(full.unsqueeze(-1), x_half + omega.unsqueeze(-1) * s,
                             torch.where((half | tiny_omega).unsqueeze(-1), x_half, x))
             r_new = torch.where(full.unsqueeze(-1), s - omega.unsqueeze(-1) * t, s)
             new = {"r": r_new, "rhat": rhat, "rho": rho, "alpha": alpha, "omega": omega,
-                   "v": v, "p": p}
-            st = _merge(active, new, st)
-            rnorm = torch.where(active, _norm(st["r"]), rnorm)
+                   "v": v, "p": p, "fresh": torch.zeros_like(go)}
+            st = _merge(go, new, st)
+            rnorm = torch.where(go, _norm(st["r"]), rnorm)
             iters = iters + active.to(iters.dtype)
             k += 1
-            flag = torch.where(tiny_omega, brk, flag)  # the half step was kept; finish may clear it
 
-            claimed = active & (rnorm <= tol)
-            if bool(claimed.any()) or bool(tiny_omega.any()):
+            claimed = go & (rnorm <= tol)
+            again = soft | tiny_omega
+            if bool((claimed | again).any()):  # confirm with the true residual / restart
                 r_true = b - A.matvec(x)
                 tnorm = _norm(r_true)
-                ok = (claimed | tiny_omega) & (tnorm <= tol)
-                flag = torch.where(ok, torch.zeros_like(flag), flag)
-                active = active & ~ok & ~tiny_omega
-                restart = claimed & ~ok
+                ok = (claimed | again) & (tnorm <= tol)
+                active = active & ~ok
+                restart = (claimed | again) & ~ok
                 st = _merge(restart, _init(r_true), st)
-                rnorm = torch.where(restart | tiny_omega, tnorm, rnorm)
-            else:
-                active = active & ~tiny_omega
+                rnorm = torch.where(restart, tnorm, rnorm)
             better = active & (rnorm < r_best)
             x_best = torch.where(better.unsqueeze(-1), x, x_best)
             r_best = torch.where(better, rnorm, r_best)

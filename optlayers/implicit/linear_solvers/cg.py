@@ -42,7 +42,8 @@ class CG(LinearSolver):
     Failures are reported, never hidden: a curvature ``pᵀ A p ≤ ε ‖p‖² λ̂`` (``λ̂`` the largest
     Rayleigh quotient seen) stops the element with ``BREAKDOWN`` (``A`` is not positive
     definite); no 1% improvement of the best residual during ``max(50, min(2n, 1000))``
-    iterations gives ``STAGNATION``. ``A`` is assumed symmetric (the tag is not checked).
+    iterations gives ``STAGNATION``. An element that stops unconverged returns its best iterate
+    (smallest true residual). ``A`` is assumed symmetric (the tag is not checked).
 
     Args:
         rtol: Relative tolerance; None means 1e-12 in float64 and 1e-6 in float32.

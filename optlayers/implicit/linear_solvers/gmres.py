@@ -38,10 +38,12 @@ class GMRES(LinearSolver):
     from the current ``x`` with the true residual. Elements converge, stall or break down
     independently; those done mid-cycle stop extending their basis.
 
-    Failures: a triangular pivot ``|r_jj| ≤ n ε ‖H‖`` means the Krylov space is invariant and
-    ``A`` is singular on it (``b`` is not in the range): ``SINGULAR``. No 1% improvement of the
-    true residual during ``max(50, min(2n, 1000))`` iterations gives ``STAGNATION``. A singular
-    system is never reported as solved: convergence is decided on the true residual.
+    Failures, never silent (convergence is decided on the true residual): a triangular pivot
+    ``|r_jj| ≤ n ε ‖H‖``, or an invariant Krylov space (``h_{j+1,j} ≤ √ε ‖H‖``) whose last
+    pivot is noise as well, means ``A`` is singular on it (``b`` is not in the range):
+    ``SINGULAR``, and ``x`` is the least-squares iterate before that step. A cycle that
+    increases the true residual (round-off on an ill-conditioned system) is discarded and
+    gives ``STAGNATION``, as does no 1% improvement during ``max(50, min(2n, 1000))`` steps.
 
     Args:
         rtol: Relative tolerance; None means 1e-12 in float64 and 1e-6 in float32.
@@ -55,8 +57,10 @@ class GMRES(LinearSolver):
         >>> import torch
         >>> from optlayers.implicit.linear_solvers import GMRES, LinearOperator
         >>> A = torch.tensor([[[2.0, 1.0], [0.0, 1.0]]], dtype=torch.float64)
-        >>> GMRES()(LinearOperator.from_dense(A), torch.ones(1, 2, dtype=torch.float64)).solution
-        tensor([[0., 1.]], dtype=torch.float64)
+        >>> b = torch.ones(1, 2, dtype=torch.float64)
+        >>> result = GMRES()(LinearOperator.from_dense(A), b)
+        >>> bool(result.converged.all()), torch.allclose(result.solution, torch.linalg.solve(A, b))
+        (True, True)
 
     References:
         Saad & Schultz, "GMRES: a generalized minimal residual algorithm for solving
@@ -160,12 +164,12 @@ class GMRES(LinearSolver):
             g[j] = c * gj
             g.append(-s * gj)
             res = g[j + 1].abs()
-            V.append(torch.where(use.unsqueeze(-1), w / torch.where(use, hnext, one).unsqueeze(-1),
+            # Stop extending where converged, or where the next basis vector is not trustworthy.
+            inner = use & ~(res <= tol) & (hnext > n * eps * hnorm)
+            V.append(torch.where(inner.unsqueeze(-1), w / torch.where(inner, hnext, one).unsqueeze(-1),
                                  torch.zeros_like(w)))
             used = used + use.to(used.dtype)
             k += 1
-            # Stop extending where converged, or where the next basis vector is not trustworthy.
-            inner = use & ~(res <= tol) & (hnext > n * eps * hnorm)
             if self.callback is not None:
                 self.callback(k, torch.where(use, res, rnorm))
         J = len(cols)

@@ -56,11 +56,16 @@ class MINRES(LinearSolver):
     monotonically; the true residual is checked when it claims convergence (and the
     iteration restarts from ``x`` if round-off made them differ).
 
-    Failures: a (numerically) singular tridiagonal pivot ``γ ≤ ε ‖T‖`` stops the element with
-    ``SINGULAR`` (``b`` has a component outside the range of a singular ``A``); an exactly
-    vanishing Lanczos vector without convergence gives ``BREAKDOWN``; no 1% improvement during
-    ``max(50, min(2n, 1000))`` iterations gives ``STAGNATION``. ``A`` is assumed symmetric (the
-    tag is not checked).
+    When the Lanczos process finds an invariant subspace (``β_{k+1} ≤ √ε ‖T‖``) the iteration
+    restarts from the true residual; if the last pivot is tiny as well (``γ_k ≤ √ε ‖T‖`` or
+    ``γ_k < 2 β_{k+1}``: ``T_k`` is numerically singular) that step is skipped first.
+
+    Failures, never silent: the least-squares residual reached (``‖A r‖ ≤ n ε ‖T‖ ‖r‖``
+    estimated by ``hypot(γ̄, δ̄)``), a pivot ``γ ≤ n ε ‖T‖``, an estimated condition number
+    ``γ_max / γ_min ≥ 0.1 / ε``, or a singular pivot right after a restart stop the element
+    with ``SINGULAR`` (``b`` has a component outside the range of a singular ``A``); no 1%
+    improvement during ``max(50, min(2n, 1000))`` iterations gives ``STAGNATION``. ``A`` is
+    assumed symmetric (the tag is not checked).
 
     Args:
         rtol: Relative tolerance; None means 1e-12 in float64 and 1e-6 in float32.
@@ -133,42 +138,44 @@ class MINRES(LinearSolver):
             gmax = torch.where(active, torch.maximum(gmax, gamma), gmax)
             gmin = torch.where(active, torch.minimum(gmin, gamma), gmin)
             # Invariant Krylov space (β ≈ 0): the step is sound only if the last pivot is not
-            # noise too (sₖ = β/γ ≪ 1); afterwards restart from the true residual.
+            # tiny too (then T_k is singular: skip the step); afterwards restart from the true
+            # residual.
             exhausted = active & (beta <= sqrt_eps * anorm)
             singular = active & ~((gamma > n * eps * anorm) & (gmax < 0.1 / eps * gmin))  # also NaN
-            singular = singular | (exhausted & (beta > 0.5 * gamma))
+            noisy = exhausted & ((beta > 0.5 * gamma) | (gamma <= sqrt_eps * anorm))  # T_k singular
+            singular = singular | (noisy & st["first"])  # ... unless just restarted
             flag = torch.where(singular, torch.full_like(flag, int(Status.SINGULAR)), flag)
             active = active & ~singular
-            gamma = torch.where(active, gamma, one)
+            go = active & ~noisy
+            gamma = torch.where(go, gamma, one)
             cs_new, sn_new = gbar / gamma, beta / gamma
             phi = cs_new * st["phibar"]
             phibar = sn_new * st["phibar"]
             w = (v - st["epsln"].unsqueeze(-1) * st["w2"] - delta.unsqueeze(-1) * st["w"]) \
                 / gamma.unsqueeze(-1)
-            step = active.unsqueeze(-1)
+            step = go.unsqueeze(-1)
             x = torch.where(step, x + phi.unsqueeze(-1) * w, x)
             new = {"r1": st["r2"], "r2": y, "oldb": beta_old, "beta": beta, "dbar": dbar_new,
                    "epsln": epsln, "phibar": phibar, "cs": cs_new, "sn": sn_new, "w": w,
                    "w2": st["w"], "first": torch.zeros_like(active)}
-            st = _merge(active, new, st)
-            rnorm = torch.where(active, phibar, rnorm)
+            st = _merge(go, new, st)
+            rnorm = torch.where(go, phibar, rnorm)
             # ‖A r‖ / ‖r‖ ≈ hypot(γ̄, δ̄): r has (numerically) reached the null space of A,
             # i.e. x solves the least-squares problem but b is not in the range.
-            lsq = active & (torch.hypot(gbar, dbar_new) <= n * eps * anorm) & ~(rnorm <= tol)
+            lsq = go & (torch.hypot(gbar, dbar_new) <= n * eps * anorm) & ~(rnorm <= tol)
             iters = iters + active.to(iters.dtype)
             k += 1
 
-            claimed = active & (rnorm <= tol)
+            claimed = go & (rnorm <= tol)
             exhausted = exhausted & active
             if bool((claimed | exhausted).any()):  # confirm with the true residual / restart
                 r_true = b - A.matvec(x)
                 tnorm = torch.linalg.vector_norm(r_true, dim=-1)
                 ok = (claimed | exhausted) & (tnorm <= tol)
                 active = active & ~ok
-                restart = (claimed | exhausted) & ~ok
+                restart = (claimed | (exhausted & ~lsq)) & ~ok
                 st = _merge(restart, _init(r_true), st)
                 rnorm = torch.where(restart, tnorm, rnorm)
-                lsq = lsq & ~restart
             flag = torch.where(lsq, torch.full_like(flag, int(Status.SINGULAR)), flag)
             active = active & ~lsq
             best, count = stall_update(rnorm, best, count, active)

@@ -39,7 +39,8 @@ class Neumann(LinearSolver):
         alpha: Step size ``α > 0``.
         ridge: Tikhonov shift added to ``A``.
         rtol: Relative tolerance of the acceptance test, or None (see above).
-        callback: Called after every term with ``(k, ‖r_k‖)``, shape ``(B,)`` (costs a norm).
+        callback: Called with ``(k, ‖r_k‖)``, ``r_k`` the residual after ``k`` terms, shape
+            ``(B,)`` (costs a norm).
 
     Example:
         >>> import torch
@@ -80,7 +81,7 @@ class Neumann(LinearSolver):
         for k in range(1, self.terms):
             term = term - alpha * A.matvec(term)
             total = total + term
-            if self.callback is not None:  # r_k = r0 − A·total = term_k / α
+            if self.callback is not None:  # residual after k terms: (I − αA)^k r0 = term_k / α
                 self.callback(k, torch.linalg.vector_norm(term, dim=-1) / alpha)
         x = torch.where(live, x + total, x)
         if self.rtol is None:

@@ -61,8 +61,10 @@ class NormalCG(LinearSolver):
         >>> import torch
         >>> from optlayers.implicit.linear_solvers import NormalCG, LinearOperator
         >>> A = torch.tensor([[[2.0, 1.0], [0.0, 1.0]]], dtype=torch.float64)
-        >>> NormalCG()(LinearOperator.from_dense(A), torch.ones(1, 2, dtype=torch.float64)).solution
-        tensor([[0., 1.]], dtype=torch.float64)
+        >>> b = torch.ones(1, 2, dtype=torch.float64)
+        >>> result = NormalCG()(LinearOperator.from_dense(A), b)
+        >>> bool(result.converged.all()), torch.allclose(result.solution, torch.linalg.solve(A, b))
+        (True, True)
 
     References:
         Hestenes & Stiefel (1952), §10; Björck, "Numerical Methods for Least Squares Problems",

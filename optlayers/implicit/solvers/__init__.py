@@ -8,16 +8,8 @@ Root finding (``run_root``): :class:`Newton`, :class:`Broyden`. Fixed points
 convergence and return a flat :class:`~optlayers.Result`.
 """
 
-from ._base import (
-    Callback,
-    IterativeSolver,
-    Tracker,
-    batched_jacobian,
-    batched_value_and_grad,
-    default_tol,
-    line_search,
-    solve_or_pinv,
-)
+from ._base import Callback, IterativeSolver, Tracker, default_tol
+from ._steps import batched_jacobian, batched_value_and_grad, line_search, solve_or_pinv
 from .anderson import Anderson
 from .broyden import Broyden
 from .gauss_newton import GaussNewton

@@ -7,7 +7,8 @@ import dataclasses
 import torch
 
 from ..._result import Result
-from ._base import Callback, Fn, IterativeSolver, check_iterate, check_output, masked, solve_or_pinv
+from ._base import Callback, Fn, IterativeSolver, check_iterate, check_output, masked
+from ._steps import solve_or_pinv
 
 __all__ = ["Anderson"]
 
@@ -62,14 +63,10 @@ class Anderson(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"Anderson: memory must be an int >= 1, got {self.memory!r}")
-        self._positive("mixing", upper=1.0)
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) \
-                or not 0 <= self.ridge < float("inf"):
-            raise ValueError(f"Anderson: ridge must be a finite float >= 0, got {self.ridge!r}")
-        if not isinstance(self.safeguard, bool):
-            raise ValueError(f"Anderson: safeguard must be a bool, got {self.safeguard!r}")
+        self._check("memory", int, low=1)
+        self._check("mixing", float, low=0.0, strict=True, upper=1.0)
+        self._check("ridge", float, low=0.0)
+        self._check("safeguard", bool)
 
     def _accelerate(self, z: torch.Tensor, f: torch.Tensor, zs: list[torch.Tensor],
                     fs: list[torch.Tensor], sync: bool) -> torch.Tensor:

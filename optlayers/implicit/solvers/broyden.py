@@ -7,18 +7,8 @@ import dataclasses
 import torch
 
 from ..._result import Result
-from ._base import (
-    Callback,
-    Fn,
-    IterativeSolver,
-    batched_jacobian,
-    check_iterate,
-    check_output,
-    line_search,
-    masked,
-    merit,
-    solve_or_pinv,
-)
+from ._base import Callback, Fn, IterativeSolver, check_iterate, check_output, masked
+from ._steps import batched_jacobian, line_search, merit, solve_or_pinv
 
 __all__ = ["Broyden"]
 
@@ -76,7 +66,7 @@ class Broyden(IterativeSolver):
         super().__post_init__()
         if self.init not in _INITS:
             raise ValueError(f"Broyden: init must be one of {_INITS}, got {self.init!r}")
-        self._positive("init_scale")
+        self._check("init_scale", float, low=0.0, strict=True)
 
     def _initial(self, F: Fn, z: torch.Tensor, sync: bool) -> torch.Tensor:
         B, n = z.shape

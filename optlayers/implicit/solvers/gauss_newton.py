@@ -7,17 +7,8 @@ import dataclasses
 import torch
 
 from ..._result import Result
-from ._base import (
-    Callback,
-    Fn,
-    IterativeSolver,
-    batched_jacobian,
-    check_iterate,
-    line_search,
-    masked,
-    merit,
-    solve_or_pinv,
-)
+from ._base import Callback, Fn, IterativeSolver, check_iterate, masked
+from ._steps import batched_jacobian, line_search, merit, solve_or_pinv
 
 __all__ = ["GaussNewton"]
 
@@ -75,15 +66,14 @@ class GaussNewton(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.line_search, bool):
-            raise ValueError(f"GaussNewton: line_search must be a bool, got {self.line_search!r}")
+        self._check("line_search", bool)
 
     def run_least_squares(self, r: Fn, z0: torch.Tensor, *,
                           callback: Callback | None = None) -> Result:
         """Minimise ``½‖r(z)‖²`` from ``z0`` (B, n); returns a flat :class:`Result`."""
         z = check_iterate(z0)
         rz, J, g = linearize(r, z)
-        m, atol = rz.shape[1], self._atol(z.dtype)
+        m, atol = rz.shape[1], self.tolerances(z.dtype)[1]
 
         def small(res: torch.Tensor) -> torch.Tensor:
             return torch.linalg.vector_norm(res, dim=-1) <= atol

@@ -7,15 +7,8 @@ import dataclasses
 import torch
 
 from ..._result import Result
-from ._base import (
-    Callback,
-    Fn,
-    IterativeSolver,
-    batched_value_and_grad,
-    check_iterate,
-    line_search,
-    masked,
-)
+from ._base import Callback, Fn, IterativeSolver, check_iterate, masked
+from ._steps import batched_value_and_grad, line_search
 from .proximal_gradient import FlatProx, ProximalGradient
 
 __all__ = ["GradientDescent"]
@@ -30,9 +23,10 @@ class GradientDescent(IterativeSolver):
 
     .. math:: z_{k+1} = z_k - t_k ∇f(z_k)
 
-    with ``t_k = step``, or, for ``step=None``, ``t_k`` from backtracking (halving, from 1, then
-    from the previous step, doubled when that was accepted at once) until
-    ``f(z_k - t ∇f) <= f(z_k) - 10⁻⁴ t ‖∇f(z_k)‖²``. An element whose backtracking fails
+    with ``t_k = step``, or, for ``step=None``, ``t_k`` from a backtracking line search (see
+    :func:`line_search`) from the Barzilai–Borwein trial step ``sᵀs / sᵀy`` of the last step
+    (1 at first) until the Armijo condition ``f(z_k - t ∇f) <= f(z_k) - 10⁻⁴ t ‖∇f(z_k)‖²``
+    holds, so the objective decreases monotonically. An element whose backtracking fails
     stops with ``STAGNATION``. With ``prox`` given to :meth:`run_minimize`, the iteration is
     the (unaccelerated) proximal gradient method of :class:`ProximalGradient`.
 
@@ -54,7 +48,8 @@ class GradientDescent(IterativeSolver):
         True
 
     References:
-        Nocedal & Wright, *Numerical Optimization*, 2nd ed., 2006, §3.1–3.2.
+        Nocedal & Wright, *Numerical Optimization*, 2nd ed., 2006, §3.1–3.2; J. Barzilai &
+        J. M. Borwein, "Two-point step size gradient methods", IMA J. Numer. Anal. 8, 1988.
     """
 
     step: float | None = None
@@ -62,7 +57,7 @@ class GradientDescent(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._positive("step", allow_none=True)
+        self._check("step", float, low=0.0, strict=True, allow_none=True)
 
     def run_minimize(self, f: Fn, z0: torch.Tensor, *, prox: FlatProx | None = None,
                      callback: Callback | None = None) -> Result:
@@ -76,7 +71,8 @@ class GradientDescent(IterativeSolver):
         fz, g = batched_value_and_grad(f, z)
         tr = self._tracker(torch.linalg.vector_norm(g, dim=-1), z.dtype, callback,
                            nonfinite=~torch.isfinite(z).all(-1) | ~torch.isfinite(fz))
-        t, grow = torch.ones_like(fz), torch.zeros_like(tr.active)
+        t = torch.ones_like(fz)
+        big = torch.finfo(z.dtype).max ** 0.5
 
         def evaluate(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return batched_value_and_grad(f, w)
@@ -84,12 +80,14 @@ class GradientDescent(IterativeSolver):
         for _ in tr:
             stalled = None
             if self.step is None:
-                t0 = torch.where(grow, 2 * t, t).clamp_max(torch.finfo(z.dtype).max ** 0.5)
-                step = line_search(evaluate, z, -g, fz, -(g * g).sum(-1), (fz, g), tr.active, t0=t0,
+                step = line_search(evaluate, z, -g, fz, -(g * g).sum(-1), (fz, g), tr.active, t0=t,
                                    has_grad=True, sync=tr.sync)
                 z_new, (f_new, g_new) = step.z, step.values
-                grow = step.ok & (step.t == t0)
-                t = torch.where(step.ok, step.t, step.t_retry)
+                # Next first trial: the Barzilai–Borwein step sᵀs / sᵀy (2t where sᵀy <= 0).
+                s, y = z_new - z, g_new - g
+                sy, ss = (s * y).sum(-1), (s * s).sum(-1)
+                bb = torch.where(sy > 0, ss / torch.where(sy > 0, sy, torch.ones_like(sy)), 2 * step.t)
+                t = torch.where(step.ok, bb.nan_to_num(1.0).clamp(torch.finfo(z.dtype).tiny, big), step.t_retry)
                 stalled = ~step.ok if tr.sync else None
             else:
                 z_new = z - self.step * g

@@ -7,15 +7,8 @@ import dataclasses
 import torch
 
 from ..._result import Result
-from ._base import (
-    Callback,
-    Fn,
-    IterativeSolver,
-    batched_value_and_grad,
-    check_iterate,
-    line_search,
-    masked,
-)
+from ._base import Callback, Fn, IterativeSolver, check_iterate, masked
+from ._steps import batched_value_and_grad, line_search
 
 __all__ = ["LBFGS"]
 
@@ -81,8 +74,7 @@ class LBFGS(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"LBFGS: memory must be an int >= 1, got {self.memory!r}")
+        self._check("memory", int, low=1)
         if self.line_search not in _LINE_SEARCHES:
             raise ValueError(f"LBFGS: line_search must be one of {_LINE_SEARCHES}, "
                              f"got {self.line_search!r}")

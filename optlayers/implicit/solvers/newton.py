@@ -7,18 +7,8 @@ import dataclasses
 import torch
 
 from ..._result import Result
-from ._base import (
-    Callback,
-    Fn,
-    IterativeSolver,
-    batched_jacobian,
-    check_iterate,
-    check_output,
-    line_search,
-    masked,
-    merit,
-    solve_or_pinv,
-)
+from ._base import Callback, Fn, IterativeSolver, check_iterate, check_output, masked
+from ._steps import batched_jacobian, line_search, merit, solve_or_pinv
 
 __all__ = ["Newton"]
 
@@ -66,8 +56,7 @@ class Newton(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.line_search, bool):
-            raise ValueError(f"Newton: line_search must be a bool, got {self.line_search!r}")
+        self._check("line_search", bool)
 
     def run_root(self, F: Fn, z0: torch.Tensor, *, callback: Callback | None = None) -> Result:
         """Solve ``F(z) = 0`` from ``z0`` (B, n); returns a flat :class:`Result`."""

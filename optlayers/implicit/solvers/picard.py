@@ -47,7 +47,7 @@ class Picard(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._positive("damping", upper=1.0)
+        self._check("damping", float, low=0.0, strict=True, upper=1.0)
 
     def run_fixed_point(self, T: Fn, z0: torch.Tensor, *,
                         callback: Callback | None = None) -> Result:

@@ -9,21 +9,27 @@ from typing import Any
 import torch
 
 from ..._result import Result
-from ._base import (
-    MAX_TRIALS,
-    Callback,
-    Fn,
-    IterativeSolver,
-    batched_value_and_grad,
-    check_iterate,
-    check_output,
-    masked,
-)
+from ._base import Callback, Fn, IterativeSolver, check_iterate, check_output, masked
+from ._steps import MAX_TRIALS, batched_value_and_grad
 
 __all__ = ["ProximalGradient", "ProjectedGradient", "FlatProx"]
 
 FlatProx = Callable[[torch.Tensor, Any], torch.Tensor]
 """``prox(z (B, n), step: float | Tensor (B, 1)) -> (B, n)``, the prox of ``step · g``."""
+
+
+def _upper_bound_holds(fc: torch.Tensor, gc: torch.Tensor, fy: torch.Tensor, gy: torch.Tensor,
+                       diff: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """The backtracking test ``f(z⁺) <= f(y) + ∇f(y)·Δ + ‖Δ‖²/(2η)`` (``Δ = z⁺ - y``).
+
+    Where ``f`` cannot resolve the terms (``‖Δ‖²/(2η)`` below 1000ε|f(y)|), the equivalent
+    local-Lipschitz test ``(∇f(z⁺) - ∇f(y))·Δ <= ‖Δ‖²/η`` on the gradients is used.
+    """
+    slack = 10 * torch.finfo(fy.dtype).eps * fy.abs()
+    quad = (diff * diff).sum(-1) / (2 * eta)
+    by_value = fc <= fy + (gy * diff).sum(-1) + quad + slack
+    by_grad = ((gc - gy) * diff).sum(-1) <= 2 * quad
+    return torch.isfinite(fc) & torch.where(quad <= 100 * slack, by_grad, by_value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,10 +40,8 @@ class _ProxGradBase(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._positive("step", allow_none=True)
-        if not isinstance(self.acceleration, bool):
-            raise ValueError(f"{type(self).__name__}: acceleration must be a bool, "
-                             f"got {self.acceleration!r}")
+        self._check("step", float, low=0.0, strict=True, allow_none=True)
+        self._check("acceleration", bool)
 
     def _default_prox(self) -> FlatProx:
         raise NotImplementedError
@@ -61,28 +65,24 @@ class _ProxGradBase(IterativeSolver):
         tr = self._tracker(mapping(z, gz, eta), z.dtype, callback,
                            nonfinite=~torch.isfinite(z).all(-1) | ~torch.isfinite(fz))
         y, fy, gy, mom = z, fz, gz, torch.ones_like(fz)
-        slack_eps = 10 * torch.finfo(z.dtype).eps
+        backtrack = self.step is None
         for _ in tr:
-            active = tr.active
-            searching = active.clone()
+            searching = tr.active.clone()
             zp, fp, gp = z, fz, gz
-            for _ in range(MAX_TRIALS if self.step is None else 1):
+            for _ in range(MAX_TRIALS if backtrack and tr.sync else 1):
                 cand = prox(y - eta[:, None] * gy, eta[:, None])
                 fc, gc = batched_value_and_grad(f, cand)
-                diff = cand - y
-                bound = fy + (gy * diff).sum(-1) + (diff * diff).sum(-1) / (2 * eta)
-                good = torch.isfinite(fc) & (fc <= bound + slack_eps * fy.abs())
-                accept = searching & good if self.step is None else searching
+                good = _upper_bound_holds(fc, gc, fy, gy, cand - y, eta) if backtrack else searching
+                accept = searching & good
                 zp, fp, gp = masked(accept, cand, zp), masked(accept, fc, fp), masked(accept, gc, gp)
                 searching = searching & ~accept
-                if self.step is not None:
-                    break
                 eta = torch.where(searching, eta / 2, eta)
                 if tr.sync and not bool(searching.any()):
                     break
-            stalled = searching if self.step is None else None
-            take = tr.advance(mapping(zp, gp, eta), stalled=stalled,
+            # With check_every=None a rejected trial is retried (η halved) at the next iteration.
+            take = tr.advance(mapping(zp, gp, eta), stalled=searching if backtrack and tr.sync else None,
                               nonfinite=~torch.isfinite(zp).all(-1) | ~torch.isfinite(fp))
+            take = take & ~searching
             if self.acceleration:
                 # FISTA momentum with gradient-based adaptive restart (O'Donoghue & Candès).
                 restart = ((y - zp) * (zp - z)).sum(-1) > 0
@@ -131,7 +131,7 @@ class ProximalGradient(_ProxGradBase):
         rtol, atol: Tolerances (``None``: 1e-10/1e-12 in float64, 1e-5/1e-7 in float32).
         max_iter: Iteration limit (default 1000).
         check_every: Host-sync period of the stopping test; ``None`` runs exactly ``max_iter``
-            (backtracking then runs all of its 30 trials; prefer a fixed ``step``).
+            (one backtracking trial per iteration, a rejected one retried at the next).
 
     Example:
         >>> soft = lambda v, eta: torch.sign(v) * (v.abs() - 0.1 * eta).clamp_min(0)

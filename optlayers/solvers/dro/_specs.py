@@ -34,6 +34,7 @@ Here :math:`u = (1/n, \dots, 1/n)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -330,6 +331,15 @@ class Spectrum:
                 device: torch.device | str | None = None) -> torch.Tensor:
         """The ``n`` weights in ascending order."""
         raise NotImplementedError
+
+    def cached_weights(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """:meth:`weights`, memoised per ``(spectrum, n, dtype, device)`` (read-only use)."""
+        return _cached_weights(self, n, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_weights(spectrum: Spectrum, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return spectrum.weights(n, dtype=dtype, device=device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,11 +59,17 @@ def _cr_fprime(t: Tensor, k: float) -> Tensor:
     return (t.clamp(min=0.0) ** (k - 1.0) - 1.0) / (k - 1.0)
 
 
-def _weights(Z: Tensor, x: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _log_weights(Z: Tensor, x: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``d = (Z - x)_+`` and ``beta log d`` (``-inf`` where ``d = 0``): weights in log space, so
+    large ``beta`` (``k`` near 1) neither overflows nor underflows."""
     d = (Z - x[:, None]).clamp(min=0.0)
     pos = d > 0
-    logd = torch.log(torch.where(pos, d, torch.ones_like(d)))
-    return d, torch.where(pos, torch.exp(beta * logd), torch.zeros_like(d))
+    lw = torch.where(pos, beta * torch.log(torch.where(pos, d, torch.ones_like(d))), torch.full_like(d, -math.inf))
+    return d, lw
+
+
+def _p_over_d(p: Tensor, d: Tensor) -> Tensor:
+    return torch.where(d > 0, p / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(p))
 
 
 def _solve_ball(Z: Tensor, rho: float, beta: float, k: float, tol: float, max_iter: int,
@@ -74,14 +80,11 @@ def _solve_ball(Z: Tensor, rho: float, beta: float, k: float, tol: float, max_it
 
     def div_and_grad(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         e = torch.exp(u)
-        x = -e
-        d, w = _weights(Z, x, beta)
-        W = w.sum(1, keepdim=True)
-        p = w / W
+        d, lw = _log_weights(Z, -e, beta)
+        p = torch.softmax(lw, dim=1)
         D = cressie_read_divergence(p, k)
-        dw = -beta * torch.where(d > 0, w / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
-        dW = dw.sum(1, keepdim=True)
-        dp = (dw - p * dW) / W  # d p / d eta~
+        r = _p_over_d(p, d)
+        dp = -beta * r + beta * p * r.sum(1, keepdim=True)  # d p / d eta~
         dD = (_cr_fprime(n * p, k) * dp).sum(1)  # d D / d eta~
         return D, dD * (-e), p
 
@@ -144,8 +147,8 @@ def solve_cressie_read(L: Tensor, k: float, *, rho: float | None, lam: float | N
     Z = (L - lmax[:, None]) / Rs[:, None]
     if lam is not None:
         x, res, conv, iters = _solve_penalty(Z, lam / Rs, beta, k, tol, max_iter)
-        _, w = _weights(Z, x, beta)
-        p = w / w.sum(1, keepdim=True)
+        _, lw = _log_weights(Z, x, beta)
+        p = torch.softmax(lw, dim=1)
         div = cressie_read_divergence(p, k)
         eta = lmax + Rs * x + lam / (k - 1.0)
         return Solved(p=p, penalty=lam * div, eta=eta, lam=torch.full_like(eta, lam), divergence=div,
@@ -161,8 +164,8 @@ def solve_cressie_read(L: Tensor, k: float, *, rho: float | None, lam: float | N
         return exact(p, eta=L.mean(1), lam=torch.full_like(lmax, math.inf), divergence=torch.zeros_like(lmax))
     u, p, res, conv, iters = _solve_ball(Z, rho, beta, k, tol, max_iter, ~inactive)
     xt = -torch.exp(u)
-    _, w = _weights(Z, xt, beta)
-    lam_s = (k - 1.0) * (w.sum(1) / n) ** (k - 1.0)
+    _, lw = _log_weights(Z, xt, beta)
+    lam_s = (k - 1.0) * torch.exp((k - 1.0) * (torch.logsumexp(lw, dim=1) - math.log(n)))
     lam_o = lam_s * Rs
     eta = lmax + Rs * xt + lam_o / (k - 1.0)
     p = torch.where(inactive[:, None], argmax_uniform(L), p)
@@ -180,10 +183,10 @@ def _solve_penalty(Z: Tensor, lam_s: Tensor, beta: float, k: float, tol: float, 
     logT = math.log(n) + beta * torch.log(lam_s / (k - 1.0))
 
     def fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        d, w = _weights(Z, x, beta)
-        S = w.sum(1)
-        dS = (beta * torch.where(d > 0, w / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))).sum(1)
-        return logT - torch.log(S), dS / S
+        d, lw = _log_weights(Z, x, beta)
+        logS = torch.logsumexp(lw, dim=1)
+        p = torch.softmax(lw, dim=1)
+        return logT - logS, beta * _p_over_d(p, d).sum(1)
 
     lo = Z.amin(1) - lam_s / (k - 1.0)
     hi = Z.amax(1)

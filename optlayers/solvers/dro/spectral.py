@@ -113,9 +113,9 @@ def _load_kl() -> object:
 
 
 register("dro.pav_l2", Backend.REFERENCE, lambda: pav_l2_reference)
-register("dro.pav_l2", Backend.NUMBA, _load_l2, min_size=0)
+register("dro.pav_l2", Backend.NUMBA, _load_l2, min_size=256)
 register("dro.pav_kl", Backend.REFERENCE, lambda: pav_kl_reference)
-register("dro.pav_kl", Backend.NUMBA, _load_kl, min_size=0)
+register("dro.pav_kl", Backend.NUMBA, _load_kl, min_size=256)
 
 
 def _on_cpu(fn_name: str, backend: Backend | str | None, n: int):
@@ -126,7 +126,7 @@ def _on_cpu(fn_name: str, backend: Backend | str | None, n: int):
 def solve_spectral(L: Tensor, spec: Spectral, *, backend: Backend | str | None = None) -> Solved:
     """Exact spectral-risk weights; duals ``eta`` = NaN, ``lam`` = the penalty :math:`\\lambda`."""
     B, n = L.shape
-    sigma = spec.sigma.weights(n, dtype=L.dtype, device=L.device)
+    sigma = spec.sigma.cached_weights(n, L.dtype, L.device)
     lam = spec.lam
     if lam == 0.0:
         s, idx = torch.sort(L, dim=1, stable=True)

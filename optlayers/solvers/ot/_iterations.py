@@ -116,7 +116,8 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
                      rho_a: float | None, rho_b: float | None, tol: float, max_iter: int,
                      anneal: Anneal | None, acceleration: AndersonAcceleration | None,
                      f0: torch.Tensor | None, check_every: int | None,
-                     callback: Callable[[int, torch.Tensor], None] | None) -> Result:
+                     callback: Callable[[int, torch.Tensor], None] | None,
+                     symmetric: bool = False) -> Result:
     """Run log-domain Sinkhorn on a flat batch; returns ``Result(solution=(f, g))``.
 
     Differentiable when run under autograd (out-of-place updates: the ``Unroll`` mode).
@@ -134,6 +135,10 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
         check_every: Host-side convergence check period; None runs ``max_iter`` iterations
             (split evenly over the stages) without host synchronisation.
         callback: Called as ``callback(iteration, residual)``.
+        symmetric: The problem is symmetric (``a = b``, ``C = Cᵀ``): iterate the averaged update
+            ``f ← ½(f + λ softmin(C − f − ε log a))`` (one soft-min per iteration; GeomLoss's
+            symmetric update), whose fixed point is ``f = g``. It converges fast where the
+            alternating update crawls (nearly diagonal plans, e.g. ``OT(a, a)`` at small ε).
     """
     B, n = a.shape
     dtype, device = a.dtype, a.device
@@ -177,7 +182,10 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
         lam_a, lam_b = lambdas(rho_a, eps_k), lambdas(rho_b, eps_k)
         e = eps_k[:, None]
         frozen = done | failed  # finished problems do not move
-        g = torch.where(frozen[:, None], g, lam_b * geom.softmin(f + e * loga, eps_k, axis=0))
+        if symmetric:
+            g = f
+        else:
+            g = torch.where(frozen[:, None], g, lam_b * geom.softmin(f + e * loga, eps_k, axis=0))
         f_hist: list[torch.Tensor] = []
         r_hist: list[torch.Tensor] = []
         prev_err = torch.full((B,), math.inf, dtype=dtype, device=device)
@@ -186,6 +194,9 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
             f_new = lam_a * geom.softmin(g + e * logb, eps_k, axis=1)
             ratio_k = torch.exp((f - f_new) / e)
             err = (a * (ratio_k - 1.0).abs()).sum(-1)
+            if symmetric:  # rows and columns of P(f, f) have the same error
+                err = 2.0 * err
+                f_new = 0.5 * (f + f_new)
             active = ~frozen
             bad = active & (torch.isnan(err) | ~torch.isfinite(f_new).all(-1))
             err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
@@ -220,7 +231,10 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
                 prev_err = err
             move = ~frozen
             f = torch.where(move[:, None], f_next, f)
-            g = torch.where(move[:, None], lam_b * geom.softmin(f + e * loga, eps_k, axis=0), g)
+            if symmetric:
+                g = f
+            else:
+                g = torch.where(move[:, None], lam_b * geom.softmin(f + e * loga, eps_k, axis=0), g)
         if total >= max_iter and not last:
             # out of iterations before the last stage: report the current error as residual
             residual = torch.where(done, residual, err)

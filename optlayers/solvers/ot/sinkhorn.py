@@ -137,7 +137,7 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
              init: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
              gradient: Gradient | str = Envelope(), check_every: int | None = 1,
              callback: Callable[[int, torch.Tensor], None] | None = None,
-             throw: bool = True) -> Result[SinkhornAux]:
+             symmetric: bool = False, throw: bool = True) -> Result[SinkhornAux]:
     """Solve entropic OT between ``a`` and ``b`` by log-domain Sinkhorn.
 
     Stops when the L1 marginal error ``‖P1 − a‖₁ + ‖Pᵀ1 − b‖₁`` (for unbalanced problems: the
@@ -166,6 +166,9 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
         check_every: Convergence check period (a host sync); None: exactly ``max_iter``
             iterations without synchronisation.
         callback: ``callback(iteration, residual)`` after every iteration.
+        symmetric: Declare ``a = b`` and ``C = Cᵀ`` (e.g. ``OT(a, a)`` in a divergence): use the
+            averaged symmetric update with one soft-min per iteration, which converges much
+            faster on such problems. The result is the same fixed point (``f = g``).
         throw: Raise :class:`ConvergenceError` when a problem does not converge.
 
     Returns:
@@ -201,6 +204,8 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
         if rho is not None and not rho > 0:
             raise ValueError(f"{name} must be positive or None, got {rho}")
     batch, n, m = geom.batch_shape, geom.n, geom.m
+    if symmetric and (n != m or (rho_a != rho_b)):
+        raise ValueError("symmetric=True needs a square geometry, a == b and rho_a == rho_b")
     dtype, device = geom.dtype, geom.device
     B = geom.B
     tol_ = default_tol(dtype, tol)
@@ -228,7 +233,8 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
     if init is not None:
         f0, g0 = init
     opts: dict[str, Any] = dict(rho_a=rho_a, rho_b=rho_b, tol=tol_, max_iter=max_iter, anneal=anneal,
-                                acceleration=acceleration, check_every=check_every, callback=callback)
+                                acceleration=acceleration, check_every=check_every, callback=callback,
+                                symmetric=symmetric)
 
     def warm(gm: Geometry, f_init: torch.Tensor | None, g_init: torch.Tensor | None, e: torch.Tensor,
              bb: torch.Tensor) -> torch.Tensor | None:

@@ -49,9 +49,9 @@ import torch
 
 from ..._result import Result, Status, raise_if_failed, register_aux
 from ._data import QPData, prepare_qp
-from .kkt import bmtv, bmv, factor_kkt, kkt_constant, solve_kkt
+from .kkt import bmtv, bmv, factor_kkt, kkt_constant, solve_kkt, static_delta
 
-__all__ = ["InteriorPoint", "QPAux", "solve_qp"]
+__all__ = ["InteriorPoint", "QPAux", "solve_qp", "warm_start_tensors"]
 
 
 @register_aux
@@ -80,7 +80,7 @@ def _amax(v: torch.Tensor) -> torch.Tensor:
     """Per-element max-norm of ``(B, k)`` (0 when ``k == 0``)."""
     if v.shape[-1] == 0:
         return v.new_zeros(v.shape[:-1])
-    return v.abs().amax(-1)
+    return torch.linalg.vector_norm(v, ord=float("inf"), dim=-1)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,11 +88,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
-    """Largest ``α`` with ``v + α dv ≥ 0`` per element (``inf`` when unconstrained)."""
-    ratio = torch.where(dv < 0, -v / torch.where(dv < 0, dv, -torch.ones_like(dv)), torch.full_like(v, float("inf")))
-    if ratio.shape[-1] == 0:
-        return v.new_full(v.shape[:-1], float("inf"))
-    return ratio.amin(-1)
+    """Largest ``α ≤ 1`` with ``v + α dv ≥ 0`` per element (``v > 0``; ``(B, k)`` with ``k ≥ 1``)."""
+    # -dv/v is the rate at which each coordinate approaches 0; α = 1 / max rate.
+    rate = (-dv / v).amax(-1)
+    return 1.0 / rate.clamp_min(1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +158,10 @@ class InteriorPoint:
         """The relative tolerance in force for ``dtype``."""
         return _tol(dtype, self.rtol, 1e-12, 1e-6)
 
+    def regularization_for(self, dtype: torch.dtype) -> float:
+        """The relative static regularization in force for ``dtype``."""
+        return _tol(dtype, self.regularization, 1e-8, 1e-4)
+
     # ------------------------------------------------------------------------------------
     def run(self, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None,
             h: torch.Tensor | None = None, A: torch.Tensor | None = None,
@@ -181,13 +184,13 @@ class InteriorPoint:
         with torch.no_grad():
             return self._run(data, init)
 
-    def _run(self, d: QPData, init: Result | torch.Tensor | None) -> Result[QPAux]:
+    def _run(self, d: QPData, init: Result | torch.Tensor | tuple | None) -> Result[QPAux]:
         dtype, device = d.Q.dtype, d.Q.device
         Bn, n, ne, m = d.B, d.n, d.n_eq, d.n_ineq
         rtol = self.tolerance(dtype)
         atol = _tol(dtype, self.atol, 1e-12, 1e-6)
         eps_inf = _tol(dtype, self.infeasibility_tol, 1e-9, 1e-5)
-        reg = _tol(dtype, self.regularization, 1e-8, 1e-4)
+        reg = self.regularization_for(dtype)
         floor = atol / rtol if rtol > 0 else 0.0
         tiny = torch.finfo(dtype).tiny
         Qd, pd, Ad, bd, Gd, hd = d.Q, d.p, d.A, d.b, d.G, d.h
@@ -198,14 +201,7 @@ class InteriorPoint:
             return r.expand(Bn)
 
         finite = per_elem(Qd) & per_elem(pd) & per_elem(Ad) & per_elem(bd) & per_elem(Gd) & per_elem(hd)
-        # Data scale for the static regularization.
-        def amax_mat(t: torch.Tensor) -> torch.Tensor:
-            if t.numel() == 0:
-                return t.new_zeros(t.shape[0])
-            return t.abs().reshape(t.shape[0], -1).amax(-1)
-        scale = torch.stack(torch.broadcast_tensors(amax_mat(Qd), amax_mat(Gd) ** 2, amax_mat(Ad) ** 2,
-                                                    torch.ones(Bn, dtype=dtype, device=device)), 0).amax(0)
-        delta = (reg * scale).unsqueeze(-1)  # (B, 1)
+        delta = static_delta(Qd, Ad, Gd, Bn, reg)  # (B, 1)
 
         norm_p = _amax(pd).expand(Bn)
         norm_bh = torch.maximum(_amax(bd).expand(Bn), _amax(hd).expand(Bn))
@@ -308,9 +304,8 @@ class InteriorPoint:
             d_s_a = -s * z
             d_k_a = -tau * kappa
             dxa, dya, dza, dsa, dta, dka = direction(ux[..., 1], uy[..., 1], uz[..., 1], 1.0, d_s_a, d_k_a)
-            alpha_a = torch.stack([_max_step(s, dsa), _max_step(z, dza),
-                                   _max_step(t1.unsqueeze(-1), dta.unsqueeze(-1)),
-                                   _max_step(kappa.unsqueeze(-1), dka.unsqueeze(-1))]).amin(0).clamp(max=1.0)
+            cone = torch.cat([s, z, tau.unsqueeze(-1), kappa.unsqueeze(-1)], -1)
+            alpha_a = _max_step(cone, torch.cat([dsa, dza, dta.unsqueeze(-1), dka.unsqueeze(-1)], -1))
             mu_a = (_dot(s + alpha_a.unsqueeze(-1) * dsa, z + alpha_a.unsqueeze(-1) * dza)
                     + (t1 + alpha_a * dta) * (kappa + alpha_a * dka)) / (m + 1)
             sigma = (mu_a / mu.clamp_min(tiny)).clamp(0.0, 1.0) ** 3
@@ -321,9 +316,7 @@ class InteriorPoint:
             cx, cy, cz = solve_kkt(f, -eta.unsqueeze(-1) * rx, -eta.unsqueeze(-1) * ry,
                                    -eta.unsqueeze(-1) * rz - d_s / z, refine=self.refine)
             dx, dy, dz, ds, dt, dk = direction(cx, cy, cz, eta, d_s, d_k)
-            alpha = torch.stack([_max_step(s, ds), _max_step(z, dz), _max_step(t1.unsqueeze(-1), dt.unsqueeze(-1)),
-                                 _max_step(kappa.unsqueeze(-1), dk.unsqueeze(-1))]).amin(0)
-            alpha = (frac * alpha).clamp(max=1.0)
+            alpha = frac * _max_step(cone, torch.cat([ds, dz, dt.unsqueeze(-1), dk.unsqueeze(-1)], -1))
             ok_step = active & f.ok & torch.isfinite(alpha)
             alpha = torch.where(ok_step, alpha, torch.zeros_like(alpha))
             small_steps = torch.where(active & (alpha < 1e-8), small_steps + 1, torch.zeros_like(small_steps))
@@ -352,17 +345,12 @@ class InteriorPoint:
 
     def _initial_point(self, Q: torch.Tensor, p: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
                        G: torch.Tensor, h: torch.Tensor, Bn: int, delta: torch.Tensor, H0: torch.Tensor,
-                       init: Result | torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                       init: Result | torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
         dtype, device = Q.dtype, Q.device
         n, ne, m = p.shape[-1], b.shape[-1], h.shape[-1]
         one = torch.ones(Bn, dtype=dtype, device=device)
-        if init is not None:
-            if isinstance(init, Result):
-                x0 = init.solution
-                y0 = init.aux.eq_dual if init.aux is not None else None
-                z0 = init.aux.ineq_dual if init.aux is not None else None
-            else:
-                x0, y0, z0 = init, None, None
+        x0, y0, z0 = warm_start_tensors(init)
+        if x0 is not None:
             x = x0.detach().to(dtype).reshape(-1, n).expand(Bn, n).clone()
             y = (y0.detach().to(dtype).reshape(-1, ne).expand(Bn, ne).clone() if y0 is not None
                  else torch.zeros(Bn, ne, dtype=dtype, device=device))
@@ -389,6 +377,28 @@ class InteriorPoint:
             ad = (-z).amax(-1, keepdim=True)
             z = torch.where(ad >= 0, z + 1.0 + ad, z)
         return x, y, z, s, one.clone(), one.clone()
+
+
+def warm_start_tensors(init: Result | torch.Tensor | tuple | None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(x0, eq_dual0, ineq_dual0)`` (detached, None where absent) from a warm start.
+
+    Accepts a previous :class:`Result` with :class:`QPAux`, a primal tensor ``x0``, a tuple
+    ``(x0, eq_dual0, ineq_dual0)`` or None.
+    """
+    if init is None:
+        return (None, None, None)
+    if isinstance(init, Result):
+        aux = init.aux
+        if aux is not None and not isinstance(aux, QPAux):
+            raise TypeError(f"init must be a Result of a QP solve (aux QPAux), got aux {type(aux).__name__}")
+        return (init.solution.detach(), None if aux is None else aux.eq_dual.detach(),
+                None if aux is None else aux.ineq_dual.detach())
+    if isinstance(init, torch.Tensor):
+        return (init.detach(), None, None)
+    if isinstance(init, tuple) and len(init) == 3:
+        return tuple(None if t is None else t.detach() for t in init)  # type: ignore[return-value]
+    raise TypeError(f"init must be a Result of a previous QP solve, a tensor x0 or a tuple, got {type(init).__name__}")
 
 
 def solve_qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch.Tensor | None = None,

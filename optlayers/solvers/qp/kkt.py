@@ -33,7 +33,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["KKTFactor", "kkt_constant", "factor_kkt", "solve_kkt", "kkt_matvec", "bmv", "bmtv"]
+__all__ = ["KKTFactor", "static_delta", "kkt_constant", "factor_kkt", "solve_kkt", "kkt_matvec", "bmv", "bmtv"]
 
 
 def bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -60,6 +60,18 @@ def bmtv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if M.dim() == 2:
         return v @ M
     return (v.unsqueeze(-2) @ M).squeeze(-2)
+
+
+def static_delta(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, B: int, reg: float) -> torch.Tensor:
+    """The static regularization ``δ = reg · max(‖Q‖_max, ‖A‖²_max, ‖G‖²_max, 1)``, shape ``(B, 1)``."""
+    def amax(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 0:
+            return t.new_zeros(t.shape[0])
+        return t.abs().reshape(t.shape[0], -1).amax(-1)
+
+    one = torch.ones(B, dtype=Q.dtype, device=Q.device)
+    scale = torch.stack(torch.broadcast_tensors(amax(Q), amax(G) ** 2, amax(A) ** 2, one), 0).amax(0)
+    return (reg * scale).unsqueeze(-1)
 
 
 @dataclasses.dataclass

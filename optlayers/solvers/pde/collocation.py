@@ -1,0 +1,593 @@
+r"""Collocation least squares for physics-informed hard constraints, with implicit gradients.
+
+A network outputs ``N`` basis functions ``bₙ`` on a space–time grid; a *hard constraint* fits
+``u = Σₙ wₙ bₙ`` to the physics by
+
+.. math::
+    w^* = \arg\min_w \tfrac12\|r(w; b)\|^2, \qquad
+    r(w; b) = \begin{bmatrix}
+        P^{-1/2}\,\mathcal F(u, u_t, u_x, u_{xx})(p_i) \\
+        \sqrt{λ_{ic}/Q}\,\big(u(x_j, 0) - u_0(x_j)\big) \\
+        \sqrt{λ_{bc}/R}\,\mathcal B(u, u_x)(y_l) \\
+        ρ\, w
+    \end{bmatrix}
+
+over ``P`` sampled collocation points (PDE rows), ``Q`` initial points and ``R`` boundary points,
+plus a ridge ``ρ = 10⁻⁴`` (Chalapathi, Du & Krishnapriyan, ICLR 2024). The derivatives of ``u``
+are finite differences of the basis, so the four fields at a row are ``B_i w`` with
+``B_i ∈ ℝ^{4×N}``, and ``r`` is nonlinear in ``w`` only through the pointwise PDE operator
+``𝓕`` (Burgers' advection, the sorption isotherm). Many such problems (samples × experts) are
+solved at once.
+
+**Solver.** A batched Levenberg–Marquardt with Nielsen's damping (the update rules of
+:class:`~optlayers.implicit.LevenbergMarquardt`, whose config it takes) on the normal equations,
+with the Jacobian assembled from the structure, ``J_i = s_i Σ_q ∂_q𝓕(B_i w) B_{i,q}`` (four
+pointwise derivatives of ``𝓕`` instead of ``N`` Jacobian-vector products through the whole
+residual). Optional *coupling rows* ``C z`` (linear, e.g. continuity between neighbouring
+experts) join ``K`` problems into one with ``K·N`` unknowns.
+
+**Gradients** (:func:`optlayers.implicit.custom_root`): the solution satisfies ``G = Jᵀr = 0``,
+
+.. math:: \frac{\partial w^*}{\partial b} = -\Big(J^\top J + \textstyle\sum_i r_i \nabla^2_w r_i\Big)^{-1}
+          \frac{\partial G}{\partial b},
+
+used exactly (``hessian="exact"``, Hessian-vector products) or with the Gauss–Newton operator
+``JᵀJ`` (``hessian="gauss_newton"``: the condition ``J(\bar w)ᵀ r(w)`` with ``\bar w`` held
+fixed, so ``∂G/∂b`` stays exact; the gradient is exact only when ``r`` is linear in ``w`` — the
+heat equation — or zero at ``w*``).
+
+The constraint is a least-squares *projection*: with ``N`` unknowns and many rows the residual is
+not zero. Every solve reports its inner optimality ``‖Jᵀr(w*)‖ / ‖Jᵀr(w₀)‖`` and the RMS of the
+PDE, initial and boundary residuals (:class:`ConstraintReport`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..._result import Result, raise_if_failed, register_aux
+from ...implicit import ImplicitAdjoint, LevenbergMarquardt, custom_root
+from ...implicit.adjoints import Adjoint
+from ...implicit.linear_solvers import Dense
+from ...implicit.solvers._base import masked, solve_or_pinv
+from .finite_difference import Grid
+from .residuals import PDE1D, Fields
+
+__all__ = [
+    "Collocation", "ConstraintRows", "ConstraintReport", "sample_collocation", "gather_rows",
+    "collocation_residual", "hard_constraint", "default_solver", "default_adjoint",
+]
+
+Hessian = Literal["exact", "gauss_newton"]
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Collocation:
+    """Rows of ``K`` problems, as flat indices ``i·nt + j`` into the ``nx × nt`` grid.
+
+    Each kind of row is padded to the longest problem; masks are False on padding.
+
+    Attributes:
+        pde: ``(K, P)`` PDE points (interior: ``0 < i < nx−1``, ``j > 0``); ``pde_mask`` ``(K, P)``.
+        ic: ``(K, Q)`` initial points (``j = 0``); ``ic_mask`` ``(K, Q)``.
+        left: ``(K, R)`` points on ``x = x_min`` (``i = 0``, ``j > 0``); ``left_mask`` ``(K, R)``.
+        right: ``(K, R)`` points on ``x = x_max``; ``right_mask`` ``(K, R)``.
+        nt: Number of time points of the grid (to recover ``i`` from a flat index).
+    """
+
+    pde: Tensor
+    pde_mask: Tensor
+    ic: Tensor
+    ic_mask: Tensor
+    left: Tensor
+    left_mask: Tensor
+    right: Tensor
+    right_mask: Tensor
+    nt: int
+
+    @property
+    def num_problems(self) -> int:
+        """``K``."""
+        return self.pde.shape[0]
+
+    def select(self, lo: int, hi: int) -> Collocation:
+        """The rows of problems ``lo..hi-1``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Collocation(**{k: (v[lo:hi] if isinstance(v, Tensor) else v) for k, v in fields.items()})
+
+
+def _pad(lists: list[Tensor], device: torch.device | None) -> tuple[Tensor, Tensor]:
+    width = max([1] + [len(v) for v in lists])
+    idx = torch.zeros(len(lists), width, dtype=torch.int64, device=device)
+    mask = torch.zeros(len(lists), width, dtype=torch.bool, device=device)
+    for k, v in enumerate(lists):
+        idx[k, :len(v)] = v
+        mask[k, :len(v)] = True
+    return idx, mask
+
+
+def sample_collocation(grid: Grid, regions: Tensor, n_points: int, *, global_conditions: bool = False,
+                       generator: torch.Generator | None = None) -> Collocation:
+    """Sample ``n_points`` PDE points per region and collect its initial and boundary points.
+
+    Args:
+        grid: The grid.
+        regions: ``(K, nx, nt)`` bool, the points each problem owns (tiles of a router).
+        n_points: PDE points per region, drawn without replacement from the region's interior points.
+        global_conditions: Give every problem all initial and boundary points of the domain (the
+            paper's choice) instead of those in its region.
+        generator: Random generator (``None``: torch's global one). Ranks of an expert-parallel
+            run must draw the same points: seed their generators identically.
+
+    Returns:
+        A :class:`Collocation`.
+
+    Raises:
+        ValueError: A region has fewer than ``n_points`` interior points.
+    """
+    if (not isinstance(regions, Tensor) or regions.dim() != 3 or tuple(regions.shape[1:]) != (grid.nx, grid.nt)
+            or regions.dtype != torch.bool):
+        raise ValueError(f"regions must be a bool tensor (K, {grid.nx}, {grid.nt})")
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 1:
+        raise ValueError(f"n_points must be a positive int, got {n_points!r}")
+    device = regions.device
+    interior = torch.zeros(grid.nx, grid.nt, dtype=torch.bool, device=device)
+    interior[1:-1, 1:] = True
+    flat = torch.arange(grid.size, device=device).reshape(grid.nx, grid.nt)
+    everywhere = torch.ones_like(interior)
+    pde, ic, left, right = [], [], [], []
+    for k in range(regions.shape[0]):
+        reg = regions[k]
+        cand = flat[reg & interior]
+        if cand.numel() < n_points:
+            raise ValueError(f"region {k} has {cand.numel()} interior points, fewer than n_points={n_points}; "
+                             "lower n_points or refine the grid")
+        pick = torch.randperm(cand.numel(), generator=generator)[:n_points].to(device)
+        pde.append(cand[pick].sort().values)
+        cond = everywhere if global_conditions else reg
+        ic.append(flat[:, 0][cond[:, 0]])
+        left.append(flat[0, 1:][cond[0, 1:]])
+        right.append(flat[-1, 1:][cond[-1, 1:]])
+    pde_idx, pde_mask = _pad(pde, device)
+    ic_idx, ic_mask = _pad(ic, device)
+    left_idx, left_mask = _pad(left, device)
+    right_idx, right_mask = _pad(right, device)
+    return Collocation(pde_idx, pde_mask, ic_idx, ic_mask, left_idx, left_mask, right_idx, right_mask, grid.nt)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintRows:
+    """Basis values at the rows of a batch of problems (``*batch`` leading dimensions).
+
+    Attributes:
+        pde: ``(*batch, P, 4, N)`` — ``[b, b_t, b_x, b_xx]`` at the PDE points.
+        ic: ``(*batch, Q, N)`` — ``b`` at the initial points.
+        ic_target: ``(*batch, Q)`` — ``u₀`` there.
+        left, right: ``(*batch, R, 4, N)`` — at the boundary points.
+        pde_mask, ic_mask, left_mask, right_mask: Bool masks broadcastable to ``(*batch, rows)``;
+            False rows are padding and are ignored.
+    """
+
+    pde: Tensor
+    ic: Tensor
+    ic_target: Tensor
+    left: Tensor
+    right: Tensor
+    pde_mask: Tensor
+    ic_mask: Tensor
+    left_mask: Tensor
+    right_mask: Tensor
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.pde.shape[:-3])
+
+    @property
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The differentiable tensors ``(pde, ic, ic_target, left, right)``."""
+        return self.pde, self.ic, self.ic_target, self.left, self.right
+
+
+def gather_rows(derivs: Tensor, u0: Tensor, colloc: Collocation) -> ConstraintRows:
+    """Gather the basis at the rows of ``colloc``.
+
+    Args:
+        derivs: ``(S, nx, nt, 4, N)`` from :func:`~optlayers.solvers.pde.basis_derivatives`.
+        u0: Initial condition ``(S, nx)``.
+        colloc: The rows of ``K`` problems.
+
+    Returns:
+        :class:`ConstraintRows` with batch shape ``(S, K)`` (differentiable in ``derivs`` and ``u0``).
+    """
+    if derivs.dim() != 5 or derivs.shape[3] != 4:
+        raise ValueError(f"derivs must be (S, nx, nt, 4, N) (see basis_derivatives), got {tuple(derivs.shape)}")
+    S, nx, nt = derivs.shape[:3]
+    if tuple(u0.shape) != (S, nx):
+        raise ValueError(f"u0 must be (S, nx) = {(S, nx)}, got {tuple(u0.shape)}")
+    if colloc.nt != nt:
+        raise ValueError(f"collocation built for nt={colloc.nt}, basis has nt={nt}")
+    flat = derivs.reshape(S, nx * nt, 4, derivs.shape[-1])
+    ic_x = torch.div(colloc.ic, nt, rounding_mode="floor")
+    return ConstraintRows(
+        pde=flat[:, colloc.pde], ic=flat[:, colloc.ic, 0], ic_target=u0[:, ic_x], left=flat[:, colloc.left],
+        right=flat[:, colloc.right], pde_mask=colloc.pde_mask, ic_mask=colloc.ic_mask,
+        left_mask=colloc.left_mask, right_mask=colloc.right_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# residual
+# ---------------------------------------------------------------------------------------------
+def _fields(b: Tensor, w: Tensor) -> Tensor:
+    """``(…, P, 4, N) × (…, N) -> (…, P, 4)``."""
+    return torch.einsum("...pqn,...n->...pq", b, w)
+
+
+def _as_fields(f: Tensor) -> Fields:
+    return Fields(f[..., 0], f[..., 1], f[..., 2], f[..., 3])
+
+
+class _Scales:
+    """Row weights ``s`` (masked, ``√(λ / count)``) of the four row groups."""
+
+    def __init__(self, rows: ConstraintRows, ic_weight: float, bc_weight: float) -> None:
+        dt = rows.pde.dtype
+
+        def scale(mask: Tensor, weight: float, count: Tensor) -> Tensor:
+            return mask.to(dt) * torch.sqrt(weight / count.clamp_min(1))
+
+        def count(mask: Tensor) -> Tensor:
+            return mask.to(dt).sum(-1, keepdim=True)
+
+        n_bc = count(rows.left_mask) + count(rows.right_mask)
+        self.pde = scale(rows.pde_mask, 1.0, count(rows.pde_mask))
+        self.ic = scale(rows.ic_mask, ic_weight, count(rows.ic_mask))
+        self.left = scale(rows.left_mask, bc_weight, n_bc)
+        self.right = scale(rows.right_mask, bc_weight, n_bc)
+
+
+def _pieces(pde: PDE1D, w: Tensor, tensors: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unscaled PDE, initial, left and right residuals at all (also padded) rows."""
+    b_pde, b_ic, target, b_left, b_right = tensors
+    r_pde = pde.interior(_as_fields(_fields(b_pde, w)))
+    r_ic = torch.einsum("...qn,...n->...q", b_ic, w) - target
+    return r_pde, r_ic, pde.left(_as_fields(_fields(b_left, w))), pde.right(_as_fields(_fields(b_right, w)))
+
+
+def collocation_residual(pde: PDE1D, rows: ConstraintRows, *, ridge: float = 1e-4, ic_weight: float = 1.0,
+                         bc_weight: float = 1.0) -> Callable[[Tensor, tuple[Tensor, ...]], Tensor]:
+    """The residual ``r(w, tensors)`` of the module docstring (differentiable, ``torch.func``-ready).
+
+    Args:
+        pde: The problem.
+        rows: Supplies the masks; its tensors are the second argument of the returned function.
+        ridge, ic_weight, bc_weight: ``ρ``, ``λ_ic``, ``λ_bc``.
+
+    Returns:
+        ``r(w (*batch, N), rows.tensors) -> (*batch, P + Q + 2R + N)``.
+    """
+    sc = _Scales(rows, ic_weight, bc_weight)
+
+    def residual(w: Tensor, tensors: tuple[Tensor, ...]) -> Tensor:
+        r_pde, r_ic, r_left, r_right = _pieces(pde, w, tensors)
+        parts = [r_pde * sc.pde, r_ic * sc.ic, r_left * sc.left, r_right * sc.right]
+        batch = w.shape[:-1]
+        return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts] + [ridge * w], dim=-1)
+
+    return residual
+
+
+def _coupled(residual: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Residual of ``K`` problems joined by linear rows ``C z``: ``z (*outer, K, N)``, ``C (*outer, M, K, N)``."""
+
+    def joint(z: Tensor, tensors: tuple[Tensor, ...], C: Tensor) -> Tensor:
+        r = residual(z, tensors)
+        return torch.cat([r.flatten(-2), torch.einsum("...mkn,...kn->...m", C, z)], dim=-1)
+
+    return joint
+
+
+# ---------------------------------------------------------------------------------------------
+# structured Levenberg–Marquardt
+# ---------------------------------------------------------------------------------------------
+class _Structured:
+    """Cost ``½‖r‖²``, normal matrix ``JᵀJ`` and gradient ``Jᵀr`` from the row structure (no autograd)."""
+
+    def __init__(self, pde: PDE1D, rows: ConstraintRows, ridge: float, ic_weight: float, bc_weight: float,
+                 coupling: Tensor | None) -> None:
+        self.pde, self.ridge = pde, ridge
+        self.sc = _Scales(rows, ic_weight, bc_weight)
+        self.b_pde, self.b_ic, self.target, self.b_left, self.b_right = (t.detach() for t in rows.tensors)
+        self.batch = rows.batch_shape
+        self.N = rows.pde.shape[-1]
+        J_ic = self.b_ic * self.sc.ic.unsqueeze(-1)  # linear rows: constant Jacobian
+        self.A_ic = J_ic.transpose(-1, -2) @ J_ic
+        self.J_ic = J_ic
+        self.C = None if coupling is None else coupling.detach()
+        if self.C is not None:
+            K = self.C.shape[-2]
+            Cf = self.C.flatten(-2)  # (*outer, M, K·N)
+            self.CtC = Cf.transpose(-1, -2) @ Cf
+            self.K, self.outer = K, self.batch[:-1]
+        eye = torch.eye(self.N, dtype=rows.pde.dtype, device=rows.pde.device)
+        self.ridge_A = ridge ** 2 * eye
+
+    def _w(self, z: Tensor) -> Tensor:
+        return z.reshape(*self.batch, self.N)
+
+    def _groups(self) -> list[tuple[Tensor, Tensor, Callable[[Fields], Tensor]]]:
+        return [(self.b_pde, self.sc.pde, self.pde.interior), (self.b_left, self.sc.left, self.pde.left),
+                (self.b_right, self.sc.right, self.pde.right)]
+
+    def _flat(self, per_problem: Tensor, extra: Tensor | None = None) -> Tensor:
+        if self.C is None:
+            return per_problem.reshape(-1)
+        out = per_problem.reshape(*self.outer, self.K).sum(-1)
+        return (out if extra is None else out + extra).reshape(-1)
+
+    def cost(self, z: Tensor) -> Tensor:
+        """``½‖r(z)‖²`` per flat element ``(B,)``."""
+        w = self._w(z)
+        total = 0.5 * self.ridge ** 2 * (w * w).sum(-1)
+        for b, s, F in self._groups():
+            r = F(_as_fields(_fields(b, w))) * s
+            total = total + 0.5 * (r * r).sum(-1)
+        r_ic = (torch.einsum("...qn,...n->...q", self.b_ic, w) - self.target) * self.sc.ic
+        total = total + 0.5 * (r_ic * r_ic).sum(-1)
+        extra = None
+        if self.C is not None:
+            rc = torch.einsum("...mkn,...kn->...m", self.C, w)
+            extra = 0.5 * (rc * rc).sum(-1)
+        return self._flat(total, extra)
+
+    def linearize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(½‖r‖² (B,), JᵀJ (B, n, n), Jᵀr (B, n))`` at ``z (B, n)``."""
+        w = self._w(z)
+        A = self.A_ic + self.ridge_A
+        r_ic = (torch.einsum("...qn,...n->...q", self.b_ic, w) - self.target) * self.sc.ic
+        g = (self.J_ic.transpose(-1, -2) @ r_ic.unsqueeze(-1)).squeeze(-1) + self.ridge ** 2 * w
+        cost = 0.5 * (r_ic * r_ic).sum(-1) + 0.5 * self.ridge ** 2 * (w * w).sum(-1)
+        eye4 = torch.eye(4, dtype=z.dtype, device=z.device)
+        for b, s, F in self._groups():
+            f = _fields(b, w)
+
+            def F4(ff: Tensor, F: Callable[[Fields], Tensor] = F) -> Tensor:
+                return F(_as_fields(ff))
+
+            r = F4(f) * s
+            dF = torch.func.vmap(lambda v: torch.func.jvp(F4, (f,), (v.expand_as(f),))[1])(eye4)  # (4, …, P)
+            J = torch.einsum("q...p,...pqn->...pn", dF * s, b)
+            A = A + J.transpose(-1, -2) @ J
+            g = g + (J.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+            cost = cost + 0.5 * (r * r).sum(-1)
+        if self.C is None:
+            return cost.reshape(-1), A.reshape(-1, self.N, self.N), g.reshape(-1, self.N)
+        K, N = self.K, self.N
+        eyeK = torch.eye(K, dtype=z.dtype, device=z.device)
+        A_full = torch.einsum("...kij,kl->...kilj", A, eyeK).reshape(*self.outer, K * N, K * N) + self.CtC
+        rc = torch.einsum("...mkn,...kn->...m", self.C, w)
+        g_full = g.reshape(*self.outer, K * N) + (self.C.flatten(-2).transpose(-1, -2) @ rc.unsqueeze(-1)).squeeze(-1)
+        cost_full = cost.sum(-1) + 0.5 * (rc * rc).sum(-1)
+        return cost_full.reshape(-1), A_full.reshape(-1, K * N, K * N), g_full.reshape(-1, K * N)
+
+
+def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarquardt,
+                         callback: Callable[..., None] | None) -> Result:
+    """Nielsen-damped LM on flat ``z (B, n)`` with the structured normal equations (same rules as the core)."""
+    z = z0
+    c, A, g = problem.linearize(z)
+    atol = solver._atol(z.dtype)
+    eps = torch.finfo(z.dtype).eps
+
+    def small(cost: Tensor) -> Tensor:  # ‖r‖ <= atol: a zero-residual problem is solved
+        return torch.sqrt(2 * cost.clamp_min(0)) <= atol
+
+    tr = solver._tracker(torch.linalg.vector_norm(g, dim=-1), z.dtype, callback,
+                         nonfinite=~torch.isfinite(z).all(-1), solved=small(c))
+    mu = solver.damping * A.diagonal(dim1=-2, dim2=-1).amax(-1)
+    mu = torch.where(mu > 0, mu, torch.full_like(mu, solver.damping))
+    nu = torch.full_like(mu, 2.0)
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    for _ in tr:
+        h = solve_or_pinv(A + mu[:, None, None] * eye, -g, tr.sync)
+        z_try = z + h
+        c_try = problem.cost(z_try)
+        actual = c - c_try
+        predicted = 0.5 * (h * (mu.unsqueeze(-1) * h - g)).sum(-1)
+        rho = actual / torch.where(predicted > 0, predicted, torch.ones_like(predicted))
+        ok = torch.isfinite(c_try) & torch.isfinite(actual) & torch.where(predicted > 0, rho > 0, actual >= 0)
+        factor = (1 - (2 * rho - 1) ** 3).clamp_min(1 / 3)
+        mu = torch.where(ok, mu * torch.where(predicted > 0, factor, torch.full_like(factor, 1 / 3)), mu * nu)
+        mu = mu.clamp_min(torch.finfo(z.dtype).tiny)
+        nu = torch.where(ok, torch.full_like(nu, 2.0), 2 * nu)
+        z_new = masked(ok, z_try, z)
+        if not tr.sync or bool((ok & tr.active).any()):
+            c_new, A_new, g_new = problem.linearize(z_new)
+        else:
+            c_new, A_new, g_new = c, A, g
+        tiny_step = torch.linalg.vector_norm(h, dim=-1) <= eps * (torch.linalg.vector_norm(z, dim=-1) + eps)
+        stalled = (~torch.isfinite(mu) | (nu > 2.0 ** 60) | tiny_step) & ~ok
+        take = tr.advance(torch.linalg.vector_norm(g_new, dim=-1), stalled=stalled, solved=small(c_new))
+        z, c, A, g = masked(take, z_new, z), masked(take, c_new, c), masked(take, A_new, A), masked(take, g_new, g)
+    return tr.finish(z)
+
+
+# ---------------------------------------------------------------------------------------------
+# report and the differentiable solve
+# ---------------------------------------------------------------------------------------------
+@register_aux
+@dataclasses.dataclass(frozen=True)
+class ConstraintReport:
+    """What a hard-constraint solve achieved, per problem (all detached, batch shape).
+
+    Attributes:
+        stationarity: Inner optimality ``‖Jᵀr(w*)‖₂ / ‖Jᵀr(w₀)‖₂`` (with coupling rows: of the
+            joint problem, repeated for its ``K`` members).
+        objective: ``½‖r(w*)‖²`` of the problem's own rows.
+        pde_rms: RMS of the (unscaled) PDE residual at the constrained points.
+        ic_rms: RMS of ``u − u₀`` at the initial points (0 where a problem has none).
+        bc_rms: RMS of the boundary residuals (0 where a problem has none).
+    """
+
+    stationarity: Tensor
+    objective: Tensor
+    pde_rms: Tensor
+    ic_rms: Tensor
+    bc_rms: Tensor
+
+
+def _rms(r: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(r.dtype).expand_as(r)
+    return torch.sqrt((r * r * m).sum(-1) / m.sum(-1).clamp_min(1))
+
+
+def _report(pde: PDE1D, rows: ConstraintRows, problem: _Structured, w: Tensor, w0: Tensor) -> ConstraintReport:
+    with torch.no_grad():
+        w = w.detach().reshape(*rows.batch_shape, -1)
+        _, _, g = problem.linearize(w.reshape(-1, problem.C.shape[-2] * problem.N) if problem.C is not None
+                                    else w.reshape(-1, problem.N))
+        _, _, g0 = problem.linearize(w0.detach().reshape(g.shape))
+        gn, g0n = torch.linalg.vector_norm(g, dim=-1), torch.linalg.vector_norm(g0, dim=-1)
+        stat = torch.where(g0n > 0, gn / g0n.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(gn))
+        stat = stat.reshape(problem.outer if problem.C is not None else rows.batch_shape)
+        if problem.C is not None:
+            stat = stat.unsqueeze(-1).expand(rows.batch_shape)
+        tensors = tuple(t.detach() for t in rows.tensors)
+        r_pde, r_ic, r_left, r_right = _pieces(pde, w, tensors)
+        sc = problem.sc
+        own = sum(0.5 * ((r * s) ** 2).sum(-1) for r, s in
+                  ((r_pde, sc.pde), (r_ic, sc.ic), (r_left, sc.left), (r_right, sc.right)))
+        objective = own + 0.5 * problem.ridge ** 2 * (w * w).sum(-1)
+        bc = torch.cat([r_left, r_right], -1)
+        bc_mask = torch.cat([rows.left_mask.expand_as(r_left), rows.right_mask.expand_as(r_right)], -1)
+        return ConstraintReport(stationarity=stat, objective=objective, pde_rms=_rms(r_pde, rows.pde_mask),
+                                ic_rms=_rms(r_ic, rows.ic_mask), bc_rms=_rms(bc, bc_mask))
+
+
+def _check_weights(ridge: float, ic_weight: float, bc_weight: float) -> None:
+    for name, v in (("ridge", ridge), ("ic_weight", ic_weight), ("bc_weight", bc_weight)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def default_solver() -> LevenbergMarquardt:
+    """The default inner solver: :class:`~optlayers.implicit.LevenbergMarquardt` with
+    ``max_iter=100`` and its dtype defaults (``rtol = 1e-10``, ``atol = 1e-12`` in float64)."""
+    return LevenbergMarquardt(max_iter=100)
+
+
+def default_adjoint() -> ImplicitAdjoint:
+    """The default gradient mode: implicit, with a dense (Cholesky, LU fallback) solve of the
+    ``N × N`` (or ``K·N × K·N``) adjoint system, checked to a relative residual of 1e-9 (the
+    systems have condition numbers up to ~1e8 in float64)."""
+    return ImplicitAdjoint(linear_solver=Dense(rtol=1e-9, refine=2))
+
+
+def hard_constraint(pde: PDE1D, rows: ConstraintRows, *, w0: Tensor | None = None, ridge: float = 1e-4,
+                    ic_weight: float = 1.0, bc_weight: float = 1.0, coupling: Tensor | None = None,
+                    solver: LevenbergMarquardt | None = None, hessian: Hessian = "exact",
+                    adjoint: Adjoint | str | None = None, throw: bool = True,
+                    callback: Callable[..., None] | None = None) -> Result[ConstraintReport]:
+    r"""Solve a batch of hard-constraint problems ``w* = argmin ½‖r(w; b)‖²`` (module docstring).
+
+    Args:
+        pde: The problem (:class:`~optlayers.solvers.pde.Heat`, ``Burgers``, ``DiffusionSorption``, ...).
+        rows: Basis values at the rows (:func:`gather_rows`), batch shape ``*batch``.
+        w0: Initial coefficients ``(*batch, N)`` (default zeros).
+        ridge: ``ρ`` (default 1e-4).
+        ic_weight, bc_weight: ``λ_ic``, ``λ_bc`` (default 1).
+        coupling: Optional linear rows ``C`` of shape ``(*outer, M, K, N)`` with
+            ``*batch = (*outer, K)``: the residual gains ``Σ_k C[..., k, :] w_k`` and the ``K``
+            problems of each ``outer`` index are solved jointly (``K·N`` unknowns).
+        solver: A :class:`~optlayers.implicit.LevenbergMarquardt` config (default
+            :func:`default_solver`: ``max_iter=100``, ``rtol=1e-10`` in float64); its damping and
+            stopping rules are used with the structured Jacobian.
+        hessian: ``"exact"`` (default) or ``"gauss_newton"`` operator in the implicit gradient.
+        adjoint: Gradient mode (default :func:`default_adjoint`).
+        throw: Raise :class:`~optlayers.ConvergenceError` when any problem fails.
+        callback: Called as ``callback(iteration, residual)`` by the solver.
+
+    Returns:
+        :class:`~optlayers.Result`: ``solution`` ``w*`` ``(*batch, N)``, differentiable in
+        ``rows.tensors`` and ``coupling``; flags of the batch shape (``residual`` is ``‖Jᵀr‖₂``;
+        with coupling, of the joint problem, repeated); :class:`ConstraintReport` as ``aux``.
+
+    Raises:
+        ConvergenceError: ``throw`` and some problem did not meet the solver's tolerance.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Burgers, basis_derivatives
+        >>> pde = Burgers(); grid = pde.grid(12, 8)
+        >>> regions = torch.ones(1, 12, 8, dtype=torch.bool)
+        >>> colloc = sample_collocation(grid, regions, 30, generator=torch.Generator().manual_seed(0))
+        >>> basis = torch.randn(2, 12, 8, 5, dtype=torch.float64)
+        >>> u0 = torch.zeros(2, 12, dtype=torch.float64)
+        >>> res = hard_constraint(pde, gather_rows(basis_derivatives(basis, grid), u0, colloc))
+        >>> res.solution.shape, bool(res.converged.all()), bool((res.aux.stationarity < 1e-8).all())
+        (torch.Size([2, 1, 5]), True, True)
+    """
+    if not isinstance(pde, PDE1D):
+        raise TypeError(f"pde must be a PDE1D (Heat, Burgers, DiffusionSorption, ...), got {type(pde).__name__}")
+    _check_weights(ridge, ic_weight, bc_weight)
+    if hessian not in ("exact", "gauss_newton"):
+        raise ValueError(f"hessian must be 'exact' or 'gauss_newton', got {hessian!r}")
+    solver = default_solver() if solver is None else solver
+    if not isinstance(solver, LevenbergMarquardt):
+        raise TypeError(f"solver must be a LevenbergMarquardt config, got {type(solver).__name__}")
+    adjoint = default_adjoint() if adjoint is None else adjoint
+    batch, N = rows.batch_shape, rows.pde.shape[-1]
+    dtype, device = rows.pde.dtype, rows.pde.device
+    w0 = torch.zeros(*batch, N, dtype=dtype, device=device) if w0 is None else w0.to(dtype)
+    if tuple(w0.shape) != (*batch, N):
+        raise ValueError(f"w0 must have shape {(*batch, N)}, got {tuple(w0.shape)}")
+    if coupling is not None and (coupling.dim() != len(batch) + 2 or tuple(coupling.shape[-2:]) != batch[-1:] + (N,)
+                                 or tuple(coupling.shape[:-3]) != batch[:-1]):
+        raise ValueError(f"coupling must have shape (*outer, M, K, N) = {(*batch[:-1], 'M', *batch[-1:], N)}, "
+                         f"got {tuple(coupling.shape)}")
+    problem = _Structured(pde, rows, ridge, ic_weight, bc_weight, coupling)
+    residual = collocation_residual(pde, rows, ridge=ridge, ic_weight=ic_weight, bc_weight=bc_weight)
+    full = residual if coupling is None else _coupled(residual)
+    params: tuple[Any, ...] = (rows.tensors,) if coupling is None else (rows.tensors, coupling)
+    optimality = _optimality(full, hessian)
+    batch_ndim = len(batch) if coupling is None else len(batch) - 1
+    n = N if coupling is None else batch[-1] * N
+
+    @custom_root(optimality, adjoint=adjoint, batch_ndim=batch_ndim)
+    def run(z0: Tensor, *_: Any) -> Result:
+        flat = _levenberg_marquardt(problem, z0.reshape(-1, n), solver, callback)
+        shape = batch if coupling is None else batch[:-1]
+        return Result(flat.solution.reshape(z0.shape), flat.converged.reshape(shape),
+                      flat.iterations.reshape(shape), flat.residual.reshape(shape), flat.status.reshape(shape))
+
+    res = run(w0, *params)
+    if coupling is not None:  # flags of the joint problem, repeated for its K members
+        expand = lambda t: t.unsqueeze(-1).expand(batch)  # noqa: E731
+        res = res.replace(converged=expand(res.converged), iterations=expand(res.iterations),
+                          residual=expand(res.residual), status=expand(res.status))
+    res = res.replace(aux=_report(pde, rows, problem, res.solution, w0))
+    rtol = solver.rtol if solver.rtol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
+    return raise_if_failed(f"hard_constraint(LevenbergMarquardt, {type(pde).__name__})", res, throw, tol=rtol,
+                           max_iter=solver.max_iter)
+
+
+def _optimality(residual: Callable[..., Tensor], hessian: Hessian) -> Callable[..., Tensor]:
+    """``G = Jᵀr`` (exact) or ``J(w̄)ᵀ r(w)`` with ``w̄ = w`` held fixed (Gauss–Newton)."""
+    if hessian == "exact":
+        def G(z: Tensor, *params: Any) -> Tensor:
+            return torch.func.grad(lambda v: 0.5 * (residual(v, *params) ** 2).sum())(z)
+    else:
+        def G(z: Tensor, *params: Any) -> Tensor:
+            _, pull = torch.func.vjp(lambda v: residual(v, *params), z.detach())
+            return pull(residual(z, *params))[0]
+    G.symmetric = True  # type: ignore[attr-defined]
+    G.positive_definite = True  # type: ignore[attr-defined]
+    return G

@@ -1,0 +1,204 @@
+"""Batched interior-point QP solver: accuracy against CVXPY, broadcasting, PSD/LP cases,
+infeasibility and unboundedness per element, failure semantics, float32, warm start, KKT helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from optlayers._result import ConvergenceError, Status
+from optlayers.solvers.qp import InteriorPoint, QuadraticSmoothing, factor_kkt, kkt_matvec, solve_kkt, solve_qp
+from optlayers.solvers.qp.kkt import static_delta
+
+cp = pytest.importorskip("cvxpy")
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny batched LAPACK calls are much slower with several BLAS threads on a loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_qp(B: int, n: int, m: int, p: int, *, dtype: torch.dtype = F64, seed: int = 0, psd: bool = False):
+    """Feasible by construction (inequalities with slack at x0, equalities through x0)."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(B, n, n, dtype=dtype, generator=g)
+    Q = L @ L.transpose(-1, -2) / n + (0.0 if psd else 0.1) * torch.eye(n, dtype=dtype)
+    q = torch.randn(B, n, dtype=dtype, generator=g)
+    G = torch.randn(B, m, n, dtype=dtype, generator=g)
+    x0 = torch.randn(B, n, dtype=dtype, generator=g)
+    h = (G @ x0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, m, dtype=dtype, generator=g)
+    A = torch.randn(B, p, n, dtype=dtype, generator=g)
+    b = (A @ x0.unsqueeze(-1)).squeeze(-1)
+    return Q, q, G, h, A, b
+
+
+def cvxpy_qp(Q, q, G, h, A, b):
+    """Reference solution with Clarabel at tight tolerances."""
+    Q, q, G, h, A, b = (np.asarray(t, dtype=np.float64) for t in (Q, q, G, h, A, b))
+    x = cp.Variable(q.shape[0])
+    cons = []
+    if G.shape[0]:
+        cons.append(G @ x <= h)
+    if A.shape[0]:
+        cons.append(A @ x == b)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, cp.psd_wrap(Q)) + q @ x), cons)
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, tol_ktratio=1e-10)
+    assert prob.status == "optimal"
+    return x.value, (cons[0].dual_value if G.shape[0] else None)
+
+
+@pytest.mark.parametrize("B,n,m,p", [(6, 4, 3, 0), (5, 10, 8, 3), (3, 25, 30, 5), (2, 40, 20, 10)])
+def test_random_qps_match_cvxpy(B, n, m, p):
+    data = random_qp(B, n, m, p, seed=n)
+    res = solve_qp(*data)
+    assert res.solution.shape == (B, n)
+    assert bool(res.converged.all()) and bool((res.status == Status.SUCCESS).all())
+    for i in range(B):
+        x_ref, lam_ref = cvxpy_qp(*(t[i] for t in data))
+        np.testing.assert_allclose(res.solution[i].numpy(), x_ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(res.aux.ineq_dual[i].numpy(), lam_ref, atol=1e-6, rtol=0)
+    # slack and complementarity
+    Q, q, G, h, A, b = data
+    slack = h - (G @ res.solution.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(res.aux.slack, slack, atol=1e-8, rtol=0)
+    assert float((res.aux.slack * res.aux.ineq_dual).abs().max()) < 1e-8
+
+
+def test_shared_and_batched_data_broadcast():
+    Q, q, G, h, A, b = random_qp(4, 6, 5, 2, seed=3)
+    # Q, G, A shared; p, h, b batched — and a 2-d batch shape for p
+    res = solve_qp(Q[0], q, G[0], h[0] + 1.0, A[0], b[0])
+    loop = torch.stack([solve_qp(Q[0], q[i], G[0], h[0] + 1.0, A[0], b[0]).solution for i in range(4)])
+    torch.testing.assert_close(res.solution, loop, atol=1e-9, rtol=0)
+    res2 = solve_qp(Q[0], q.reshape(2, 2, 6), G[0], h[0] + 1.0)
+    assert res2.solution.shape == (2, 2, 6) and res2.status.shape == (2, 2)
+    # unbatched everything -> 0-d flags
+    r0 = solve_qp(Q[0], q[0], G[0], h[0], A[0], b[0])
+    assert r0.solution.shape == (6,) and r0.converged.shape == ()
+
+
+def test_psd_q_and_lp_with_unique_solution():
+    # LP: max x1 + 2 x2 on the simplex slice x1 - x2 = 0.2 -> vertex (0.6, 0.4)
+    Z = torch.zeros(2, 2, dtype=F64)
+    c = -torch.tensor([1.0, 2.0], dtype=F64)
+    G = torch.tensor([[-1.0, 0.0], [0.0, -1.0], [1.0, 1.0]], dtype=F64)
+    h = torch.tensor([0.0, 0.0, 1.0], dtype=F64)
+    A = torch.tensor([[1.0, -1.0]], dtype=F64)
+    b = torch.tensor([0.2], dtype=F64)
+    res = solve_qp(Z, c, G, h, A, b)
+    torch.testing.assert_close(res.solution, torch.tensor([0.6, 0.4], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(res.aux.ineq_dual, torch.tensor([0.0, 0.0, 1.5], dtype=F64), atol=1e-9, rtol=0)
+    # PSD (rank-deficient) Q with constraints making the solution unique, batch of random LPs with boxes
+    Q, q, G, h, A, b = random_qp(4, 8, 6, 2, seed=5, psd=True)
+    Q = Q[:, :, :4] @ Q[:, :4, :]  # rank <= 4
+    Gb = torch.cat([G, torch.eye(8, dtype=F64).expand(4, 8, 8), -torch.eye(8, dtype=F64).expand(4, 8, 8)], 1)
+    hb = torch.cat([h + 1, torch.full((4, 16), 5.0, dtype=F64)], 1)
+    res = solve_qp(Q, q, Gb, hb, A, b)
+    for i in range(4):
+        x_ref, _ = cvxpy_qp(Q[i], q[i], Gb[i], hb[i], A[i], b[i])
+        np.testing.assert_allclose(res.solution[i].numpy(), x_ref, atol=1e-6, rtol=0)
+
+
+def test_rank_deficient_equalities():
+    Q, q, G, h, A, b = random_qp(2, 6, 4, 2, seed=7)
+    A3 = torch.cat([A, A[:, :1] * 2.0], 1)  # a duplicated (consistent) equality
+    b3 = torch.cat([b, b[:, :1] * 2.0], 1)
+    res = solve_qp(Q, q, G, h, A3, b3)
+    ref = solve_qp(Q, q, G, h, A, b)
+    torch.testing.assert_close(res.solution, ref.solution, atol=1e-8, rtol=0)
+
+
+def _infeasible_batch():
+    Q, q, G, h, A, b = random_qp(4, 3, 2, 0, seed=11)
+    box = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], dtype=F64).expand(4, 2, 3)
+    G = torch.cat([G, box], 1)
+    h = torch.cat([h, torch.full((4, 2), 5.0, dtype=F64)], 1)
+    h[2, -2:] = -1.0  # element 2: x1 <= -1 and x1 >= 1
+    return Q, q, G, h
+
+
+def test_infeasible_element_reported_alone():
+    Q, q, G, h = _infeasible_batch()
+    res = solve_qp(Q, q, G, h, throw=False)
+    assert res.status.tolist() == [0, 0, int(Status.INFEASIBLE), 0]
+    assert res.converged.tolist() == [True, True, False, True]
+    assert torch.isnan(res.solution[2]).all() and torch.isfinite(res.solution[[0, 1, 3]]).all()
+    ok = solve_qp(Q[[0, 1, 3]], q[[0, 1, 3]], G[[0, 1, 3]], h[[0, 1, 3]])
+    torch.testing.assert_close(res.solution[[0, 1, 3]], ok.solution, atol=1e-10, rtol=0)
+    with pytest.raises(ConvergenceError, match=r"INFEASIBLE.*failing batch indices \[2\]"):
+        solve_qp(Q, q, G, h)
+
+
+def test_unbounded_element_reported_alone():
+    c = torch.tensor([[1.0, 1.0], [-1.0, 0.0], [1.0, 2.0]], dtype=F64)
+    G = -torch.eye(2, dtype=F64)  # x >= 0
+    h = torch.zeros(2, dtype=F64)
+    res = solve_qp(torch.zeros(2, 2, dtype=F64), c, G, h, throw=False)
+    assert res.status.tolist() == [0, int(Status.UNBOUNDED), 0]
+    assert torch.isnan(res.solution[1]).all()
+    with pytest.raises(ConvergenceError, match=r"UNBOUNDED.*failing batch indices \[1\]"):
+        solve_qp(torch.zeros(2, 2, dtype=F64), c, G, h)
+    # unbounded QP: PSD Q with a descent direction in its null space and no constraints
+    Q = torch.diag(torch.tensor([1.0, 0.0], dtype=F64))
+    r = solve_qp(Q, torch.tensor([0.0, 1.0], dtype=F64), throw=False)
+    assert int(r.status) == Status.UNBOUNDED
+
+
+def test_nonfinite_input_and_max_iter():
+    data = list(random_qp(3, 4, 3, 1, seed=2))
+    data[1] = data[1].clone()
+    data[1][1, 0] = float("nan")
+    res = solve_qp(*data, throw=False)
+    assert res.status.tolist() == [0, int(Status.NONFINITE), 0]
+    with pytest.raises(ConvergenceError, match=r"MAX_ITER.*max_iter=1"):
+        solve_qp(*random_qp(2, 4, 3, 1), solver=InteriorPoint(max_iter=1))
+
+
+def test_float32_close_to_float64():
+    data = random_qp(8, 12, 10, 2, seed=4)
+    r64 = solve_qp(*data)
+    r32 = solve_qp(*(t.float() for t in data))
+    assert r32.solution.dtype == torch.float32 and bool(r32.converged.all())
+    err = (r32.solution.double() - r64.solution).abs().max() / r64.solution.abs().max()
+    assert float(err) < 1e-3
+
+
+def test_warm_start_and_no_sync_mode():
+    data = random_qp(4, 10, 8, 2, seed=8)
+    cold = solve_qp(*data)
+    warm = solve_qp(*data, init=cold)
+    torch.testing.assert_close(warm.solution, cold.solution, atol=1e-9, rtol=0)
+    assert int(warm.iterations.max()) <= int(cold.iterations.max())
+    fixed = solve_qp(*data, solver=InteriorPoint(check_every=None, max_iter=40))
+    torch.testing.assert_close(fixed.solution, cold.solution, atol=1e-9, rtol=0)
+    assert bool(fixed.converged.all())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="max_iter"):
+        InteriorPoint(max_iter=0)
+    with pytest.raises(ValueError, match="step_fraction"):
+        InteriorPoint(step_fraction=1.5)
+    with pytest.raises(ValueError, match="epsilon"):
+        QuadraticSmoothing(0.0)
+    with pytest.raises(ValueError, match="broadcast"):
+        solve_qp(torch.eye(2, dtype=F64).expand(3, 2, 2), torch.zeros(4, 2, dtype=F64))
+    with pytest.raises(ValueError, match="G and h"):
+        solve_qp(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), G=torch.eye(2, dtype=F64))
+
+
+def test_kkt_solve_matches_dense():
+    Q, q, G, h, A, b = random_qp(3, 5, 4, 2, seed=9)
+    w = torch.rand(3, 4, dtype=F64) + 1e-3
+    f = factor_kkt(Q, A, G, w, static_delta(Q, A, G, 3, 1e-8))
+    rx, ry, rz = torch.randn(3, 5, dtype=F64), torch.randn(3, 2, dtype=F64), torch.randn(3, 4, dtype=F64)
+    x, y, z = solve_kkt(f, rx, ry, rz, refine=2)
+    kx, ky, kz = kkt_matvec(Q, A, G, w, x, y, z)
+    torch.testing.assert_close(torch.cat([kx, ky, kz], -1), torch.cat([rx, ry, rz], -1), atol=1e-9, rtol=0)
