@@ -42,6 +42,23 @@ from .implicit import (
     stationarity,
 )
 
+from .implicit import HyperOptimizer, HypergradientInfo, PenaltyMethod, hypergradient
+from .layers import DEQ, DEQInfo, PhantomGradient
+from .solvers import (
+    project_box,
+    project_halfspace,
+    project_l1_ball,
+    project_l2_ball,
+    project_linf_ball,
+    project_nonnegative,
+    project_simplex,
+    project_sparse_simplex,
+    prox_elastic_net,
+    prox_group_lasso,
+    prox_l1,
+    prox_l2,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -53,4 +70,8 @@ __all__ = [
     "stationarity", "kkt", "projected_gradient_fp", "proximal_gradient_fp", "mirror_descent_fp",
     "Newton", "Broyden", "Picard", "Anderson", "GradientDescent", "LBFGS", "ProjectedGradient",
     "ProximalGradient", "GaussNewton", "LevenbergMarquardt",
+    "hypergradient", "PenaltyMethod", "HypergradientInfo", "HyperOptimizer", "DEQ", "DEQInfo", "PhantomGradient",
+    "project_simplex", "project_sparse_simplex", "project_box", "project_l1_ball", "project_l2_ball",
+    "project_linf_ball", "project_nonnegative", "project_halfspace",
+    "prox_l1", "prox_l2", "prox_elastic_net", "prox_group_lasso",
 ]

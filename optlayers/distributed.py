@@ -88,7 +88,7 @@ def all_gather_with_sizes(tensor: Tensor, *, dim: int = 0, group: Any = None) ->
         t = torch.cat([t, pad], 0)
     bufs = [torch.empty_like(t) for _ in range(ws)]
     dist.all_gather(bufs, t, group=g)
-    out = torch.cat([b[:s] for b, s in zip(bufs, sizes)], 0)
+    out = torch.cat([b[:s] for b, s in zip(bufs, sizes, strict=True)], 0)
     return out.movedim(0, dim), sizes
 
 

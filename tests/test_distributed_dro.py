@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from optlayers.layers.dro import DROLoss, GroupDROLoss
-from optlayers.solvers.dro import CVaR, ChiSquareBall, KLBall, Spectral, esrm
+from optlayers.solvers.dro import ChiSquareBall, CVaR, KLBall, Spectral, esrm
 
 SIZES = (5, 7)
 SPECS = {

@@ -8,6 +8,8 @@ the adjoint linear solvers are matrix-free and batched.
 from .adjoints import ImplicitAdjoint, OneStepAdjoint, UnrollAdjoint
 from .custom_root import custom_fixed_point, custom_root
 from .fixed_point import fixed_point
+from .hyper_optimizer import HyperOptimizer
+from .hypergradient import HypergradientInfo, PenaltyMethod, hypergradient
 from .least_squares import least_squares
 from .linear_solvers import (
     CG,
@@ -51,4 +53,5 @@ __all__ = [
     "stationarity", "kkt", "projected_gradient_fp", "proximal_gradient_fp", "mirror_descent_fp",
     "Newton", "Broyden", "Picard", "Anderson", "GradientDescent", "LBFGS", "ProjectedGradient",
     "ProximalGradient", "GaussNewton", "LevenbergMarquardt",
+    "hypergradient", "PenaltyMethod", "HypergradientInfo", "HyperOptimizer",
 ]

@@ -7,10 +7,14 @@ PyTorch reference, which is the specification:
 * ``cvar_numba(L, alpha) -> (p, tau)`` — :func:`optlayers.solvers.dro.cvar.cvar_reference`;
   quickselect and one pass, :math:`O(n)` per row;
 * ``chi2_ball_numba(L, rho) -> (p, eta, c)`` —
-  :func:`optlayers.solvers.dro.chi_square.chi2_ball_reference`; sort, then a Welford scan over
-  support sizes that stops at the first consistent one;
-* ``pav_l2_numba(y) -> v``, ``pav_kl_numba(z, w) -> v`` — pool adjacent violators
+  :func:`optlayers.solvers.dro.chi_square.chi2_ball_reference`; NumPy's sort, then a Welford
+  scan over support sizes that stops at the first consistent one;
+* ``perm_proj_l2_numba(z, w) -> q``, ``perm_proj_kl_numba(z, w) -> q`` — projections onto the
+  permutahedron by NumPy's argsort and pool adjacent violators
   (:mod:`optlayers.solvers.dro.spectral`).
+
+Sorting is done by NumPy outside the compiled loops: its SIMD sort is an order of magnitude
+faster than Numba's (and than ``torch.sort`` on CPU).
 
 Inputs are ``(B, n)`` float64 CPU tensors; rows are independent.
 """
@@ -23,7 +27,7 @@ import numba
 import numpy as np
 import torch
 
-__all__ = ["cvar_numba", "chi2_ball_numba", "pav_l2_numba", "pav_kl_numba"]
+__all__ = ["cvar_numba", "chi2_ball_numba", "perm_proj_l2_numba", "perm_proj_kl_numba"]
 
 
 @numba.njit(cache=True)
@@ -102,10 +106,11 @@ def cvar_numba(L: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tenso
 
 
 @numba.njit(cache=True)
-def _chi2_rows(L, rho, p, eta_out, c_out):  # pragma: no cover - compiled
+def _chi2_rows(L, S, rho, p, eta_out, c_out):  # pragma: no cover - compiled
     B, n = L.shape
     for b in range(B):
         row = L[b]
+        s = S[b]  # row sorted in descending order
         lmax = row.max()
         n_top = 0
         for i in range(n):
@@ -117,7 +122,6 @@ def _chi2_rows(L, rho, p, eta_out, c_out):  # pragma: no cover - compiled
             eta_out[b] = lmax
             c_out[b] = np.inf
             continue
-        s = np.sort(row)[::-1]
         mean = 0.0
         m2 = 0.0
         best = np.inf
@@ -168,42 +172,45 @@ def chi2_ball_numba(L: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Te
     if rho <= 0.0:
         return (torch.full((B, n), 1.0 / n, dtype=torch.float64), torch.full((B,), -math.inf, dtype=torch.float64),
                 torch.zeros(B, dtype=torch.float64))
+    S = np.empty_like(a)
+    for b in range(B):  # NumPy's (SIMD) sort is much faster than Numba's
+        S[b] = np.sort(a[b])[::-1]
     p = np.empty_like(a)
     eta = np.empty(B, dtype=a.dtype)
     c = np.empty(B, dtype=a.dtype)
-    _chi2_rows(a, float(rho), p, eta, c)
+    _chi2_rows(a, S, float(rho), p, eta, c)
     return torch.from_numpy(p), torch.from_numpy(eta), torch.from_numpy(c)
 
 
 @numba.njit(cache=True)
-def _pav_l2_rows(Y, out):  # pragma: no cover - compiled
-    B, n = Y.shape
+def _perm_l2_rows(Z, order, w, out):  # pragma: no cover - compiled
+    """Euclidean projection of each row onto the permutahedron of ``w`` (descending)."""
+    B, n = Z.shape
     sums = np.empty(n)
     cnt = np.empty(n, dtype=np.int64)
     for b in range(B):
         top = -1
         for i in range(n):
             top += 1
-            sums[top] = Y[b, i]
+            sums[top] = Z[b, order[b, i]] - w[i]
             cnt[top] = 1
             while top > 0 and sums[top - 1] * cnt[top] <= sums[top] * cnt[top - 1]:
                 sums[top - 1] += sums[top]
                 cnt[top - 1] += cnt[top]
                 top -= 1
         j = 0
+        tot = 0.0
         for blk in range(top + 1):
             v = sums[blk] / cnt[blk]
             for _ in range(cnt[blk]):
-                out[b, j] = v
+                k = order[b, j]
+                q = Z[b, k] - v
+                q = q if q > 0.0 else 0.0
+                out[b, k] = q
+                tot += q
                 j += 1
-
-
-def pav_l2_numba(y: torch.Tensor) -> torch.Tensor:
-    """Non-increasing isotonic regression of each row (Numba)."""
-    a = np.ascontiguousarray(y.detach().cpu().numpy())
-    out = np.empty_like(a)
-    _pav_l2_rows(a, out)
-    return torch.from_numpy(out)
+        for i in range(n):
+            out[b, i] /= tot
 
 
 @numba.njit(cache=True)
@@ -217,7 +224,8 @@ def _logaddexp(a, b):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _pav_kl_rows(Z, w, out):  # pragma: no cover - compiled
+def _perm_kl_rows(Z, order, w, out):  # pragma: no cover - compiled
+    """KL projection of each row onto the permutahedron of ``w`` (descending)."""
     B, n = Z.shape
     lse = np.empty(n)
     ws = np.empty(n)
@@ -226,10 +234,11 @@ def _pav_kl_rows(Z, w, out):  # pragma: no cover - compiled
     for b in range(B):
         top = -1
         for i in range(n):
+            z = Z[b, order[b, i]]
             top += 1
-            lse[top] = Z[b, i]
+            lse[top] = z
             ws[top] = w[i]
-            val[top] = Z[b, i] - math.log(w[i]) if w[i] > 0 else np.inf
+            val[top] = z - math.log(w[i]) if w[i] > 0 else np.inf
             cnt[top] = 1
             while top > 0 and val[top - 1] <= val[top]:
                 lse[top - 1] = _logaddexp(lse[top - 1], lse[top])
@@ -238,16 +247,38 @@ def _pav_kl_rows(Z, w, out):  # pragma: no cover - compiled
                 val[top - 1] = lse[top - 1] - math.log(ws[top - 1]) if ws[top - 1] > 0 else np.inf
                 top -= 1
         j = 0
+        tot = 0.0
         for blk in range(top + 1):
             for _ in range(cnt[blk]):
-                out[b, j] = val[blk]
+                k = order[b, j]
+                q = math.exp(Z[b, k] - val[blk])
+                out[b, k] = q
+                tot += q
                 j += 1
+        for i in range(n):
+            out[b, i] /= tot
 
 
-def pav_kl_numba(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """KL-pooling isotonic regression of each row against ``w`` (Numba)."""
+def _desc_order(a: np.ndarray) -> np.ndarray:
+    order = np.empty(a.shape, dtype=np.int64)
+    for b in range(a.shape[0]):
+        order[b] = np.argsort(-a[b])
+    return order
+
+
+def perm_proj_l2_numba(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of ``z`` onto the permutahedron of ``w`` (Numba)."""
     a = np.ascontiguousarray(z.detach().cpu().numpy())
     wa = np.ascontiguousarray(w.detach().cpu().numpy().astype(np.float64))
     out = np.empty_like(a)
-    _pav_kl_rows(a, wa, out)
+    _perm_l2_rows(a, _desc_order(a), wa, out)
+    return torch.from_numpy(out)
+
+
+def perm_proj_kl_numba(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """KL projection of each row of ``z`` onto the permutahedron of ``w`` (Numba)."""
+    a = np.ascontiguousarray(z.detach().cpu().numpy())
+    wa = np.ascontiguousarray(w.detach().cpu().numpy().astype(np.float64))
+    out = np.empty_like(a)
+    _perm_kl_rows(a, _desc_order(a), wa, out)
     return torch.from_numpy(out)

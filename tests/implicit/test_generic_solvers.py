@@ -198,7 +198,7 @@ def test_lbfgs_rosenbrock(line_search, dtype):
 
 
 def test_gradient_descent_mild_rosenbrock():
-    a = torch.tensor([1.0, 1.5, 0.5], dtype=torch.float64)
+    a = torch.tensor([0.8, 0.6, 0.4], dtype=torch.float64)
     res = GradientDescent().run_minimize(rosenbrock(a, b=2.0), torch.zeros(B, 2, dtype=torch.float64))
     assert res.converged.all()
     torch.testing.assert_close(res.solution, torch.stack([a, a**2], -1), atol=1e-8, rtol=0)
@@ -309,7 +309,8 @@ def test_check_every_none_runs_exactly_max_iter(kind, solver):
     p = _make(kind, torch.float64)
     ref = run(solver, p)
     # One line-search trial per iteration without synchronisation: allow for rejected trials.
-    max_iter = 2 * int(ref.iterations.max()) + 10
+    slack = 2 * int(ref.iterations.max()) + 10 if isinstance(solver, (GradientDescent, LBFGS)) else 5
+    max_iter = int(ref.iterations.max()) + slack
     fixed = run(type(solver)(**{**_fields(solver), "max_iter": max_iter, "check_every": None}), p)
     assert (fixed.iterations == max_iter).all()
     assert fixed.converged.all() and (fixed.status == Status.SUCCESS).all()

@@ -10,10 +10,10 @@ import torch
 
 import optlayers.kernels._dispatch as D
 from optlayers.kernels import Backend, KernelUnavailableError, dispatch, last_backend, register, registered_backends
-from optlayers.solvers.dro import CVaR, ChiSquareBall, Spectral, esrm, extremile, robust_weights, superquantile
+from optlayers.solvers.dro import ChiSquareBall, CVaR, Spectral, esrm, extremile, robust_weights, superquantile
 from optlayers.solvers.dro.chi_square import chi2_ball_reference
 from optlayers.solvers.dro.cvar import cvar_reference
-from optlayers.solvers.dro.spectral import pav_kl_reference, pav_l2_reference
+from optlayers.solvers.dro.spectral import perm_proj_kl_reference, perm_proj_l2_reference
 
 HAS_NUMBA = D.backend_available(Backend.NUMBA)
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -104,33 +104,34 @@ def _rows(B: int, n: int, seed: int, ties: bool) -> torch.Tensor:
 
 
 @needs_numba
+@pytest.mark.kernels
 @pytest.mark.parametrize("B,n", [(1, 1), (1, 2), (3, 7), (2, 100), (1, 1000)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_numba_kernels_match_reference(B: int, n: int, ties: bool) -> None:
-    from optlayers.kernels.dro_kernels import chi2_ball_numba, cvar_numba, pav_kl_numba, pav_l2_numba
+    from optlayers.kernels.dro_kernels import chi2_ball_numba, cvar_numba, perm_proj_kl_numba, perm_proj_l2_numba
 
     L = _rows(B, n, n, ties)
     for alpha in (1.0 / n, 0.13, 0.5, 1.0):
-        for a, b in zip(cvar_numba(L, alpha), cvar_reference(L, alpha)):
+        for a, b in zip(cvar_numba(L, alpha), cvar_reference(L, alpha), strict=True):
             assert torch.allclose(a, b, atol=1e-15)
     for rho in (0.0, 0.05, 1.0, float(n)):
         pa, ea, ca = chi2_ball_numba(L, rho)
         pb, eb, cb = chi2_ball_reference(L, rho)
         assert torch.allclose(pa, pb, atol=1e-12)
         assert torch.allclose(ea, eb, atol=1e-10, equal_nan=True)
-    w = extremile(2.0).weights(n).flip(0)
-    assert torch.allclose(pav_l2_numba(L), pav_l2_reference(L), atol=1e-14)
-    assert torch.allclose(pav_kl_numba(L, w), pav_kl_reference(L, w), atol=1e-13)
-    w0 = superquantile(0.5).weights(n).flip(0)  # zero weights in the tail
-    assert torch.allclose(pav_kl_numba(L, w0), pav_kl_reference(L, w0), atol=1e-13)
+    for w in (extremile(2.0).weights(n).flip(0), superquantile(0.5).weights(n).flip(0)):  # 2nd: zero tail
+        for scale in (0.01, 1.0, 100.0):
+            assert torch.allclose(perm_proj_l2_numba(scale * L, w), perm_proj_l2_reference(scale * L, w), atol=1e-13)
+            assert torch.allclose(perm_proj_kl_numba(scale * L, w), perm_proj_kl_reference(scale * L, w), atol=1e-13)
 
 
 @needs_numba
+@pytest.mark.kernels
 @pytest.mark.parametrize("spec,kernel", [
     (CVaR(0.1), "dro.cvar"),
     (ChiSquareBall(0.5), "dro.chi2_ball"),
-    (Spectral(esrm(2.0), lam=0.1), "dro.pav_l2"),
-    (Spectral(esrm(2.0), lam=0.1, divergence="kl"), "dro.pav_kl"),
+    (Spectral(esrm(2.0), lam=0.1), "dro.perm_proj_l2"),
+    (Spectral(esrm(2.0), lam=0.1, divergence="kl"), "dro.perm_proj_kl"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_robust_weights_runs_the_backend_it_reports(spec, kernel: str, dtype: torch.dtype,

@@ -75,14 +75,14 @@ def test_drop_in_matches_cvxpylayers(case):
     o1 = ours(*v1, solver_args={"eps": 1e-10})
     o2 = ref(*v2, solver_args={"eps": 1e-10})
     assert len(o1) == len(o2)
-    for a, b in zip(o1, o2):
+    for a, b in zip(o1, o2, strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     g = torch.Generator().manual_seed(1)
     ws = [torch.randn(a.shape, dtype=F64, generator=g) for a in o1]
-    g1 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(o1, ws)), v1)
-    g2 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(o2, ws)), v2)
-    for a, b in zip(g1, g2):
+    g1 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(o1, ws, strict=True)), v1)
+    g2 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(o2, ws, strict=True)), v2)
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, float(b.abs().max())), rtol=1e-4)
 
 

@@ -95,7 +95,7 @@ def test_wrm_inner_solution_and_danskin_gradient() -> None:
     aux = res.aux
     rho_hat = float(aux.transport_cost.mean())
     adv = float(F.cross_entropy(model(res.solution), y).detach())
-    assert abs(float(wasserstein_certificate(aux, rho_hat)) - adv) < 1e-10
+    assert abs(float(wasserstein_certificate(aux, rho_hat).detach()) - adv) < 1e-10
     # Danskin: d/dtheta of E phi equals a finite difference of the re-solved E phi
     w = model[0].weight
     loss = wrm(model, x, y)
@@ -164,7 +164,8 @@ def test_prospect_converges_to_the_full_objective_minimiser() -> None:
     g = torch.Generator().manual_seed(3)
     n, d = 32, 3
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    yv = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    noise = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    yv = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + noise
     spec = Spectral(esrm(2.0), lam=0.5)
     mu = 0.1
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from optlayers.layers.dro import DROLoss, GroupDROLoss
-from optlayers.solvers.dro import CVaR, ChiSquareBall, KLBall, robust_weights
+from optlayers.solvers.dro import ChiSquareBall, CVaR, KLBall, robust_weights
 
 
 def test_dro_loss_danskin_gradient_through_a_model() -> None:

@@ -86,7 +86,7 @@ def test_optnet_reference_setting_finite_differences():
 
     args = [t.clone().requires_grad_() for t in data]
     grads = torch.autograd.grad((qp(*args).solution * w).sum(), args)
-    for i, (a, gr) in enumerate(zip(data, grads)):
+    for i, (a, gr) in enumerate(zip(data, grads, strict=True)):
         # central differences, all perturbations of input i solved as one batch
         eps = 1e-8 * max(1.0, float(a.abs().max()))
         E = eps * torch.eye(a.numel(), dtype=F64).reshape(a.numel(), *a.shape)
@@ -121,7 +121,7 @@ def test_matches_cvxpylayers_gradients():
     x_ours = qp(Lt.mT @ Lt, *ours[1:]).solution
     torch.testing.assert_close(x_ours, x_ref, atol=1e-6, rtol=0)
     g_ours = torch.autograd.grad((x_ours * w).sum(), [Lt] + ours[1:])
-    for a, b_ in zip(g_ours, g_ref):
+    for a, b_ in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b_, atol=1e-5 * max(1.0, float(b_.abs().max())), rtol=1e-5)
 
 
@@ -134,7 +134,7 @@ def test_torch_func_transforms(no_fallback):
     torch.testing.assert_close(torch.func.vmap(f)(Q, p, G, h, A, b), f(Q, p, G, h, A, b), atol=1e-10, rtol=0)
     J = torch.func.jacrev(f, argnums=(1, 3))(Q[0], p[0], G[0], h[0], A[0], b[0])
     Jf = torch.func.jacfwd(f, argnums=(1, 3))(Q[0], p[0], G[0], h[0], A[0], b[0])
-    for a, c in zip(J, Jf):
+    for a, c in zip(J, Jf, strict=True):
         torch.testing.assert_close(a, c, atol=1e-10, rtol=0)
     eps = 1e-6
     E = torch.eye(5, dtype=F64)
@@ -219,5 +219,5 @@ def test_float32_gradients_close_to_float64():
     w = torch.randn(4, 6, dtype=F64)
     g64 = torch.autograd.grad((qp(*a64).solution * w).sum(), a64)
     g32 = torch.autograd.grad((qp(*a32).solution * w.float()).sum(), a32)
-    for a, c in zip(g32, g64):
+    for a, c in zip(g32, g64, strict=True):
         assert float((a.double() - c).abs().max()) <= 1e-2 * max(1.0, float(c.abs().max()))

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from optlayers.solvers.dro import (
-    CressieRead,
-    CVaR,
     ChiSquareBall,
     ChiSquarePenalty,
+    CressieRead,
+    CVaR,
     HolisticRobust,
     KLBall,
     KLPenalty,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,10 +12,10 @@ from hypothesis import strategies as st
 
 from optlayers import ConvergenceError, Status
 from optlayers.solvers.dro import (
-    CressieRead,
-    CVaR,
     ChiSquareBall,
     ChiSquarePenalty,
+    CressieRead,
+    CVaR,
     HolisticRobust,
     KLBall,
     KLPenalty,
@@ -235,6 +236,6 @@ def test_invalid_arguments() -> None:
 
 def test_specs_are_frozen_and_hashable() -> None:
     s = CVaR(0.1)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.alpha = 0.2  # type: ignore[misc]
     assert hash(s) == hash(CVaR(0.1)) and s == CVaR(0.1)

@@ -82,7 +82,7 @@ class Broyden(IterativeSolver):
         Fz = check_output(F(z), tuple(z.shape), "F")
         tr = self._tracker(torch.linalg.vector_norm(Fz, dim=-1), z.dtype, callback,
                            nonfinite=~torch.isfinite(z).all(-1))
-        H = self._initial(F, z, tr.sync)
+        H = H0 = self._initial(F, z, tr.sync)
         fresh, t_next = torch.ones_like(tr.active), torch.ones_like(tr.residual)
         evaluate = merit(F)
         for _ in tr:
@@ -106,7 +106,9 @@ class Broyden(IterativeSolver):
             safe = torch.where(upd, denom, torch.ones_like(denom))
             H_new = H + (s - Hy).unsqueeze(-1) * sH.unsqueeze(-2) / safe[:, None, None]
             H = masked(upd, H_new, H)
-            if not tr.sync or bool(reset.any()):
+            if not tr.sync:  # no host sync: reset to the initial H₀ (not re-evaluated at z)
+                H = masked(reset, H0, H)
+            elif bool(reset.any()):
                 H = masked(reset, self._initial(F, z, tr.sync), H)
             fresh = (fresh | reset) & ~upd
             z, Fz = masked(take, z_new, z), masked(take, F_new, Fz)

@@ -43,9 +43,9 @@ class Newton(IterativeSolver):
 
     Example:
         >>> F = lambda z: z ** 3 - 8.0
-        >>> Newton().run_root(F, torch.ones(2, 1, dtype=torch.float64)).solution
-        tensor([[2.],
-                [2.]], dtype=torch.float64)
+        >>> res = Newton().run_root(F, torch.ones(2, 1, dtype=torch.float64))
+        >>> [round(v, 12) for v in res.solution.flatten().tolist()], res.status.tolist()
+        ([2.0, 2.0], [0, 0])
 
     References:
         Nocedal & Wright, *Numerical Optimization*, 2nd ed., 2006, §11.1–11.2.

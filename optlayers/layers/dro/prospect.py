@@ -95,7 +95,7 @@ class Prospect(torch.optim.Optimizer):
         """``losses`` (n,), ``grads`` (n, d), ``q`` (n,), ``rho`` (n,), ``running`` (d,)."""
         if "prospect" not in self.state:
             raise RuntimeError("call init_tables(loss_fn) before stepping")
-        return self.state["prospect"]
+        return self.state["prospect"]  # type: ignore[index]
 
     def init_tables(self, loss_fn: Callable[[Tensor], Tensor], *, batch_size: int = 1) -> None:
         """Fill the loss and gradient tables at the current parameters.
@@ -115,13 +115,13 @@ class Prospect(torch.optim.Optimizer):
                 for j in range(len(idx)):
                     g = torch.autograd.grad(ls[j], params, retain_graph=j + 1 < len(idx), allow_unused=True)
                     grads.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                                            for gi, p in zip(g, params)]))
+                                            for gi, p in zip(g, params, strict=True)]))
             losses.append(ls.detach())
         L = torch.cat(losses)
         G = torch.stack(grads)
         q = self._weights(L)
-        self.state["prospect"] = {"losses": L, "grads": G, "q": q, "rho": q.clone(),
-                                  "running": G.T.to(q.dtype) @ q}
+        tables = {"losses": L, "grads": G, "q": q, "rho": q.clone(), "running": G.T.to(q.dtype) @ q}
+        self.state["prospect"] = tables  # type: ignore[index]
 
     def sample(self) -> int:
         """A uniformly random example index."""

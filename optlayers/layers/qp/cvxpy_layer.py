@@ -334,7 +334,7 @@ class CvxpyLayer(nn.Module):
         self._order = [int(i) for i in order]
         cols_sorted = [slots[i].col for i in self._order]
         expected = 0
-        for i, c in zip(self._order, cols_sorted):
+        for i, c in zip(self._order, cols_sorted, strict=True):
             if c != expected:
                 raise ValueError("internal: CVXPY parameter columns are not contiguous")
             expected += slots[i].size
@@ -371,7 +371,7 @@ class CvxpyLayer(nn.Module):
             raise ValueError(f"A tensor must be provided for each CVXPY parameter; received {len(params)} "
                              f"tensors, expected {len(self._slots)}")
         batch: list[int] = []
-        for i, (t, slot) in enumerate(zip(params, self._slots)):
+        for i, (t, slot) in enumerate(zip(params, self._slots, strict=True)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"parameter {i} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() == len(slot.shape):

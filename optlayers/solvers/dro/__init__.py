@@ -6,11 +6,11 @@ See :mod:`optlayers.solvers.dro._specs` for the conventions and
 
 from ._specs import (
     ESRM,
+    ChiSquareBall,
+    ChiSquarePenalty,
     CressieRead,
     CustomSpectrum,
     CVaR,
-    ChiSquareBall,
-    ChiSquarePenalty,
     DROSpec,
     Extremile,
     HolisticRobust,

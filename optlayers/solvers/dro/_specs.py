@@ -418,7 +418,7 @@ class CustomSpectrum(Spectrum):
             raise ValueError("a custom spectrum needs at least one value")
         if min(vals) < 0:
             raise ValueError("spectrum values must be >= 0")
-        if any(b < a - 1e-12 for a, b in zip(vals, vals[1:])):
+        if any(b < a - 1e-12 for a, b in zip(vals[:-1], vals[1:], strict=True)):
             raise ValueError("spectrum values must be non-decreasing (sigma_i weights the i-th smallest loss)")
         if abs(sum(vals) - 1.0) > 1e-9:
             raise ValueError(f"spectrum values must sum to 1, got {sum(vals)}")

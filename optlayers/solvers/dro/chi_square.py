@@ -24,6 +24,8 @@ not bind, ``c = 0`` for ``rho = 0``) has this PyTorch reference and a Numba vers
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,7 +70,7 @@ def chi2_ball_reference(L: Tensor, rho: float) -> tuple[Tensor, Tensor, Tensor]:
     return p, eb, cb
 
 
-def _load_numba() -> object:
+def _load_numba() -> Callable[..., Any]:
     from ...kernels.dro_kernels import chi2_ball_numba
 
     return chi2_ball_numba

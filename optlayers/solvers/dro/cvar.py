@@ -17,6 +17,8 @@ PyTorch reference and a Numba version in :mod:`optlayers.kernels.dro_kernels`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +47,7 @@ def cvar_reference(L: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     return p, tau
 
 
-def _load_numba() -> object:
+def _load_numba() -> Callable[..., Any]:
     from ...kernels.dro_kernels import cvar_numba
 
     return cvar_numba

@@ -86,7 +86,8 @@ def solve_kl_ball(L: Tensor, rho: float, *, tol: float, max_iter: int) -> Solved
     var_u = Z.var(1, unbiased=False)
     x0 = 0.5 * torch.log(var_u / (2.0 * rho))
     x0 = torch.where(torch.isfinite(x0), x0, 0.5 * (lo + hi))
-    _, lo, hi, res, conv, iters = newton_bisect(fn, lo, hi, x0, tol=tol, max_iter=max_iter, feasible="hi", active=active & ~stuck)
+    _, lo, hi, res, conv, iters = newton_bisect(fn, lo, hi, x0, tol=tol, max_iter=max_iter, feasible="hi",
+                                                active=active & ~stuck)
     lam_s = torch.exp(hi)  # feasible side: KL <= rho
     s = Z / lam_s[:, None]
     p = torch.softmax(s, dim=1)

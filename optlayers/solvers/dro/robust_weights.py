@@ -20,20 +20,20 @@ losses, ``1e-7`` otherwise) and ``max_iter`` (default 100); their weights are al
 (the feasible end of the final bracket, normalised). All inner computations run in float64;
 weights are returned in the dtype of ``losses``.
 
-Dual variables (``aux.dual``):
+Dual variables (``aux.dual``), ``eta`` then ``lam``:
 
-================  ===========================================================================
-spec              ``eta`` / ``lam``
-================  ===========================================================================
-CVaR              VaR :math:`\tau` (the :math:`\lceil\alpha n\rceil`-th largest loss) / 0;
-                  smoothed: :math:`\eta` with :math:`p_i \propto\min(e^{(\ell_i-\eta)/s-1},1/\alpha)` / :math:`s`
-TotalVariation    VaR of the CVaR part / 0
-chi-square        threshold, :math:`p = (\ell-\eta)_+/(2\mu n)` / total multiplier :math:`\mu`
-KL                :math:`p = e^{(\ell-\eta)/\lambda}/n` / :math:`\lambda` (penalty or ball multiplier)
-CressieRead       :math:`\eta` / :math:`\lambda` of :math:`\eta+\lambda\rho+\lambda\,\mathrm{mean}\,f_k^*((\ell-\eta)/\lambda)`
-Spectral          NaN / :math:`\lambda`
-HolisticRobust    :math:`\eta^\star` / :math:`\lambda` with :math:`p_i = \lambda q_i/(\eta^\star - v_i)`
-================  ===========================================================================
+* CVaR: the VaR :math:`\tau` (the :math:`\lceil\alpha n\rceil`-th largest loss), 0. Smoothed:
+  :math:`\eta` with :math:`p_i \propto \min(e^{(\ell_i-\eta)/s-1}, 1/\alpha)`, and :math:`s`.
+* TotalVariation: the VaR of the CVaR part, 0.
+* chi-square: the threshold with :math:`p = (\ell-\eta)_+/(2\mu n)`, and the total multiplier
+  :math:`\mu` of the divergence (penalty + ball multiplier).
+* KL: :math:`\eta` with :math:`p = e^{(\ell-\eta)/\lambda}/n`, and :math:`\lambda` (the
+  penalty, or the ball's multiplier).
+* CressieRead: :math:`\eta, \lambda` of
+  :math:`\eta + \lambda\rho + \lambda\,\mathrm{mean}_i f_k^*((\ell_i-\eta)/\lambda)`.
+* Spectral: NaN, :math:`\lambda`.
+* HolisticRobust: :math:`\eta^\star` and :math:`\lambda` with
+  :math:`p_i = \lambda q_i/(\eta^\star - v_i)`.
 
 :func:`dual_value` evaluates the dual objective at given dual variables; it upper-bounds the
 robust value for any feasible duals (a certificate) and equals it at the optimum.
@@ -63,10 +63,10 @@ from ..._result import Result, Status, raise_if_failed, register_aux
 from ...kernels import Backend
 from ._common import Solved
 from ._specs import (
-    CressieRead,
-    CVaR,
     ChiSquareBall,
     ChiSquarePenalty,
+    CressieRead,
+    CVaR,
     DROSpec,
     HolisticRobust,
     KLBall,

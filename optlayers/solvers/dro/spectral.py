@@ -15,14 +15,17 @@ Sorting and Ranking", ICML 2020):
 * KL: with :math:`z = \ell/\lambda`, :math:`q_{\text{sorted}} = e^{z - v}` where the PAV block
   value is :math:`\log\sum_B e^{z_i} - \log\sum_B w_i`.
 
-The PAV kernels ``"dro.pav_l2"`` (``fn(y) -> v``) and ``"dro.pav_kl"`` (``fn(z, w) -> v``) on
-``(B, n)`` float64 rows have the sequential Python references below (CPU; CUDA inputs are copied
-to the CPU for this O(n) pass) and Numba versions.
+The kernels ``"dro.perm_proj_l2"`` and ``"dro.perm_proj_kl"`` (``fn(z, w) -> q`` on ``(B, n)``
+float64 rows, ``w`` the spectrum in descending order) have the references below (``torch.sort``
+and a sequential Python PAV; CUDA rows are copied to the CPU for the O(n) pass) and Numba
+versions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,7 +34,7 @@ from ...kernels import Backend, dispatch, register
 from ._common import Solved, chi2_to_uniform, exact, kl_to_uniform, tie_average
 from ._specs import Spectral
 
-__all__ = ["pav_l2_reference", "pav_kl_reference", "solve_spectral"]
+__all__ = ["perm_proj_l2_reference", "perm_proj_kl_reference", "solve_spectral"]
 
 
 def _pav_l2_row(y: list[float]) -> list[float]:
@@ -87,40 +90,52 @@ def _pav_kl_row(z: list[float], w: list[float]) -> list[float]:
     return out
 
 
-def pav_l2_reference(y: Tensor) -> Tensor:
-    """Non-increasing isotonic regression of each row of ``y`` (sequential reference)."""
-    rows = y.detach().cpu().tolist()
-    return torch.tensor([_pav_l2_row(r) for r in rows], dtype=y.dtype).to(y.device)
+def _pav_l2_rows(y: Tensor) -> Tensor:
+    return torch.tensor([_pav_l2_row(r) for r in y.tolist()], dtype=y.dtype)
 
 
-def pav_kl_reference(z: Tensor, w: Tensor) -> Tensor:
-    """KL (log-sum-exp) pooling isotonic regression of each row of ``z`` against weights ``w``."""
-    wl = w.detach().cpu().tolist()
-    rows = z.detach().cpu().tolist()
-    return torch.tensor([_pav_kl_row(r, wl) for r in rows], dtype=z.dtype).to(z.device)
+def _pav_kl_rows(z: Tensor, w: Tensor) -> Tensor:
+    wl = w.tolist()
+    return torch.tensor([_pav_kl_row(r, wl) for r in z.tolist()], dtype=z.dtype)
 
 
-def _load_l2() -> object:
-    from ...kernels.dro_kernels import pav_l2_numba
-
-    return pav_l2_numba
-
-
-def _load_kl() -> object:
-    from ...kernels.dro_kernels import pav_kl_numba
-
-    return pav_kl_numba
-
-
-register("dro.pav_l2", Backend.REFERENCE, lambda: pav_l2_reference)
-register("dro.pav_l2", Backend.NUMBA, _load_l2, min_size=256)
-register("dro.pav_kl", Backend.REFERENCE, lambda: pav_kl_reference)
-register("dro.pav_kl", Backend.NUMBA, _load_kl, min_size=256)
+def perm_proj_l2_reference(z: Tensor, w: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``z`` (``(B, n)``) onto the permutahedron of ``w``
+    (``(n,)``, descending): sort, non-increasing isotonic regression of ``z_sorted - w``
+    (sequential PAV on the CPU), subtract, unsort."""
+    s, idx = torch.sort(z, dim=1, descending=True, stable=True)
+    v = _pav_l2_rows((s - w).cpu()).to(z.device)
+    qs = (s - v).clamp(min=0.0)
+    qs = qs / qs.sum(1, keepdim=True)
+    return torch.empty_like(z).scatter_(1, idx, qs)
 
 
-def _on_cpu(fn_name: str, backend: Backend | str | None, n: int):
-    # PAV is sequential: it always runs on the CPU (CUDA rows are copied over and back).
-    return dispatch(fn_name, backend=backend, device="cpu", size=n)
+def perm_proj_kl_reference(z: Tensor, w: Tensor) -> Tensor:
+    """KL projection (:math:`\\arg\\max_{q\\in\\mathcal P(w)}\\langle q, z\\rangle - \\sum q\\log q`) of
+    each row: sort, log-sum-exp-pooling PAV, ``exp(z_sorted - v)``, unsort."""
+    s, idx = torch.sort(z, dim=1, descending=True, stable=True)
+    v = _pav_kl_rows(s.cpu(), w.cpu()).to(z.device)
+    qs = torch.exp(s - v)
+    qs = qs / qs.sum(1, keepdim=True)
+    return torch.empty_like(z).scatter_(1, idx, qs)
+
+
+def _load_l2() -> Callable[..., Any]:
+    from ...kernels.dro_kernels import perm_proj_l2_numba
+
+    return perm_proj_l2_numba
+
+
+def _load_kl() -> Callable[..., Any]:
+    from ...kernels.dro_kernels import perm_proj_kl_numba
+
+    return perm_proj_kl_numba
+
+
+register("dro.perm_proj_l2", Backend.REFERENCE, lambda: perm_proj_l2_reference)
+register("dro.perm_proj_l2", Backend.NUMBA, _load_l2, min_size=256)
+register("dro.perm_proj_kl", Backend.REFERENCE, lambda: perm_proj_kl_reference)
+register("dro.perm_proj_kl", Backend.NUMBA, _load_kl, min_size=256)
 
 
 def solve_spectral(L: Tensor, spec: Spectral, *, backend: Backend | str | None = None) -> Solved:
@@ -133,21 +148,14 @@ def solve_spectral(L: Tensor, spec: Spectral, *, backend: Backend | str | None =
         qs = tie_average(s, sigma.expand(B, n).contiguous())
         q = torch.empty_like(L).scatter_(1, idx, qs)
         return exact(q, divergence=chi2_to_uniform(q))
-    s, idx = torch.sort(L, dim=1, descending=True, stable=True)
     w = sigma.flip(0).contiguous()
-    dev = L.device
+    # PAV is sequential: the numba kernel runs on the CPU (CUDA rows are copied over and back)
     if spec.divergence == "chi2":
-        z = s / (2.0 * lam * n)
-        fn = _on_cpu("dro.pav_l2", backend, n)
-        v = fn((z - w).cpu()).to(dev)
-        qs = (z - v).clamp(min=0.0)
+        fn = dispatch("dro.perm_proj_l2", backend=backend, device="cpu", size=n)
+        q = fn(L / (2.0 * lam * n), w).to(L.device)
+        div = chi2_to_uniform(q)
     else:
-        z = s / lam
-        fn = _on_cpu("dro.pav_kl", backend, n)
-        v = fn(z.cpu(), w.cpu()).to(dev)
-        qs = torch.exp(z - v)
-    qs = qs / qs.sum(1, keepdim=True)
-    q = torch.empty_like(L).scatter_(1, idx, qs)
-    div = chi2_to_uniform(q) if spec.divergence == "chi2" else kl_to_uniform(q)
-    return exact(q, penalty=lam * div, lam=torch.full((B,), lam, dtype=L.dtype, device=dev), divergence=div)
-
+        fn = dispatch("dro.perm_proj_kl", backend=backend, device="cpu", size=n)
+        q = fn(L / lam, w).to(L.device)
+        div = kl_to_uniform(q)
+    return exact(q, penalty=lam * div, lam=torch.full((B,), lam, dtype=L.dtype, device=L.device), divergence=div)

@@ -80,6 +80,7 @@ class _Entry:
     delta: torch.Tensor
     valid: torch.Tensor
     factor: KKTFactor | None = None
+    lu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def B(self) -> int:
@@ -89,13 +90,36 @@ class _Entry:
     def sizes(self) -> tuple[int, int, int]:
         return self.Q.shape[-1], self.A.shape[-2], self.G.shape[-2]
 
+    def cholesky(self) -> KKTFactor:
+        if self.factor is None:
+            self.factor = factor_kkt(self.Q, self.A, self.G, self.w, self.delta)
+        return self.factor
+
+    def scaled_lu(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LU of ``S K S`` with ``S = diag(1, 1, 1/√max(W, 1))``: every entry is bounded by the data."""
+        if self.lu is None:
+            n, k, m = self.sizes
+            B, dt, dev = self.B, self.w.dtype, self.w.device
+            sc = self.w.clamp_min(1.0).rsqrt()  # (B, m)
+            Gs = self.G * sc.unsqueeze(-1)  # (B, m, n)
+            K = torch.zeros(B, n + k + m, n + k + m, dtype=dt, device=dev)
+            K[:, :n, :n] = self.Q
+            K[:, n:n + k, :n] = self.A
+            K[:, :n, n:n + k] = self.A.transpose(-1, -2)
+            K[:, n + k:, :n] = Gs
+            K[:, :n, n + k:] = Gs.transpose(-1, -2)
+            K[:, n + k:, n + k:] = torch.diag_embed(-self.w * sc * sc)
+            LU, piv, _ = torch.linalg.lu_factor_ex(K)
+            self.lu = (LU, piv, sc)
+        return self.lu
+
 
 class KKTCache:
     """The KKT data of the forward solves of one :func:`~optlayers.layers.qp` call.
 
     Each forward solve (one, or one per slice under ``torch.func.vmap``) appends its flat data,
-    the weights ``W = s/λ`` at its solution and a validity mask; the factorization is computed on
-    the first gradient request and kept.
+    the weights ``W = s/λ`` at its solution and a validity mask; factorizations are computed on
+    the first gradient request and kept for every later solve of the same call.
     """
 
     def __init__(self) -> None:
@@ -109,17 +133,10 @@ class KKTCache:
         w = torch.where(ok, slack.clamp_min(tiny) / ineq_dual.clamp_min(tiny), torch.ones_like(slack))
         self.entries.append(_Entry(Q=Q, A=A, G=G, w=w, delta=delta, valid=valid))
 
-    def factors(self) -> list[_Entry]:
-        for e in self.entries:
-            if e.factor is None:
-                e.factor = factor_kkt(e.Q, e.A, e.G, e.w, e.delta)
-        return self.entries
 
-
-def _solve_entry(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve the regularized KKT system of one entry for ``rhs (V, B, N)`` (V broadcasts)."""
-    f = e.factor
-    assert f is not None
+def _solve_cholesky(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
+    """Regularized KKT solve of one entry for ``rhs (V, B, N)`` (V broadcasts)."""
+    f = e.cholesky()
     n, ne, m = e.sizes
     rx, ry, rz = rhs.split([n, ne, m], dim=-1)
     dl = f.delta  # (B, 1)
@@ -129,21 +146,38 @@ def _solve_entry(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
     dx = torch.cholesky_solve(r.unsqueeze(-1), f.L).squeeze(-1)
     dy = (_mv(f.A, dx) - ry) / dl
     dz = f.d * (_mv(f.G, dx) - rz)
-    out = torch.cat([dx, dy, dz], dim=-1)
-    return torch.where(e.valid.unsqueeze(-1), out, torch.zeros_like(out))
+    return torch.cat([dx, dy, dz], dim=-1)
+
+
+def _solve_lu(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
+    """Exact (unregularized) KKT solve of one entry by the scaled LU, ``rhs (V, B, N)``."""
+    LU, piv, sc = e.scaled_lu()
+    n, ne, _ = e.sizes
+    scale = torch.cat([torch.ones(sc.shape[0], n + ne, dtype=sc.dtype, device=sc.device), sc], -1)
+    V = rhs.shape[0]
+    r = (rhs * scale).unsqueeze(-1)
+    out = torch.linalg.lu_solve(LU.expand(V, *LU.shape), piv.expand(V, *piv.shape), r).squeeze(-1)
+    return out * scale
 
 
 @dataclasses.dataclass(frozen=True)
 class KKTSolve(LinearSolver):
-    """Solve the QP's KKT systems with the cached interior-point factorization.
+    """Solve the QP's KKT systems with factorizations of the KKT matrix at the solution.
+
+    First the regularized Cholesky factorization of :mod:`.kkt` with iterative refinement against
+    the exact operator; elements that miss the tolerance (strongly and weakly active constraints
+    together make that elimination ill-conditioned) are re-solved with a batched LU of the
+    symmetrically scaled full KKT matrix, whose entries stay bounded by the data. Both
+    factorizations are computed once per :func:`~optlayers.layers.qp` call and reused by every
+    adjoint, tangent and second-order solve of that call.
 
     Args:
         cache: The :class:`KKTCache` filled by the forward solves.
         rtol: Relative residual tolerance (``‖Ku − r‖ ≤ rtol ‖r‖``); None means 1e-10 in float64
             and 1e-4 in float32.
-        refine: Iterative-refinement steps against the exact operator.
-        fallback: Linear solver used when the cached factorization does not apply or misses the
-            tolerance.
+        refine: Most iterative-refinement steps (it stops early once every element converged).
+        fallback: Linear solver used when the cached factorizations do not apply (a batch layout
+            they cannot be matched to).
 
     Elements whose forward solve failed (NaN solution) get a zero solution, so they contribute
     zero gradient.
@@ -151,13 +185,13 @@ class KKTSolve(LinearSolver):
 
     cache: KKTCache = dataclasses.field(default_factory=KKTCache, compare=False, repr=False)
     rtol: float | None = None
-    refine: int = 2
+    refine: int = 3
     fallback: LinearSolver = dataclasses.field(default_factory=lambda: Dense("lu"))
     ridge: float = 0.0
 
     def __call__(self, op: LinearOperator, b: torch.Tensor, x0: torch.Tensor | None = None) -> Result:
         rtol = self.rtol if self.rtol is not None else (1e-10 if b.dtype == torch.float64 else 1e-4)
-        entries = self.cache.factors() if self.cache.entries else []
+        entries = self.cache.entries
         total = sum(e.B for e in entries)
         if (not entries or total == 0 or op.batch % total != 0
                 or any(sum(e.sizes) != op.n for e in entries)
@@ -166,17 +200,19 @@ class KKTSolve(LinearSolver):
         V = op.batch // total
         entry_valid = torch.cat([e.valid for e in entries])
         # Under nested torch.func transforms the vmapped copies are folded into the batch either
-        # before (V, total) or after (total, V) the forward batch; try both, verified by residual.
-        res = self._refined(op, b, entries, V, total, "copies_outer", entry_valid, rtol)
-        if V > 1 and not bool(res.converged.all()):
-            res = _pick(self._refined(op, b, entries, V, total, "copies_inner", entry_valid, rtol), res)
-        if not bool(res.converged.all()):
-            fb = self.fallback(op, b, None)
-            res = _pick(fb, res)
-        return res
+        # before (V, total) or after (total, V) the forward batch; the residual check tells which.
+        res = None
+        for layout in ("copies_outer", "copies_inner") if V > 1 else ("copies_outer",):
+            for method in (_solve_cholesky, _solve_lu):
+                attempt = self._refined(op, b, entries, V, total, layout, entry_valid, rtol, method)
+                res = attempt if res is None else _pick(attempt, res)
+                if bool(res.converged.all()):
+                    return res
+        assert res is not None
+        return _pick(self.fallback(op, b, None), res)
 
     def _refined(self, op: LinearOperator, b: torch.Tensor, entries: list[_Entry], V: int, total: int,
-                 layout: str, entry_valid: torch.Tensor, rtol: float) -> Result:
+                 layout: str, entry_valid: torch.Tensor, rtol: float, method: Any) -> Result:
         """Cached-factor solve plus refinement for one assumed batch layout."""
         N = op.n
 
@@ -196,16 +232,22 @@ class KKTSolve(LinearSolver):
             r3 = to3(r)
             parts, start = [], 0
             for e in entries:
-                parts.append(_solve_entry(e, r3[:, start:start + e.B]))
+                part = method(e, r3[:, start:start + e.B])
+                parts.append(torch.where(e.valid.unsqueeze(-1), part, torch.zeros_like(part)))
                 start += e.B
             return from3(torch.cat(parts, dim=1))
 
         bz = torch.where(valid.unsqueeze(-1), b, torch.zeros_like(b))
-        u = msolve(bz)
-        for _ in range(self.refine):
-            u = u + msolve(bz - op.matvec(u))
         tol = rtol * torch.linalg.vector_norm(bz, dim=-1)
-        iters = torch.full((op.batch,), self.refine + 1, dtype=torch.int64, device=b.device)
+        u = msolve(bz)
+        steps = 1
+        for _ in range(self.refine):
+            r = bz - op.matvec(u)
+            if bool((torch.linalg.vector_norm(r, dim=-1) <= tol).all()):
+                break
+            u = u + msolve(r)
+            steps += 1
+        iters = torch.full((op.batch,), steps, dtype=torch.int64, device=b.device)
         res = finish(u, op, bz, iters, tol)
         if not bool(valid.all()):
             # Failed forward elements: zero solution, reported as solved (zero gradient by design).
@@ -217,8 +259,8 @@ class KKTSolve(LinearSolver):
 def _pick(a: Result, b: Result) -> Result:
     """Per element, the converged one of two results, else the one with the smaller residual."""
     use_a = (a.converged & ~b.converged) | (~b.converged & ~a.converged & (a.residual < b.residual))
-    use_a = use_a | (a.converged & b.converged & (a.residual < b.residual))
     w = use_a.unsqueeze(-1)
-    return Result(solution=torch.where(w, a.solution, b.solution), converged=torch.where(use_a, a.converged, b.converged),
-                  iterations=torch.where(use_a, a.iterations, b.iterations),
+    return Result(solution=torch.where(w, a.solution, b.solution),
+                  converged=torch.where(use_a, a.converged, b.converged),
+                  iterations=a.iterations + b.iterations,
                   residual=torch.where(use_a, a.residual, b.residual), status=torch.where(use_a, a.status, b.status))

@@ -197,7 +197,9 @@ class InteriorPoint:
 
         def per_elem(t: torch.Tensor) -> torch.Tensor:
             flat = t.reshape(t.shape[0], -1)
-            r = torch.isfinite(flat).all(-1) if flat.shape[-1] else torch.ones(t.shape[0], dtype=torch.bool, device=device)
+            if not flat.shape[-1]:
+                return torch.ones(Bn, dtype=torch.bool, device=device)
+            r = torch.isfinite(flat).all(-1)
             return r.expand(Bn)
 
         finite = per_elem(Qd) & per_elem(pd) & per_elem(Ad) & per_elem(bd) & per_elem(Gd) & per_elem(hd)
@@ -330,7 +332,8 @@ class InteriorPoint:
             kappa = torch.where(ok_step, kappa + alpha * dk, kappa)
 
         converged = status == int(Status.SUCCESS)
-        invalid = (status == int(Status.INFEASIBLE)) | (status == int(Status.UNBOUNDED)) | (status == int(Status.NONFINITE))
+        invalid = ((status == int(Status.INFEASIBLE)) | (status == int(Status.UNBOUNDED))
+                   | (status == int(Status.NONFINITE)))
         nan = torch.tensor(float("nan"), dtype=dtype, device=device)
 
         def finish(v: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,8 @@ def _safe_cholesky(H: torch.Tensor, delta: torch.Tensor, retry: bool) -> tuple[t
         return L, ok
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     if retry and not bool(ok.all()):
-        ridge = torch.maximum(1e4 * delta, 1e3 * torch.finfo(H.dtype).eps * H.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True))
+        diag_max = H.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+        ridge = torch.maximum(1e4 * delta, 1e3 * torch.finfo(H.dtype).eps * diag_max)
         L2, info2 = torch.linalg.cholesky_ex(H + ridge.unsqueeze(-1) * eye)
         L = torch.where(ok[:, None, None], L, L2)
         ok = ok | (info2 == 0)
