@@ -8,7 +8,11 @@ of inputs:
 
 The strict constraint (an indicator rate) is not differentiable, so the primal step uses the
 proxy ``mean(sigmoid(f_θ(x)))`` while the multiplier moves with the *strict* training rate
-(proxy-Lagrangian, Cotter et al. 2019). We compare with the best feasible threshold classifier:
+(proxy-Lagrangian, Cotter et al. 2019). A rate measured on ~900 samples has a standard error of
+about 0.016, and train and test rates of a 65-parameter model differ by that much and more, so
+the constraint is imposed on the training set with a margin ``δ = 0.02`` (``rate ≤ r − δ``) to
+hold on held-out data (the split is fixed by ``--seed``; other splits move the held-out rate by
+a few hundredths either way). We compare with the best feasible threshold classifier:
 an unconstrained logistic regression whose threshold is picked, with hindsight on the test
 set, as the most accurate one whose test positive rate is ≤ r.
 
@@ -91,14 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="short run (a few seconds)")
     ap.add_argument("--out", default=".", help="directory for the plot and the JSON summary")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="train/test split seed")
+    ap.add_argument("--margin", type=float, default=0.02, help="training-rate margin δ")
     args = ap.parse_args(argv)
-    steps = args.steps or (1500 if args.quick else 5000)
+    steps = args.steps or (400 if args.quick else 2000)
     torch.manual_seed(0)
-    Xtr, Xte, ytr, yte = load()
+    Xtr, Xte, ytr, yte = load(args.seed)
     Xt, yt = torch.tensor(Xtr), torch.tensor(ytr)
-    problem = RateConstrained(Xt.shape[1], RATE)
-    opt = ConstrainedOptimizer(problem, torch.optim.Adam(problem.parameters(), lr=1e-2),
-                               dual=GradientAscent(lr=0.05), scheme="alternating_dual_primal")
+    problem = RateConstrained(Xt.shape[1], RATE - args.margin)
+    opt = ConstrainedOptimizer(problem, torch.optim.Adam(problem.parameters(), lr=0.05, weight_decay=1e-2),
+                               dual=GradientAscent(lr=0.1), scheme="alternating_dual_primal")
     hist: dict[str, list[float]] = {"violation": [], "strict_violation": [], "multiplier": []}
     for _ in range(steps):
         log = opt.step(Xt, yt).as_dict()
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_rate = float(pred.mean())
     test_acc = float((pred == (yte > 0.5)).mean())
     base_acc, base_rate = best_feasible_threshold(Xtr, Xte, ytr, yte, RATE)
-    summary = {"rate_bound": RATE, "test_positive_rate": test_rate, "test_accuracy": test_acc,
+    summary = {"rate_bound": RATE, "train_margin": args.margin, "test_positive_rate": test_rate, "test_accuracy": test_acc,
                "best_feasible_threshold_accuracy": base_acc, "best_feasible_threshold_rate": base_rate,
                "final_multiplier": hist["multiplier"][-1], "steps": steps}
     os.makedirs(args.out, exist_ok=True)

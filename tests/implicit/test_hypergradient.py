@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from optlayers.implicit import CG, ImplicitAdjoint, Neumann, UnrollAdjoint
+from optlayers.implicit import HyperOptimizer
 from optlayers.implicit.hypergradient import PenaltyMethod, hypergradient
 
 DT = torch.float64
@@ -82,3 +83,18 @@ def test_pytree_and_module_params():
     assert set(res.solution) == {"decay"} and res.solution["decay"].shape == (1, 3)
     assert torch.equal(model.weight, before)
     assert torch.isfinite(res.solution["decay"]).all()
+
+
+def test_hyper_optimizer_lowers_validation_loss(problem):
+    inner, outer, w_star, lam, exact, _ = problem
+    w = torch.zeros(5, dtype=DT, requires_grad=True)
+    log_lam = torch.zeros(5, dtype=DT, requires_grad=True)
+    inner_log = lambda w_, h: inner(w_, h.exp())  # noqa: E731
+    outer_log = lambda w_, h: outer(w_, h.exp())  # noqa: E731
+    opt = HyperOptimizer(outer_log, inner_log, w, log_lam, torch.optim.LBFGS([w], max_iter=50, tolerance_grad=1e-12, tolerance_change=1e-15),
+                         torch.optim.Adam([log_lam], lr=0.1), inner_steps=2)
+    logs = [opt.step() for _ in range(15)]
+    assert logs[-1]["outer_loss"] < logs[0]["outer_loss"]
+    assert all(entry["inner_residual"] < 1e-5 for entry in logs[1:]), logs
+    with pytest.raises(ValueError, match="inner_steps"):
+        HyperOptimizer(outer_log, inner_log, w, log_lam, opt.inner_optimizer, opt.outer_optimizer, inner_steps=-1)

@@ -78,7 +78,7 @@ def test_implicit_potentials_plan_and_agreement_with_unroll():
     assert torch.autograd.gradcheck(outputs(Implicit()), (C,))
     J_imp = torch.autograd.functional.jacobian(outputs(Implicit()), C)
     J_unr = torch.autograd.functional.jacobian(outputs(Unroll()), C)
-    for ji, ju in zip(J_imp, J_unr):
+    for ji, ju in zip(J_imp, J_unr, strict=False):
         assert torch.allclose(ji, ju, atol=1e-9)
 
 
@@ -121,8 +121,8 @@ def test_backward_memory_does_not_grow_with_iterations():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            sinkhorn(None, None, PointCloud(x, y), epsilon=0.01, max_iter=max_iter, gradient=gradient,
-                     throw=False).aux.value
+            _ = sinkhorn(None, None, PointCloud(x, y), epsilon=0.01, max_iter=max_iter, gradient=gradient,
+                         throw=False).aux.value
         return total[0]
 
     for gradient in (Envelope(), Implicit()):

@@ -7,7 +7,15 @@ import pytest
 import scipy.stats
 import torch
 
-from optlayers.solvers.ot import AndersonAcceleration, Anneal, emd, max_sliced_wasserstein, sinkhorn, sliced_wasserstein, wasserstein_1d
+from optlayers.solvers.ot import (
+    AndersonAcceleration,
+    Anneal,
+    emd,
+    max_sliced_wasserstein,
+    sinkhorn,
+    sliced_wasserstein,
+    wasserstein_1d,
+)
 
 f64 = torch.float64
 

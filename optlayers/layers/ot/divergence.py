@@ -23,6 +23,9 @@ from ...solvers.ot.sinkhorn import Gradient
 
 __all__ = ["sinkhorn_divergence", "SinkhornLoss"]
 
+_ENVELOPE = Envelope()
+_ANDERSON = AndersonAcceleration()
+
 
 def _ot(a: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, *,
         p: float, eps: float, rho: float | None, anneal: Anneal | None, tol: float | None,
@@ -38,9 +41,9 @@ def _ot(a: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor | None, y: torc
 def sinkhorn_divergence(a: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, *,
                         p: float = 2, blur: float = 0.05, reach: float | None = None,
                         scaling: float = 0.5, debias: bool = True, tol: float | None = 1e-3,
-                        max_iter: int = 10_000, gradient: Gradient | str = Envelope(),
+                        max_iter: int = 10_000, gradient: Gradient | str = _ENVELOPE,
                         online: bool | None = None,
-                        acceleration: AndersonAcceleration | None = AndersonAcceleration(),
+                        acceleration: AndersonAcceleration | None = _ANDERSON,
                         throw: bool = True) -> torch.Tensor:
     """Sinkhorn divergence between weighted point clouds (GeomLoss's conventions).
 
@@ -118,9 +121,9 @@ class SinkhornLoss(nn.Module):
 
     def __init__(self, p: float = 2, blur: float = 0.05, reach: float | None = None,
                  scaling: float = 0.5, debias: bool = True, *, tol: float | None = 1e-3,
-                 max_iter: int = 10_000, gradient: Gradient | str = Envelope(),
+                 max_iter: int = 10_000, gradient: Gradient | str = _ENVELOPE,
                  online: bool | None = None,
-                 acceleration: AndersonAcceleration | None = AndersonAcceleration(),
+                 acceleration: AndersonAcceleration | None = _ANDERSON,
                  throw: bool = True) -> None:
         super().__init__()
         self.acceleration = acceleration

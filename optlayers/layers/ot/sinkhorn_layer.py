@@ -30,6 +30,8 @@ from ...solvers.ot.sinkhorn import Gradient
 
 __all__ = ["sinkhorn", "Sinkhorn", "Envelope", "Implicit", "Unroll"]
 
+_ENVELOPE = Envelope()
+
 
 class Sinkhorn(nn.Module):
     """Entropic OT as a module: ``layer(x, y, a=None, b=None)`` returns ``OT_ε`` per problem.
@@ -55,7 +57,7 @@ class Sinkhorn(nn.Module):
                  relative_epsilon: bool = False, rho_a: float | None = None, rho_b: float | None = None,
                  tol: float | None = None, max_iter: int = 10_000, anneal: Anneal | None = None,
                  acceleration: AndersonAcceleration | None = None,
-                 gradient: Gradient | str = Envelope(), online: bool | None = None,
+                 gradient: Gradient | str = _ENVELOPE, online: bool | None = None,
                  throw: bool = True) -> None:
         super().__init__()
         self.epsilon, self.cost, self.relative_epsilon = epsilon, cost, relative_epsilon

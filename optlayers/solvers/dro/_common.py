@@ -65,7 +65,8 @@ def exact(p: Tensor, *, penalty: Tensor | None = None, eta: Tensor | None = None
 def kl_to_uniform(p: Tensor) -> Tensor:
     """:math:`\\mathrm{KL}(p\\|u) = \\sum_i p_i \\log(n p_i)` over the last dimension."""
     n = p.shape[-1]
-    return torch.special.xlogy(p, p * n).sum(-1)
+    pos = p > 0
+    return torch.where(pos, p * torch.log(torch.where(pos, p * n, torch.ones_like(p))), torch.zeros_like(p)).sum(-1)
 
 
 def chi2_to_uniform(p: Tensor) -> Tensor:

@@ -212,7 +212,7 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
                 callback(total, err)
             if total >= max_iter or (fixed and stage_iter >= per_stage):
                 break
-            if not fixed and total % check_every == 0 and bool(frozen.all()):
+            if check_every is not None and total % check_every == 0 and bool(frozen.all()):
                 break
             f_next = f_new
             if acceleration is not None:

@@ -18,8 +18,9 @@ Optimality (for implicit differentiation), with the balanced gauge fixed by a ra
 that vanishes on the normalized solution ``⟨a, f⟩ = ⟨b, g⟩``:
 
 .. math::
-    F(f, g) = \\begin{pmatrix} f - \\lambda_a \\operatorname{softmin}_\\varepsilon(C - g - \\varepsilon\\log b)
-              + s \\mathbf 1_n \\\\ g - \\lambda_b \\operatorname{softmin}_\\varepsilon(C^\\top - f - \\varepsilon\\log a)
+    F(f, g) = \\begin{pmatrix}
+              f - \\lambda_a \\operatorname{softmin}_\\varepsilon(C - g - \\varepsilon\\log b) + s \\mathbf 1_n \\\\
+              g - \\lambda_b \\operatorname{softmin}_\\varepsilon(C^\\top - f - \\varepsilon\\log a)
               - s \\mathbf 1_m \\end{pmatrix},
     \\qquad s = \\langle a, f\\rangle - \\langle b, g\\rangle \\ (\\text{balanced only}).
 

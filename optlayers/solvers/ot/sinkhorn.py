@@ -265,7 +265,7 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
             f_start = warm(gm, z[0] if has_f else None, z[1] if has_g else None, e, bb)
             r = solve_potentials(gm, aa, bb, e, f0=f_start, **opts)
             if throw:  # raised here, on concrete tensors, so that it also works under vmap
-                shaped = Result(r.solution, r.converged.reshape(batch), r.iterations.reshape(batch),
+                shaped: Result[Any] = Result(r.solution, r.converged.reshape(batch), r.iterations.reshape(batch),
                                 r.residual.reshape(batch), r.status.reshape(batch))
                 raise_if_failed("sinkhorn", shaped, True, tol=tol_, max_iter=max_iter)
             return r

@@ -145,7 +145,8 @@ def diffusion_sorption_reference(pde: DiffusionSorption, a: torch.Tensor, grid: 
 
         def rhs(_t: float, v: np.ndarray) -> np.ndarray:
             u = np.concatenate([[1.0], v, [right_value(v)]])
-            R = 1 + c * np.maximum(u[1:-1], pde.u_floor) ** (pde.n_f - 1)
+            ui = u[1:-1]
+            R = 1 + c * (0.5 * (ui + np.sqrt(ui * ui + pde.u_smooth ** 2))) ** (pde.n_f - 1)
             return pde.D * (u[2:] - 2 * u[1:-1] + u[:-2]) / h ** 2 / R
 
         y = _integrate(rhs, u0[1:-1], grid, nx_fine - 2, rtol, "diffusion_sorption_reference")
