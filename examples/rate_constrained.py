@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     test_rate = float(pred.mean())
     test_acc = float((pred == (yte > 0.5)).mean())
     base_acc, base_rate = best_feasible_threshold(Xtr, Xte, ytr, yte, RATE)
-    summary = {"rate_bound": RATE, "train_margin": args.margin, "test_positive_rate": test_rate, "test_accuracy": test_acc,
+    summary = {"rate_bound": RATE, "train_margin": args.margin, "test_positive_rate": test_rate,
+               "test_accuracy": test_acc,
                "best_feasible_threshold_accuracy": base_acc, "best_feasible_threshold_rate": base_rate,
                "final_multiplier": hist["multiplier"][-1], "steps": steps}
     os.makedirs(args.out, exist_ok=True)

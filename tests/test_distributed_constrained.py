@@ -107,7 +107,7 @@ def ddp_trajectories(tmp_path_factory: pytest.TempPathFactory) -> list[list[dict
 def test_multipliers_identical_across_ranks_every_step(ddp_trajectories):
     r0, r1 = ddp_trajectories
     assert len(r0) == len(r1) == STEPS
-    for s0, s1 in zip(r0, r1):
+    for s0, s1 in zip(r0, r1, strict=False):
         for k in s0:
             assert torch.equal(s0[k], s1[k]), k
 
@@ -117,7 +117,7 @@ def test_multipliers_equal_single_process_on_concatenated_batch(ddp_trajectories
     model = _model()
     ref = _run(RateProblem(model), model.parameters(), X, y, torch.arange(N))
     moved = False
-    for step, (got, want) in enumerate(zip(ddp_trajectories[0], ref)):
+    for step, (got, want) in enumerate(zip(ddp_trajectories[0], ref, strict=False)):
         for k in want:
             assert torch.allclose(got[k], want[k], rtol=0, atol=1e-12), (step, k, (got[k] - want[k]).abs().max())
         moved = moved or bool(want["rate.multiplier"] > 0) and bool(want["margin.multiplier"].max() > 0)

@@ -178,7 +178,7 @@ def _adjoint_spec(spec: RootSpec, *, transpose: bool) -> LinearSpec:
         return bwd(w, z, *inputs)
 
     fast = None
-    if transpose and not isinstance(spec, LinearSpec):
+    if transpose and not isinstance(spec, LinearSpec) and getattr(spec, "operator", None) is None:
         def fast(z: torch.Tensor, *inputs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
             vjp_fn = torch.func.vjp(lambda zz: spec.fn(zz, *inputs), z)[1]
             return lambda u: vjp_fn(u)[0]

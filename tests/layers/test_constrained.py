@@ -248,7 +248,8 @@ class Classifier(ConstrainedProblem):
         rate = torch.sigmoid(logits).mean() - 0.3
         strict = (logits > 0).to(DT).mean() - 0.3
         margin = 0.1 - logits * (2 * y - 1)
-        return ProblemState(loss, {"rate": ConstraintState(rate, strict), "margin": ConstraintState(margin, indices=idx)})
+        return ProblemState(loss, {"rate": ConstraintState(rate, strict),
+                                   "margin": ConstraintState(margin, indices=idx)})
 
 
 def test_checkpoint_resumes_trajectory_exactly():
@@ -277,7 +278,7 @@ def test_checkpoint_resumes_trajectory_exactly():
     opt2.load_state_dict(ck["opt"])
     for b in batches[10:]:
         opt2.step(X[b], y[b], b)
-    for (k, v), (k2, v2) in zip(prob.state_dict().items(), prob2.state_dict().items()):
+    for (k, v), (k2, v2) in zip(prob.state_dict().items(), prob2.state_dict().items(), strict=False):
         assert k == k2 and torch.equal(v, v2), k
     assert opt2.steps == opt.steps == 20
 
@@ -295,7 +296,8 @@ def test_model_predicted_multipliers():
 
         def compute(self):
             # min ½‖x‖² s.t. x_i ≥ t_i: λ_i = t_i (linear in t, so the linear model can represent it)
-            return ProblemState(0.5 * (self.x ** 2).sum(), {"c": ConstraintState(self.t - self.x, features=self.t[:, None])})
+            state = ConstraintState(self.t - self.x, features=self.t[:, None])
+            return ProblemState(0.5 * (self.x ** 2).sum(), {"c": state})
 
     prob = Pointwise()
     opt = ConstrainedOptimizer(prob, torch.optim.SGD([prob.x], lr=0.2), dual=GradientAscent(0.2))
@@ -329,3 +331,20 @@ def test_state_dict_round_trip_and_errors():
     bad = Missing()
     with pytest.raises(KeyError, match="eq"):
         ConstrainedOptimizer(bad, torch.optim.SGD([bad.x], lr=0.1)).step()
+
+
+def test_rate_constrained_example_quick(tmp_path):
+    """examples/rate_constrained.py --quick: held-out rate within 0.01 of the bound, accuracy within
+    2 points of the best feasible threshold classifier."""
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("sklearn")
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "rate_constrained.py"
+    spec = importlib.util.spec_from_file_location("rate_constrained_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--quick", "--out", str(tmp_path)])
+    assert out["test_positive_rate"] <= out["rate_bound"] + 0.01
+    assert out["test_accuracy"] >= out["best_feasible_threshold_accuracy"] - 0.02
+    assert (tmp_path / "rate_constrained.json").exists()

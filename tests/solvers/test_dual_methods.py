@@ -73,10 +73,10 @@ def test_failure_semantics_and_validation():
 
 
 def test_equality_multipliers_are_free():
-    # min ½‖x‖² s.t. Σx = −1 (equality): q(μ) = −n μ²/2 − μ, max at μ* = −1/n, q* = 1/(2n)
+    # min ½‖x‖² s.t. Σx = 1 (equality): x = −μ1, q(μ) = −n μ²/2 − μ, max at μ* = −1/n < 0, q* = 1/(2n)
     n = 4
     inner = lambda mu: -mu.expand(n).clone()  # noqa: E731
-    res = maximize_dual(inner, lambda x: 0.5 * (x ** 2).sum(), lambda x: (x.sum() + 1).reshape(1),
+    res = maximize_dual(inner, lambda x: 0.5 * (x ** 2).sum(), lambda x: (x.sum() - 1).reshape(1),
                         torch.zeros(1, dtype=torch.float64), method=ProximalBundle(), eq=torch.tensor([True]))
     assert float(res.solution) == pytest.approx(-1 / n, abs=1e-6)
     assert float(res.aux.value) == pytest.approx(1 / (2 * n), abs=1e-9)

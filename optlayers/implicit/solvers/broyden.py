@@ -42,7 +42,7 @@ class Broyden(IterativeSolver):
     Attributes:
         rtol, atol: Tolerances (``None``: 1e-10/1e-12 in float64, 1e-5/1e-7 in float32).
         max_iter: Iteration limit (default 100).
-        init: ``"identity"`` (default) or ``"jacobian"``.
+        init: ``"jacobian"`` (default: one Jacobian at the start and at resets) or ``"identity"``.
         init_scale: ``H₀ = -init_scale · I`` for ``init="identity"`` (default 1.0).
         check_every: Host-sync period of the stopping test; ``None`` runs exactly ``max_iter``
             (one line-search trial per iteration, retried at the next if rejected).
@@ -59,7 +59,7 @@ class Broyden(IterativeSolver):
     """
 
     max_iter: int = 100
-    init: str = "identity"
+    init: str = "jacobian"
     init_scale: float = 1.0
 
     def __post_init__(self) -> None:

@@ -66,8 +66,8 @@ def all_gather_indexed(indices: Tensor, values: Tensor, group: Any) -> tuple[Ten
     gv = [torch.empty_like(pad_v) for _ in range(world)]
     dist.all_gather(gi, pad_i, group=group)
     dist.all_gather(gv, pad_v, group=group)
-    idx = torch.cat([g[:k] for g, k in zip(gi, counts)])
-    val = torch.cat([g[:k] for g, k in zip(gv, counts)])
+    idx = torch.cat([g[:k] for g, k in zip(gi, counts, strict=False)])
+    val = torch.cat([g[:k] for g, k in zip(gv, counts, strict=False)])
     return idx, val
 
 

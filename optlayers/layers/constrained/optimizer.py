@@ -245,7 +245,7 @@ class ConstrainedOptimizer:
             dual_obj = (lam * con.dual_signal(cs, strict)).sum()
             grads = torch.autograd.grad(dual_obj, params, allow_unused=True)
         st = self._state_for(name, con)
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=False)):
             if g is None:
                 continue
             key = f"p{i}"
@@ -344,7 +344,7 @@ class ConstrainedOptimizer:
         self.zero_grad()
         loss_h.backward()
         with torch.no_grad():
-            for p, s in zip(params, saved):
+            for p, s in zip(params, saved, strict=False):
                 p.copy_(s)
             for n, c in cons:
                 m, pen, pv = saved_dual[n]
@@ -366,7 +366,8 @@ class ConstrainedOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         if state.get("scheme", self.scheme) != self.scheme:
-            raise ValueError(f"checkpoint was saved with scheme {state['scheme']!r}, this optimizer uses {self.scheme!r}")
+            raise ValueError(f"checkpoint was saved with scheme {state['scheme']!r}, "
+                             f"this optimizer uses {self.scheme!r}")
         self.primal.load_state_dict(state["primal"])
         self._dual_state = {n: {k: v.clone() for k, v in st.items()} for n, st in state["dual"].items()}
         self.steps = int(state["steps"])

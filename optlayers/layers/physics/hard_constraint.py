@@ -28,8 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._result import Result, register_aux
-from ...implicit import LevenbergMarquardt
-from ...implicit.adjoints import Adjoint
+from ...implicit import ImplicitAdjoint, LevenbergMarquardt
 from ...solvers.pde import PDE1D, Grid, basis_derivatives
 from ...solvers.pde.collocation import (
     Collocation,
@@ -102,7 +101,7 @@ class HardConstraintLayer(nn.Module):
 
     def __init__(self, pde: PDE1D, grid: Grid, *, n_points: int = 1000, ridge: float = 1e-4,
                  ic_weight: float = 1.0, bc_weight: float = 1.0, hessian: Hessian = "exact",
-                 solver: LevenbergMarquardt | None = None, adjoint: Adjoint | str | None = None,
+                 solver: LevenbergMarquardt | None = None, adjoint: ImplicitAdjoint | None = None,
                  throw: bool = True, solve_dtype: torch.dtype | None = torch.float64) -> None:
         super().__init__()
         if not isinstance(pde, PDE1D):

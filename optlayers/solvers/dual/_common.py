@@ -78,7 +78,7 @@ def combine_primal(points: list[Any], weights: np.ndarray) -> Any:
     """Convex combination of oracle outputs (tensors or pytrees of tensors)."""
     w = weights / max(weights.sum(), 1e-300)
     out = None
-    for p, wi in zip(points, w):
+    for p, wi in zip(points, w, strict=False):
         if wi == 0:
             continue
         term = torch.utils._pytree.tree_map(lambda t: torch.as_tensor(t, dtype=torch.float64) * float(wi), p)
@@ -157,6 +157,7 @@ def info_from(oracle: Oracle, value: float, upper: float, primal: Any, constrain
               ) -> DualInfo:
     with torch.no_grad():
         viol = torch.as_tensor(constraints(primal)).reshape(-1) if primal is not None else torch.zeros(0)
-    return DualInfo(value=torch.tensor(value, dtype=torch.float64), upper_bound=torch.tensor(upper, dtype=torch.float64),
+    return DualInfo(value=torch.tensor(value, dtype=torch.float64),
+                    upper_bound=torch.tensor(upper, dtype=torch.float64),
                     primal=primal, primal_violation=viol.double(), oracle_calls=torch.tensor(oracle.calls),
                     history=torch.tensor(oracle.history, dtype=torch.float64))

@@ -107,8 +107,8 @@ def run_bundle(cfg: ProximalBundle, oracle: Oracle, lam0: Tensor, eq: np.ndarray
     q_c, s, x = oracle(lam_c)
     S, a, pts = [s], [q_c - s @ lam_c], [x]
     alpha = np.ones(1)
-    delta, k, converged, upper = math.inf, 0, False, math.inf
-    for k in range(1, cfg.max_iter):
+    delta, _k, converged, upper = math.inf, 0, False, math.inf
+    for _k in range(1, cfg.max_iter):
         Sm, am = np.asarray(S), np.asarray(a)
         lam_hat, alpha = _subproblem(Sm, am, lam_c, cfg.t, eq, alpha, cfg.qp_max_iter)
         model = float(np.min(am + Sm @ lam_hat))

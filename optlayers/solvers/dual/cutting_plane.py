@@ -58,7 +58,7 @@ def run_cutting_plane(cfg: CuttingPlane, oracle: Oracle, lam0: Tensor, eq: np.nd
     best_q, best_lam, upper, gap, k = -math.inf, lam.copy(), math.inf, math.inf, 0
     bounds = [(-cfg.box, cfg.box) if e else (0.0, cfg.box) for e in eq] + [(None, None)]
     converged = False
-    for k in range(cfg.max_iter):
+    for k in range(cfg.max_iter):  # noqa: B007 (k is reported)
         q, s, _ = oracle(lam)
         if q > best_q:
             best_q, best_lam = q, lam.copy()

@@ -271,7 +271,8 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
     omega = torch.where((cn > 1e-10) & (bn > 1e-10), cn / bn.clamp_min(1e-300), torch.ones_like(cn))
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
     active = finite_in.clone()
-    done_status = torch.where(finite_in, torch.full((B,), int(Status.MAX_ITER)), torch.full((B,), int(Status.NONFINITE)))
+    done_status = torch.where(finite_in, torch.full((B,), int(Status.MAX_ITER)),
+                              torch.full((B,), int(Status.NONFINITE)))
     done_status = done_status.to(x.device)
     converged = torch.zeros(B, dtype=torch.bool, device=x.device)
     # outputs (scaled)
@@ -506,5 +507,6 @@ def _polish(sc: _Scaled, data: LPData, cfg: PDHG, out: PDHGState, eq: Tensor) ->
     pick = lambda new, old: torch.where(good, new, old)  # noqa: E731
     return dataclasses.replace(
         out, x=x, polished=good, residual=pick(rel, out.residual), primal_residual=pick(nrp, out.primal_residual),
-        dual_residual=pick(nrd, out.dual_residual), gap=pick(gap, out.gap), primal_objective=pick(po, out.primal_objective),
+        dual_residual=pick(nrd, out.dual_residual), gap=pick(gap, out.gap),
+        primal_objective=pick(po, out.primal_objective),
         dual_objective=pick(do, out.dual_objective), iterations=out.iterations + torch.where(good, pol.iterations, 0))

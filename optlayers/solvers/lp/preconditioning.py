@@ -66,7 +66,8 @@ class LinOp:
         shape = (self.m, self.n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            self.Kc = torch.sparse_coo_tensor(idx, self.values, shape, check_invariants=False).coalesce().to_sparse_csr()
+            self.Kc = torch.sparse_coo_tensor(idx, self.values, shape,
+                                              check_invariants=False).coalesce().to_sparse_csr()
             self.Ktc = torch.sparse_coo_tensor(idx.flip(0), self.values, shape[::-1],
                                                check_invariants=False).coalesce().to_sparse_csr()
 

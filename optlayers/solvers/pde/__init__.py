@@ -8,7 +8,6 @@ from .collocation import (
     ConstraintReport,
     ConstraintRows,
     collocation_residual,
-    default_adjoint,
     default_solver,
     gather_rows,
     hard_constraint,
@@ -30,5 +29,5 @@ __all__ = [
     "heat_exact", "burgers_reference", "diffusion_sorption_reference", "reference_solution",
     "relative_l2_error",
     "Collocation", "ConstraintRows", "ConstraintReport", "sample_collocation", "gather_rows",
-    "collocation_residual", "hard_constraint", "default_solver", "default_adjoint",
+    "collocation_residual", "hard_constraint", "default_solver",
 ]
