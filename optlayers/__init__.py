@@ -17,6 +17,8 @@ from .implicit import (
     Dense,
     GaussNewton,
     GradientDescent,
+    HypergradientInfo,
+    HyperOptimizer,
     ImplicitAdjoint,
     LevenbergMarquardt,
     LinearOperator,
@@ -25,6 +27,7 @@ from .implicit import (
     Newton,
     NormalCG,
     OneStepAdjoint,
+    PenaltyMethod,
     Picard,
     ProjectedGradient,
     ProximalGradient,
@@ -32,6 +35,7 @@ from .implicit import (
     custom_fixed_point,
     custom_root,
     fixed_point,
+    hypergradient,
     kkt,
     least_squares,
     minimize,
@@ -41,8 +45,6 @@ from .implicit import (
     root_solve,
     stationarity,
 )
-
-from .implicit import HyperOptimizer, HypergradientInfo, PenaltyMethod, hypergradient
 from .layers import DEQ, DEQInfo, PhantomGradient
 from .solvers import (
     project_box,

@@ -124,7 +124,7 @@ def solve(*, name: str, z0: Any, params: Sequence[Any], batch_ndim: int,
             throw=throw, solver=solver, batch_shape=layout.batch_shape)
         res = implicit_root(spec, z0f.detach(), ptree.tensors)
     u = layout.unflatten_batch
-    out = Result(layout.from_flat(res.solution), u(res.converged), u(res.iterations), u(res.residual),
+    out: Result = Result(layout.from_flat(res.solution), u(res.converged), u(res.iterations), u(res.residual),
                  u(res.status))
     if isinstance(adj, UnrollAdjoint):
         raise_if_failed(name, out, throw, tol=_tol(solver, z0f.dtype), max_iter=getattr(solver, "max_iter", None))

@@ -40,8 +40,8 @@ def jvp_via_vjp(f: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor],
     Used instead of forward mode so that implicit JVPs also run under
     ``torch.autograd.forward_ad`` (which does not nest) and for functions without forward rules.
     """
-    out, vjp_fn = torch.func.vjp(f, *primals)
-    _, vjp_vjp = torch.func.vjp(lambda v: vjp_fn(v), torch.zeros_like(out))
+    out, vjp_fn = torch.func.vjp(f, *primals)[:2]
+    vjp_vjp = torch.func.vjp(lambda v: vjp_fn(v), torch.zeros_like(out))[1]
     return vjp_vjp(tuple(tangents))[0]
 
 
@@ -58,7 +58,8 @@ def vmap_flat(fn: Callable[..., torch.Tensor], V: int, in_dims: Sequence[int | N
 
     def folded(*args: Any) -> torch.Tensor:
         lead, inputs = args[:n_lead], args[n_lead:]
-        lead3, lead_dims = [], []
+        lead3: list[Any] = []
+        lead_dims: list[int | None] = []
         for t in lead:
             if isinstance(t, torch.Tensor) and t.dim() > 0:
                 lead3.append(t.reshape(V, t.shape[0] // V, *t.shape[1:]))
@@ -145,7 +146,7 @@ class LinearSpec(RootSpec):
             matvec=mv, rmatvec=lambda w: self.rmatvec(w, *rest), batch=b.shape[0], n=b.shape[-1],
             dtype=b.dtype, device=b.device, symmetric=self.symmetric,
             positive_definite=self.positive_definite)
-        solver = self.adjoint.linear_solver
+        solver: Any = self.adjoint.linear_solver
         result = solver(op, b, x0=z0)
         if self.adjoint.throw and not bool(result.converged.all()):
             name = f"{self.name} ({type(solver).__name__})"
@@ -167,9 +168,8 @@ def _adjoint_spec(spec: RootSpec, *, transpose: bool) -> LinearSpec:
     adjoint = spec.adjoint
     assert isinstance(adjoint, ImplicitAdjoint)
     symmetric = spec.symmetric if adjoint.symmetric is None else adjoint.symmetric
-    fwd, bwd = spec.vjp_z, spec.jvp_z
-    if not transpose:
-        fwd, bwd = bwd, fwd
+    fwd: Callable[..., torch.Tensor] = spec.vjp_z if transpose else spec.jvp_z
+    bwd: Callable[..., torch.Tensor] = spec.jvp_z if transpose else spec.vjp_z
 
     def matvec(u: torch.Tensor, z: torch.Tensor, *inputs: Any) -> torch.Tensor:
         return fwd(u, z, *inputs)
@@ -248,7 +248,7 @@ class ImplicitRoot(torch.autograd.Function):
                     full[i] = p
                 return spec.fn(z, *full)
 
-            _, vjp_fn = torch.func.vjp(f_params, *[inputs[i] for i in diff_idx])
+            vjp_fn = torch.func.vjp(f_params, *[inputs[i] for i in diff_idx])[1]
             for i, g in zip(diff_idx, vjp_fn(u)):
                 grads[i] = -g
         return (None, None, *grads)

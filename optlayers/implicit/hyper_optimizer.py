@@ -78,7 +78,7 @@ class HyperOptimizer:
             return loss
 
         for _ in range(self.inner_steps):
-            self.inner_optimizer.step(closure)
+            self.inner_optimizer.step(closure)  # type: ignore[arg-type]
         res = hypergradient(self.outer_loss, self.inner_loss, params, self.hparams, method=self.method)
         leaves = [t for t in pytree.tree_leaves(self.hparams) if isinstance(t, torch.Tensor)]
         grads = pytree.tree_leaves(res.solution)

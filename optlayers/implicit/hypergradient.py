@@ -146,19 +146,20 @@ def _implicit(method: ImplicitAdjoint, f_out: Callable, f_in: Callable, w: torch
               lam: torch.Tensor) -> tuple[torch.Tensor, Result]:
     gw_out, gl_out = torch.func.grad(f_out, argnums=(0, 1))(w, lam)
     grad_w = lambda ww: torch.func.grad(f_in, argnums=0)(ww, lam)  # noqa: E731
-    _, hvp_fn = torch.func.vjp(grad_w, w)  # Hessian is symmetric: vjp == matvec; graph reused
+    hvp_fn = torch.func.vjp(grad_w, w)[1]  # Hessian is symmetric: vjp == matvec; graph reused
     n = w.shape[-1]
     op = LinearOperator(matvec=lambda v: hvp_fn(v)[0], rmatvec=None, batch=1, n=n,
                         dtype=w.dtype, device=w.device, symmetric=True, positive_definite=True)
-    lin = method.linear_solver(op, gw_out)
+    solver: Any = method.linear_solver
+    lin = solver(op, gw_out)
     u = lin.solution
-    _, mixed_fn = torch.func.vjp(lambda ll: torch.func.grad(f_in, argnums=0)(w, ll), lam)
+    mixed_fn = torch.func.vjp(lambda ll: torch.func.grad(f_in, argnums=0)(w, ll), lam)[1]
     return (gl_out - mixed_fn(u)[0]).detach(), lin
 
 
 def _lipschitz(f: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, iters: int = 20) -> float:
     """Largest Hessian eigenvalue of ``f`` at ``w`` by power iteration."""
-    _, hvp = torch.func.vjp(torch.func.grad(f), w)
+    hvp = torch.func.vjp(torch.func.grad(f), w)[1]
     v = torch.randn(w.shape, dtype=w.dtype, generator=torch.Generator().manual_seed(0)).to(w.device)
     est = 1.0
     for _ in range(iters):

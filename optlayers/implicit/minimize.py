@@ -69,7 +69,7 @@ def minimize(f: Callable[..., Any], z0: Any, *params: Any, solver: MinimizeSolve
     def funcs(lay: Any, pt: Any) -> dict[str, Any]:
         out = {"f": _flat.per_element(f, lay, pt, "f")}
         if constrained:
-            user = projection if projection is not None else prox
+            user: Any = projection if projection is not None else prox
             out["prox"] = _flat.with_step(user, lay, pt, "projection" if prox is None else "prox",
                                           uses_step=prox is not None)
         return out

@@ -118,7 +118,7 @@ class DEQ(nn.Module):
         """Solve for the equilibrium and return the full :class:`Result` (per-sample flags)."""
         if x.dim() < 1:
             raise ValueError(f"x must have a leading batch dimension, got shape {tuple(x.shape)}")
-        params = dict(self.f.named_parameters())
+        params: dict[str, torch.Tensor] = dict(self.f.named_parameters())
         buffers = dict(self.f.named_buffers())
 
         def T(z: torch.Tensor, p: dict[str, torch.Tensor], xx: torch.Tensor) -> torch.Tensor:
