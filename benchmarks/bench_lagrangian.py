@@ -140,7 +140,8 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
                                                                 "e": ConstraintState(Ct @ self.x - dt)})
 
         prob = P()
-        lr = 0.02
+        # the AL adds c·AᵀA (‖A‖² ≈ 135 here) to the primal Hessian: its primal step must be smaller
+        lr = 0.005 if cfg["formulation"] == "al" else 0.02
         opt = ConstrainedOptimizer(prob, torch.optim.SGD([prob.x], lr=lr),
                                    dual=GradientAscent(1.0 if cfg["formulation"] == "al" else lr),
                                    scheme="alternating_dual_primal")

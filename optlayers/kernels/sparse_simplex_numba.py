@@ -9,10 +9,11 @@ Per row, for ``kk = min(k, n)``:
 * ``kk <= 64`` (the common case: sparse plans, MoE capacities): one pass keeping the ``kk``
   largest entries in a bounded min-heap (``O(n log kk)``, usually one comparison per entry),
   then heap-sort of those ``kk``;
-* otherwise: an ``O(n log n)`` argsort of the row;
+* otherwise: quickselect of the ``kk`` largest (``O(n)`` expected), then an argsort of those;
 
 then the threshold ``τ`` from the sorted prefix sums, exactly as the reference. Slots are
-sorted by decreasing ``x``.
+sorted by decreasing ``x``. Rows are split over Numba's threads from :data:`PARALLEL_MIN`
+entries on.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import torch
 
 from .sparse_simplex import check_kernel_args
 
-__all__ = ["sparse_simplex_numba", "HEAP_MAX"]
+__all__ = ["sparse_simplex_numba", "HEAP_MAX", "PARALLEL_MIN"]
 
 #: Largest ``kk`` handled by the bounded-heap selection.
 HEAP_MAX = 64
+#: Entries ``R * n`` from which rows are split over Numba's threads (below, the thread
+#: start-up costs more than it saves).
+PARALLEL_MIN = 1 << 21
 
 
 @numba.njit(cache=True, inline="always")
@@ -51,13 +55,55 @@ def _sift_down(hv, hi, size, pos):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
+def _select_desc(row, idx, kk):  # pragma: no cover - compiled
+    """Permute ``idx`` so that ``idx[:kk]`` indexes the ``kk`` largest entries (quickselect)."""
+    lo = 0
+    hi = idx.shape[0] - 1
+    target = kk - 1
+    while hi > lo:
+        mid = (lo + hi) // 2
+        x, y, z = row[idx[lo]], row[idx[mid]], row[idx[hi]]
+        if (x >= y) == (y >= z):
+            pivot = y
+        elif (y >= x) == (x >= z):
+            pivot = x
+        else:
+            pivot = z
+        i = lo
+        j = hi
+        while i <= j:
+            while row[idx[i]] > pivot:
+                i += 1
+            while row[idx[j]] < pivot:
+                j -= 1
+            if i <= j:
+                t = idx[i]
+                idx[i] = idx[j]
+                idx[j] = t
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return
+
+
+@numba.njit(cache=True)
 def _top_sorted(row, kk, hv, hi):  # pragma: no cover - compiled
     """The ``kk`` largest entries of ``row`` into ``hv``/``hi``, sorted decreasingly."""
     n = row.shape[0]
     if kk > HEAP_MAX:
-        order = np.argsort(row)
+        idx = np.arange(n)
+        if kk < n:
+            _select_desc(row, idx, kk)
+        sel = np.empty(kk, dtype=row.dtype)
         for j in range(kk):
-            ix = order[n - 1 - j]
+            sel[j] = -row[idx[j]]
+        order = np.argsort(sel)
+        for j in range(kk):
+            ix = idx[order[j]]
             hv[j] = row[ix]
             hi[j] = ix
         return
@@ -83,29 +129,38 @@ def _top_sorted(row, kk, hv, hi):  # pragma: no cover - compiled
         _sift_down(hv, hi, end, 0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
+def _project_row(row, kk, sr, hv, hi):  # pragma: no cover - compiled
+    _top_sorted(row, kk, hv, hi)
+    css = 0.0
+    rho = 0
+    cs_rho = 0.0
+    for j in range(kk):
+        css += hv[j]
+        if hv[j] * (j + 1) > css - sr:
+            rho += 1
+            cs_rho = css
+    if rho == 0:  # only when s < 0 or non-finite data; mirror the reference's clamp
+        rho = 1
+        cs_rho = hv[0]
+    tau = (cs_rho - sr) / rho
+    for j in range(kk):
+        d = hv[j] - tau
+        hv[j] = d if d > 0.0 else 0.0
+
+
+@numba.njit(cache=True)
 def _project_rows(x, kk, s, out_v, out_i):  # pragma: no cover - compiled
+    for r in range(x.shape[0]):
+        _project_row(x[r], kk, s[r], out_v[r], out_i[r])
+
+
+@numba.njit(cache=True, parallel=True)
+def _project_rows_parallel(x, kk, s, out_v, out_i, chunks):  # pragma: no cover - compiled
     R = x.shape[0]
-    for r in numba.prange(R):
-        hv = out_v[r]
-        hi = out_i[r]
-        _top_sorted(x[r], kk, hv, hi)
-        sr = s[r]
-        css = 0.0
-        rho = 0
-        cs_rho = 0.0
-        for j in range(kk):
-            css += hv[j]
-            if hv[j] * (j + 1) > css - sr:
-                rho += 1
-                cs_rho = css
-        if rho == 0:  # only when s < 0 or non-finite data; mirror the reference's clamp
-            rho = 1
-            cs_rho = hv[0]
-        tau = (cs_rho - sr) / rho
-        for j in range(kk):
-            d = hv[j] - tau
-            hv[j] = d if d > 0.0 else 0.0
+    for c in numba.prange(chunks):
+        for r in range(c * R // chunks, (c + 1) * R // chunks):
+            _project_row(x[r], kk, s[r], out_v[r], out_i[r])
 
 
 def sparse_simplex_numba(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +177,9 @@ def sparse_simplex_numba(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[torc
     R = a.shape[0]
     values = np.empty((R, kk), dtype=a.dtype)
     indices = np.empty((R, kk), dtype=np.int64)
-    if R:
+    threads = numba.get_num_threads()
+    if R * a.shape[1] >= PARALLEL_MIN and threads > 1 and R > 1:
+        _project_rows_parallel(a, kk, ss, values, indices, min(R, 4 * threads))
+    elif R:
         _project_rows(a, kk, ss, values, indices)
     return torch.from_numpy(values).to(dtype), torch.from_numpy(indices)

@@ -297,6 +297,30 @@ def _coupled(residual: Callable[..., Tensor]) -> Callable[..., Tensor]:
 # ---------------------------------------------------------------------------------------------
 # structured Levenberg–Marquardt
 # ---------------------------------------------------------------------------------------------
+def _value_and_partials(F: Callable[[Fields], Tensor], f: Tensor) -> tuple[Tensor, Tensor]:
+    """``𝓕(f)`` and its partials ``∂𝓕/∂f_q`` (``f (…, P, 4)``; ``𝓕`` acts row by row)."""
+    with torch.enable_grad():
+        ff = f.detach().requires_grad_(True)
+        r = F(_as_fields(ff))
+        (dF,) = torch.autograd.grad(r.sum(), ff)
+    return r.detach(), dF
+
+
+def _second_partials(F: Callable[[Fields], Tensor], f: Tensor) -> Tensor:
+    """``∂²𝓕/∂f_a∂f_b``, ``(…, P, 4, 4)`` (``𝓕`` acts row by row)."""
+    with torch.enable_grad():
+        ff = f.detach().requires_grad_(True)
+        (dF,) = torch.autograd.grad(F(_as_fields(ff)).sum(), ff, create_graph=True)
+        rows = []
+        for a in range(4):
+            if not dF.requires_grad:  # 𝓕 linear
+                rows.append(torch.zeros_like(ff))
+                continue
+            (h,) = torch.autograd.grad(dF[..., a].sum(), ff, retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(ff) if h is None else h)
+    return torch.stack(rows, dim=-2).detach()
+
+
 class _Structured:
     """Cost ``½‖r‖²``, normal matrix ``JᵀJ`` and gradient ``Jᵀr`` from the row structure (no autograd)."""
 
@@ -358,27 +382,17 @@ class _Structured:
         r_ic = (torch.einsum("...qn,...n->...q", self.b_ic, w) - self.target) * self.sc.ic
         g = (self.J_ic.transpose(-1, -2) @ r_ic.unsqueeze(-1)).squeeze(-1) + self.ridge ** 2 * w
         cost = 0.5 * (r_ic * r_ic).sum(-1) + 0.5 * self.ridge ** 2 * (w * w).sum(-1)
-        eye4 = torch.eye(4, dtype=z.dtype, device=z.device)
         for b, s, F in self._groups():
             f = _fields(b, w)
-
-            def F4(ff: Tensor, F: Callable[[Fields], Tensor] = F) -> Tensor:
-                return F(_as_fields(ff))
-
-            def dF4(ff: Tensor, v: Tensor, F4: Callable[[Tensor], Tensor] = F4) -> Tensor:
-                return torch.func.jvp(F4, (ff,), (v.expand_as(ff),))[1]
-
-            r = F4(f) * s
-            dF = torch.func.vmap(lambda v: dF4(f, v))(eye4)  # (4, …, P): ∂𝓕/∂f_q
-            J = torch.einsum("q...p,...pqn->...pn", dF * s, b)
+            r, dF = _value_and_partials(F, f)  # dF (…, P, 4): ∂𝓕/∂f_q, one reverse pass (𝓕 is pointwise)
+            r = r * s
+            J = ((dF * s.unsqueeze(-1)).unsqueeze(-1) * b).sum(-2)  # (…, P, N)
             A = A + J.transpose(-1, -2) @ J
             g = g + (J.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
             cost = cost + 0.5 * (r * r).sum(-1)
-            if second_order:
-                # ∂²𝓕/∂f_a∂f_b, (4, 4, …, P), weighted by s² 𝓕
-                d2F = torch.func.vmap(lambda va: torch.func.vmap(
-                    lambda vb: torch.func.jvp(lambda ff: dF4(ff, va), (f,), (vb.expand_as(f),))[1])(eye4))(eye4)
-                Hb = torch.einsum("ab...p,...pbn->...pan", d2F * (r * s), b)
+            if second_order:  # Σ_p s² 𝓕 Bᵀ ∇²𝓕 B, ∇²𝓕 (…, P, 4, 4) by four more reverse passes
+                H4 = _second_partials(F, f)
+                Hb = (H4 * (r * s)[..., None, None]) @ b  # (…, P, 4, N)
                 A = A + torch.einsum("...pam,...pan->...mn", b, Hb)
         if self.C is None:
             return cost.reshape(-1), A.reshape(-1, self.N, self.N), g.reshape(-1, self.N)

@@ -32,7 +32,7 @@ import torch
 from ..._result import Result, Status
 from ...implicit.linear_solvers import Dense, LinearOperator, LinearSolver
 from ...implicit.linear_solvers._base import finish
-from .kkt import KKTFactor, factor_kkt
+from .kkt import KKTFactor, chol_solve, factor_kkt
 
 __all__ = ["qp_optimality", "KKTSolve", "KKTCache"]
 
@@ -143,7 +143,7 @@ def _solve_cholesky(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
     r = rx + _mtv(f.G, f.d * rz)
     if ne:
         r = r + _mtv(f.A, ry) / dl
-    dx = torch.cholesky_solve(r.unsqueeze(-1), f.L).squeeze(-1)
+    dx = chol_solve(f.L, r.unsqueeze(-1)).squeeze(-1)
     dy = (_mv(f.A, dx) - ry) / dl
     dz = f.d * (_mv(f.G, dx) - rz)
     return torch.cat([dx, dy, dz], dim=-1)

@@ -1,0 +1,91 @@
+r"""Baselines of the physics-constrained layers: the soft-constraint (PINN) loss.
+
+The *soft constraint* (PI-SC) trains a network whose output is the field ``u`` itself by
+penalising the physics on the grid,
+
+.. math:: L(u) = \underbrace{\operatorname{mean}_{\text{interior}} \mathcal F(u)^2}_{\text{PDE}}
+          + λ_{ic} \operatorname{mean}_x\big(u(x, 0) - u_0(x)\big)^2
+          + λ_{bc} \operatorname{mean}_t \tfrac12\big(\mathcal B_{left}(u)^2 + \mathcal B_{right}(u)^2\big),
+
+with the derivatives of ``u`` taken by the same finite differences as the hard constraints
+(interior: ``0 < i < nx − 1``, ``j > 0``). The same loss, applied to the output of
+:class:`~optlayers.layers.physics.HardConstraintLayer` or
+:class:`~optlayers.layers.physics.PhysicsConstrainedMoE`, is the physics-only training loss of the
+hard-constrained models (Chalapathi et al. 2024 use no solution data). The other baselines are
+configurations of the layers themselves: one global hard constraint is ``HardConstraintLayer``
+(or ``PhysicsConstrainedMoE`` with ``TileRouter((1, 1))``), fed ``N`` or ``K·N`` basis functions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from ...solvers.pde import PDE1D, Fields, Grid, space_time_derivatives
+
+__all__ = ["PhysicsResiduals", "physics_residuals", "soft_constraint_loss"]
+
+
+class PhysicsResiduals(NamedTuple):
+    """Residuals of a field on its grid (see :func:`physics_residuals`)."""
+
+    pde: Tensor  # (S, nx - 2, nt - 1)
+    ic: Tensor  # (S, nx)
+    left: Tensor  # (S, nt - 1)
+    right: Tensor  # (S, nt - 1)
+
+
+def physics_residuals(pde: PDE1D, u: Tensor, grid: Grid, u0: Tensor) -> PhysicsResiduals:
+    """PDE, initial and boundary residuals of a field ``u (S, nx, nt)`` by finite differences.
+
+    Args:
+        pde: The problem.
+        u: The field.
+        grid: Its grid.
+        u0: Initial condition ``(S, nx)``.
+
+    Returns:
+        :class:`PhysicsResiduals`.
+    """
+    if u.dim() != 3 or tuple(u.shape[1:]) != (grid.nx, grid.nt):
+        raise ValueError(f"u must be (S, {grid.nx}, {grid.nt}), got {tuple(u.shape)}")
+    if tuple(u0.shape) != (u.shape[0], grid.nx):
+        raise ValueError(f"u0 must be (S, nx) = {(u.shape[0], grid.nx)}, got {tuple(u0.shape)}")
+    f = Fields(*space_time_derivatives(u, grid))
+    interior = pde.interior(Fields(*(v[:, 1:-1, 1:] for v in f)))
+    left = pde.left(Fields(*(v[:, 0, 1:] for v in f)))
+    right = pde.right(Fields(*(v[:, -1, 1:] for v in f)))
+    return PhysicsResiduals(interior, u[:, :, 0] - u0.to(u.dtype), left, right)
+
+
+def soft_constraint_loss(pde: PDE1D, u: Tensor, grid: Grid, u0: Tensor, *, ic_weight: float = 1.0,
+                         bc_weight: float = 1.0, reduction: str = "mean") -> Tensor:
+    """The physics (soft-constraint, PINN) loss of the module docstring.
+
+    Args:
+        pde: The problem.
+        u: Field ``(S, nx, nt)``.
+        grid: Its grid.
+        u0: Initial condition ``(S, nx)``.
+        ic_weight, bc_weight: ``λ_ic``, ``λ_bc`` (default 1).
+        reduction: ``"mean"`` over samples (default) or ``"none"`` (shape ``(S,)``).
+
+    Returns:
+        The loss.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Heat, heat_exact
+        >>> pde = Heat(); grid = pde.grid(64, 64)
+        >>> a = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+        >>> u = heat_exact(pde, a, grid)
+        >>> float(soft_constraint_loss(pde, u, grid, u[:, :, 0])) < 1e-4
+        True
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    r = physics_residuals(pde, u, grid, u0)
+    per = (r.pde.pow(2).mean((-2, -1)) + ic_weight * r.ic.pow(2).mean(-1)
+           + bc_weight * 0.5 * (r.left.pow(2).mean(-1) + r.right.pow(2).mean(-1)))
+    return per.mean() if reduction == "mean" else per
