@@ -101,11 +101,12 @@ def evaluate(net: Allocator, data: tuple[torch.Tensor, ...], market: dict[str, t
     sigma = market["sigma"]
     with torch.no_grad():
         mu_hat, w = net(x)
-        cos = torch.nn.functional.cosine_similarity(net.model.weight[0], market["beta"], dim=0)
+        theta = net.model.weight[0] / net.model.weight[0].norm()
         return {"utility": float(utility(w, r, sigma).mean()),
                 "expected_utility": float(utility(w, mu, sigma).mean()),
                 "mse": float(((mu_hat - r) ** 2).mean()),
-                "cos_beta": float(cos),
+                "cos_beta": float(theta @ market["beta"]),
+                "theta_direction": [float(theta @ market["beta"]), float(theta @ market["gamma"])],
                 "weights": w.mean(0).tolist()}
 
 
@@ -190,14 +191,18 @@ def _plot(summary: dict[str, dict[str, float]], curve: list[tuple[int, float]], 
     ax[0].set(xlabel="training step", ylabel="test utility", title="End-to-end training through the QP")
     ax[0].legend()
     names = list(summary)
-    ax[1].bar(range(len(names)), [summary[n]["utility"] for n in names], color=["C1", "C0", "k", "C7"])
+    colors = {"two-stage (least squares)": "C1", "end to end (QP layer)": "C0", "oracle (true mu)": "k",
+              "equal weight": "C7"}
+    ax[1].bar(range(len(names)), [summary[n]["utility"] for n in names], color=[colors[n] for n in names])
     ax[1].set_xticks(range(len(names)), [n.split(" (")[0] for n in names])
     ax[1].set(ylabel="mean realized utility (test)", title="Decision quality")
-    width = 0.25
-    for k, n in enumerate(names[:3]):
-        ax[2].bar([i + (k - 1) * width for i in range(N_ASSETS)], summary[n]["weights"], width,
-                  label=n.split(" (")[0])
-    ax[2].set(xlabel="asset", ylabel="average weight", title="Average allocation (test)")
+    width = 0.35
+    for k, n in enumerate(names[:2]):
+        th = summary[n]["theta_direction"]
+        ax[2].bar([i + (k - 0.5) * width for i in range(2)], th, width, color=colors[n], label=n.split(" (")[0])
+    ax[2].set_xticks(range(2), ["β (asset-specific signal)", "γ (market move)"])
+    ax[2].set(ylabel="component of θ / ‖θ‖", title="What the linear model learned")
+    ax[2].axhline(0, color="k", lw=0.5)
     ax[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -122,6 +122,8 @@ def custom_root(optimality_fn: Callable[..., Any], *, adjoint: Adjoint | str | N
                 if isinstance(out, Result):
                     zf = layout.to_flat(out.solution)
                     aux_leaves, aux_spec["spec"] = pytree.tree_flatten(out.aux)
+                    aux_spec["present"] = [isinstance(t, torch.Tensor) for t in aux_leaves]
+                    aux_leaves = [t for t in aux_leaves if isinstance(t, torch.Tensor)]
                     B = zf.shape[0]
                     aux = tuple(t.reshape(B, *t.shape[batch_ndim:]) for t in aux_leaves)
                     flat = lambda t, dt: torch.as_tensor(t, device=zf.device).to(dt).reshape(B)  # noqa: E731
@@ -141,10 +143,8 @@ def custom_root(optimality_fn: Callable[..., Any], *, adjoint: Adjoint | str | N
             z = layout.from_flat(res.solution)
             if not aux_spec:
                 return z
-            aux = None
-            if res.aux is not None or aux_spec["spec"].num_leaves == 0:
-                leaves = [t.reshape(*layout.batch_shape, *t.shape[1:]) for t in (res.aux or ())]
-                aux = pytree.tree_unflatten(leaves, aux_spec["spec"])
+            it = iter(t.reshape((*layout.batch_shape, *t.shape[1:])) for t in (res.aux or ()))
+            aux = pytree.tree_unflatten([next(it) if p else None for p in aux_spec["present"]], aux_spec["spec"])
             u = layout.unflatten_batch
             return Result(z, u(res.converged), u(res.iterations), u(res.residual), u(res.status), aux)
 

@@ -120,6 +120,16 @@ from .qp import (
     solve_qp,
     warm_start_tensors,
 )
+from .sparse_ot import (
+    DualAdam,
+    DualLBFGS,
+    SparseOTAux,
+    SparseTransportPlan,
+    quadratic_ot,
+    sparse_ot,
+    sparse_simplex_projection,
+    sparsemax,
+)
 
 __all__ = [
     "project_box",
@@ -202,6 +212,14 @@ __all__ = [
     "solve_kkt",
     "kkt_matvec",
     "QuadraticSmoothing",
+    "sparse_ot",
+    "quadratic_ot",
+    "SparseOTAux",
+    "SparseTransportPlan",
+    "DualLBFGS",
+    "DualAdam",
+    "sparse_simplex_projection",
+    "sparsemax",
     "Grid",
     "diff1",
     "diff2",

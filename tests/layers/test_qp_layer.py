@@ -3,7 +3,9 @@ cvxpylayers), duals, torch.func transforms, double backward, failure semantics, 
 
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +223,17 @@ def test_float32_gradients_close_to_float64():
     g32 = torch.autograd.grad((qp(*a32).solution * w.float()).sum(), a32)
     for a, c in zip(g32, g64, strict=True):
         assert float((a.double() - c).abs().max()) <= 1e-2 * max(1.0, float(c.abs().max()))
+
+
+def test_portfolio_example_quick(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "examples" / "portfolio_qp.py"
+    spec = importlib.util.spec_from_file_location("portfolio_qp", path)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    s = mod.run(quick=True, out=str(tmp_path))
+    two, e2e = s["two-stage (least squares)"], s["end to end (QP layer)"]
+    assert e2e["expected_utility"] > two["expected_utility"]  # better decisions ...
+    assert e2e["mse"] > two["mse"]  # ... from worse return predictions
+    assert (tmp_path / "portfolio_qp.png").stat().st_size > 1000
+    assert (tmp_path / "portfolio_qp.json").exists()

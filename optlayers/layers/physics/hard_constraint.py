@@ -42,6 +42,7 @@ from ...solvers.pde.collocation import (
 __all__ = ["HardConstraintLayer", "PhysicsReport"]
 
 Hessian = Literal["exact", "gauss_newton"]
+Step = Literal["newton", "gauss_newton"]
 
 
 @register_aux
@@ -82,7 +83,9 @@ class HardConstraintLayer(nn.Module):
         grid: The space–time grid of the basis.
         n_points: PDE collocation points (default 1000).
         ridge, ic_weight, bc_weight: See :func:`hard_constraint`.
-        hessian: ``"exact"`` (default) or ``"gauss_newton"``.
+        step: ``"newton"`` (default) or ``"gauss_newton"`` inner step (see
+            :func:`~optlayers.solvers.pde.hard_constraint`).
+        hessian: ``"exact"`` (default) or ``"gauss_newton"`` implicit gradient.
         solver: Inner solver (default :class:`LevenbergMarquardt`, ``max_iter=100``).
         adjoint: Gradient mode (default implicit).
         throw: Raise :class:`~optlayers.ConvergenceError` when a solve fails.
@@ -100,7 +103,7 @@ class HardConstraintLayer(nn.Module):
     """
 
     def __init__(self, pde: PDE1D, grid: Grid, *, n_points: int = 1000, ridge: float = 1e-4,
-                 ic_weight: float = 1.0, bc_weight: float = 1.0, hessian: Hessian = "exact",
+                 ic_weight: float = 1.0, bc_weight: float = 1.0, step: Step = "newton", hessian: Hessian = "exact",
                  solver: LevenbergMarquardt | None = None, adjoint: ImplicitAdjoint | None = None,
                  throw: bool = True, solve_dtype: torch.dtype | None = torch.float64) -> None:
         super().__init__()
@@ -113,7 +116,10 @@ class HardConstraintLayer(nn.Module):
         _check_weights(ridge, ic_weight, bc_weight)
         self.pde, self.grid, self.n_points = pde, grid, int(n_points)
         self.ridge, self.ic_weight, self.bc_weight = float(ridge), float(ic_weight), float(bc_weight)
+        if step not in ("newton", "gauss_newton"):
+            raise ValueError(f"step must be 'newton' or 'gauss_newton', got {step!r}")
         self.hessian: Hessian = hessian
+        self.step: Step = step
         self.solver = default_solver() if solver is None else solver
         self.adjoint, self.throw, self.solve_dtype = adjoint, bool(throw), solve_dtype
 
@@ -146,7 +152,7 @@ class HardConstraintLayer(nn.Module):
         colloc = self.sample(generator, basis.device) if collocation is None else collocation
         rows = gather_rows(basis_derivatives(b, self.grid), u0.to(sd), colloc)
         res = hard_constraint(self.pde, rows, w0=None if w0 is None else w0.to(sd).unsqueeze(1), ridge=self.ridge,
-                              ic_weight=self.ic_weight, bc_weight=self.bc_weight, solver=self.solver,
+                              ic_weight=self.ic_weight, bc_weight=self.bc_weight, solver=self.solver, step=self.step,
                               hessian=self.hessian, adjoint=self.adjoint, throw=self.throw)
         w = res.solution  # (S, 1, N)
         u = torch.einsum("sxtn,sn->sxt", b, w[:, 0])

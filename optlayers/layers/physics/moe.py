@@ -54,6 +54,7 @@ from .hard_constraint import PhysicsReport, _check_basis
 __all__ = ["TileRouter", "PhysicsConstrainedMoE", "Interfaces", "expert_blocks"]
 
 Hessian = Literal["exact", "gauss_newton"]
+Step = Literal["newton", "gauss_newton"]
 
 
 def _chunks(n: int, k: int) -> list[tuple[int, int]]:
@@ -224,6 +225,8 @@ class PhysicsConstrainedMoE(nn.Module):
         continuity_weight: ``λ_c`` of the interface-continuity rows (default 0: off; see above).
         global_conditions: Give every expert all initial and boundary rows (the paper) instead of
             those in its tile (default False).
+        step: ``"newton"`` (default) or ``"gauss_newton"`` inner step (see
+            :func:`~optlayers.solvers.pde.hard_constraint`).
         hessian: ``"exact"`` (default) or ``"gauss_newton"`` implicit gradient.
         solver: Inner :class:`~optlayers.implicit.LevenbergMarquardt` config (default
             :func:`~optlayers.solvers.pde.default_solver`).
@@ -247,7 +250,8 @@ class PhysicsConstrainedMoE(nn.Module):
 
     def __init__(self, pde: PDE1D, grid: Grid, router: TileRouter | tuple[int, int] = TileRouter((4, 1)), *,
                  n_points: int = 1000, ridge: float = 1e-4, ic_weight: float = 1.0, bc_weight: float = 1.0,
-                 continuity_weight: float = 0.0, global_conditions: bool = False, hessian: Hessian = "exact",
+                 continuity_weight: float = 0.0, global_conditions: bool = False, step: Step = "newton",
+                 hessian: Hessian = "exact",
                  solver: LevenbergMarquardt | None = None, adjoint: ImplicitAdjoint | None = None,
                  throw: bool = True, solve_dtype: torch.dtype | None = torch.float64,
                  process_group: Any = None) -> None:
@@ -270,7 +274,10 @@ class PhysicsConstrainedMoE(nn.Module):
         self.pde, self.grid, self.router, self.n_points = pde, grid, router, n_points
         self.ridge, self.ic_weight, self.bc_weight = float(ridge), float(ic_weight), float(bc_weight)
         self.continuity_weight, self.global_conditions = float(continuity_weight), bool(global_conditions)
+        if step not in ("newton", "gauss_newton"):
+            raise ValueError(f"step must be 'newton' or 'gauss_newton', got {step!r}")
         self.hessian: Hessian = hessian
+        self.step: Step = step
         self.solver = default_solver() if solver is None else solver
         self.adjoint, self.throw, self.solve_dtype = adjoint, bool(throw), solve_dtype
         self.process_group = process_group
@@ -325,7 +332,8 @@ class PhysicsConstrainedMoE(nn.Module):
         coupling = self._coupling(derivs, itf, K) if self.continuity_weight > 0 and itf.count else None
         res = hard_constraint(self.pde, rows, w0=None if w0 is None else w0[:, lo:hi].to(sd), ridge=self.ridge,
                               ic_weight=self.ic_weight, bc_weight=self.bc_weight, coupling=coupling,
-                              solver=self.solver, hessian=self.hessian, adjoint=self.adjoint, throw=False)
+                              solver=self.solver, step=self.step, hessian=self.hessian, adjoint=self.adjoint,
+                              throw=False)
         rep = res.aux
         stats = [res.converged.to(sd), res.iterations.to(sd), res.residual, res.status.to(sd), rep.stationarity,
                  rep.objective, rep.pde_rms, rep.ic_rms, rep.bc_rms]

@@ -20,10 +20,13 @@ are finite differences of the basis, so the four fields at a row are ``B_i w`` w
 solved at once.
 
 **Solver.** A batched Levenberg–Marquardt with Nielsen's damping (the update rules of
-:class:`~optlayers.implicit.LevenbergMarquardt`, whose config it takes) on the normal equations,
-with the Jacobian assembled from the structure, ``J_i = s_i Σ_q ∂_q𝓕(B_i w) B_{i,q}`` (four
-pointwise derivatives of ``𝓕`` instead of ``N`` Jacobian-vector products through the whole
-residual). Optional *coupling rows* ``C z`` (linear, e.g. continuity between neighbouring
+:class:`~optlayers.implicit.LevenbergMarquardt`, whose config it takes), with the Jacobian
+assembled from the structure, ``J_i = s_i Σ_q ∂_q𝓕(B_i w) B_{i,q}`` (one pointwise reverse pass
+for the four partials of ``𝓕`` instead of ``N`` Jacobian-vector products through the whole
+residual), and likewise the second-order term ``Σᵢ rᵢ∇²rᵢ = Σᵢ sᵢ² 𝓕ᵢ Bᵢᵀ∇²𝓕ᵢ Bᵢ``. By default the
+damped step uses the exact Hessian (``step="newton"``: LM-damped Newton, quadratic local
+convergence on these nonzero-residual problems, where classical LM, ``step="gauss_newton"``, is
+only linear). Optional *coupling rows* ``C z`` (linear, e.g. continuity between neighbouring
 experts) join ``K`` problems into one with ``K·N`` unknowns.
 
 **Gradients** (:func:`optlayers.implicit.custom_root`): the solution satisfies ``G = Jᵀr = 0``,
@@ -64,6 +67,7 @@ __all__ = [
 ]
 
 Hessian = Literal["exact", "gauss_newton"]
+Step = Literal["newton", "gauss_newton"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,28 +301,28 @@ def _coupled(residual: Callable[..., Tensor]) -> Callable[..., Tensor]:
 # ---------------------------------------------------------------------------------------------
 # structured Levenberg–Marquardt
 # ---------------------------------------------------------------------------------------------
-def _value_and_partials(F: Callable[[Fields], Tensor], f: Tensor) -> tuple[Tensor, Tensor]:
-    """``𝓕(f)`` and its partials ``∂𝓕/∂f_q`` (``f (…, P, 4)``; ``𝓕`` acts row by row)."""
+def _partials(F: Callable[[Fields], Tensor], f: Tensor, second: bool
+              ) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]]]:
+    """``𝓕(f)``, its partials ``∂𝓕/∂f_q`` ``(…, P, 4)`` and, with ``second``, the nonzero second
+    partials ``[(a, b, ∂²𝓕/∂f_a∂f_b (…, P))]`` (``f (…, P, 4)``; ``𝓕`` acts row by row, so one
+    reverse pass gives all first partials and four more all second ones)."""
     with torch.enable_grad():
         ff = f.detach().requires_grad_(True)
         r = F(_as_fields(ff))
-        (dF,) = torch.autograd.grad(r.sum(), ff)
-    return r.detach(), dF
-
-
-def _second_partials(F: Callable[[Fields], Tensor], f: Tensor) -> Tensor:
-    """``∂²𝓕/∂f_a∂f_b``, ``(…, P, 4, 4)`` (``𝓕`` acts row by row)."""
-    with torch.enable_grad():
-        ff = f.detach().requires_grad_(True)
-        (dF,) = torch.autograd.grad(F(_as_fields(ff)).sum(), ff, create_graph=True)
-        rows = []
-        for a in range(4):
-            if not dF.requires_grad:  # 𝓕 linear
-                rows.append(torch.zeros_like(ff))
-                continue
-            (h,) = torch.autograd.grad(dF[..., a].sum(), ff, retain_graph=True, allow_unused=True)
-            rows.append(torch.zeros_like(ff) if h is None else h)
-    return torch.stack(rows, dim=-2).detach()
+        (dF,) = torch.autograd.grad(r.sum(), ff, create_graph=second)
+        pairs: list[tuple[int, int, Tensor]] = []
+        if second and dF.requires_grad:
+            for a in range(4):
+                if not dF[..., a].requires_grad:
+                    continue
+                (h,) = torch.autograd.grad(dF[..., a].sum(), ff, retain_graph=True, allow_unused=True)
+                if h is None:
+                    continue
+                for b in range(4):
+                    hab = h[..., b].detach()
+                    if bool((hab != 0).any()):
+                        pairs.append((a, b, hab))
+    return r.detach(), dF.detach(), pairs
 
 
 class _Structured:
@@ -384,16 +388,14 @@ class _Structured:
         cost = 0.5 * (r_ic * r_ic).sum(-1) + 0.5 * self.ridge ** 2 * (w * w).sum(-1)
         for b, s, F in self._groups():
             f = _fields(b, w)
-            r, dF = _value_and_partials(F, f)  # dF (…, P, 4): ∂𝓕/∂f_q, one reverse pass (𝓕 is pointwise)
+            r, dF, pairs = _partials(F, f, second_order)
             r = r * s
             J = ((dF * s.unsqueeze(-1)).unsqueeze(-1) * b).sum(-2)  # (…, P, N)
             A = A + J.transpose(-1, -2) @ J
             g = g + (J.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
             cost = cost + 0.5 * (r * r).sum(-1)
-            if second_order:  # Σ_p s² 𝓕 Bᵀ ∇²𝓕 B, ∇²𝓕 (…, P, 4, 4) by four more reverse passes
-                H4 = _second_partials(F, f)
-                Hb = (H4 * (r * s)[..., None, None]) @ b  # (…, P, 4, N)
-                A = A + torch.einsum("...pam,...pan->...mn", b, Hb)
+            for qa, qb, h in pairs:  # Σ_p s² 𝓕 ∂²𝓕/∂f_a∂f_b · B_aᵀ B_b
+                A = A + (b[..., qa, :] * (h * r * s).unsqueeze(-1)).transpose(-1, -2) @ b[..., qb, :]
         if self.C is None:
             return cost.reshape(-1), A.reshape(-1, self.N, self.N), g.reshape(-1, self.N)
         K, N = self.K, self.N
@@ -406,10 +408,14 @@ class _Structured:
 
 
 def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarquardt,
-                         callback: Callable[..., None] | None) -> Result:
-    """Nielsen-damped LM on flat ``z (B, n)`` with the structured normal equations (same rules as the core)."""
+                         callback: Callable[..., None] | None, newton: bool = False) -> Result:
+    """Nielsen-damped LM on flat ``z (B, n)`` with the structured normal equations (same rules as the core).
+
+    With ``newton`` the step's curvature is the exact Hessian instead of ``JᵀJ``; a step is then
+    only tried where ``H + μI`` is positive definite (elsewhere it counts as rejected, raising ``μ``).
+    """
     z = z0
-    c, A, g = problem.linearize(z)
+    c, A, g = problem.linearize(z, second_order=newton)
     rtol, atol = solver.tolerances(z.dtype)
     eps = torch.finfo(z.dtype).eps
 
@@ -424,7 +430,14 @@ def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarq
     nu = torch.full_like(mu, 2.0)
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
     for _ in tr:
-        h = solve_or_pinv(A + mu[:, None, None] * eye, -g, tr.sync)
+        damped = A + mu[:, None, None] * eye
+        if newton:
+            L, info = torch.linalg.cholesky_ex(damped)
+            convex = info == 0
+            L = masked(convex, L, eye.expand_as(L))
+            h = torch.where(convex[:, None], torch.cholesky_solve(-g.unsqueeze(-1), L).squeeze(-1), torch.zeros_like(g))
+        else:
+            h = solve_or_pinv(damped, -g, tr.sync)
         z_try = z + h
         c_try = problem.cost(z_try)
         actual = c - c_try
@@ -436,16 +449,20 @@ def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarq
         rho = actual / torch.where(predicted > 0, predicted, torch.ones_like(predicted))
         rho = torch.where(noisy, torch.ones_like(rho), rho)
         ok = torch.isfinite(c_try) & torch.isfinite(actual) & torch.where(noisy, actual >= -slack, rho > 0)
+        if newton:
+            ok = ok & convex
         factor = (1 - (2 * rho - 1) ** 3).clamp_min(1 / 3)
         mu = torch.where(ok, mu * factor, mu * nu)
         mu = mu.clamp_min(torch.finfo(z.dtype).tiny)
         nu = torch.where(ok, torch.full_like(nu, 2.0), 2 * nu)
         z_new = masked(ok, z_try, z)
         if not tr.sync or bool((ok & tr.active).any()):
-            c_new, A_new, g_new = problem.linearize(z_new)
+            c_new, A_new, g_new = problem.linearize(z_new, second_order=newton)
         else:
             c_new, A_new, g_new = c, A, g
         tiny_step = torch.linalg.vector_norm(h, dim=-1) <= eps * (torch.linalg.vector_norm(z, dim=-1) + eps)
+        if newton:
+            tiny_step = tiny_step & convex
         stalled = (~torch.isfinite(mu) | (nu > 2.0 ** 60) | tiny_step) & ~ok
         take = tr.advance(torch.linalg.vector_norm(g_new, dim=-1), stalled=stalled, solved=small(c_new))
         z, c, A, g = masked(take, z_new, z), masked(take, c_new, c), masked(take, A_new, A), masked(take, g_new, g)
@@ -512,7 +529,7 @@ def _check_weights(ridge: float, ic_weight: float, bc_weight: float) -> None:
 
 def default_solver() -> LevenbergMarquardt:
     """The default inner solver: :class:`~optlayers.implicit.LevenbergMarquardt` with
-    ``damping=1e-6`` (these normal equations are ill-conditioned, ``λ_min ≈ ρ²``: the usual
+    ``damping=1e-6`` (the normal equations are ill-conditioned, ``λ_min ≈ ρ²``, and the usual
     ``1e-3`` spends iterations shrinking the damping), ``max_iter=100``, ``rtol=1e-9`` (relative
     stationarity ``‖Jᵀr‖ / ‖Jᵀr(w₀)‖``; float64 round-off stalls near 1e-10) and ``atol=1e-12``."""
     return LevenbergMarquardt(damping=1e-6, max_iter=100, rtol=1e-9)
@@ -520,7 +537,7 @@ def default_solver() -> LevenbergMarquardt:
 
 def hard_constraint(pde: PDE1D, rows: ConstraintRows, *, w0: Tensor | None = None, ridge: float = 1e-4,
                     ic_weight: float = 1.0, bc_weight: float = 1.0, coupling: Tensor | None = None,
-                    solver: LevenbergMarquardt | None = None, hessian: Hessian = "exact",
+                    solver: LevenbergMarquardt | None = None, step: Step = "newton", hessian: Hessian = "exact",
                     adjoint: ImplicitAdjoint | None = None, throw: bool = True,
                     callback: Callable[..., None] | None = None) -> Result[ConstraintReport]:
     r"""Solve a batch of hard-constraint problems ``w* = argmin ½‖r(w; b)‖²`` (module docstring).
@@ -548,6 +565,11 @@ def hard_constraint(pde: PDE1D, rows: ConstraintRows, *, w0: Tensor | None = Non
         solver: A :class:`~optlayers.implicit.LevenbergMarquardt` config (default
             :func:`default_solver`); its damping and stopping rules are applied to the structured
             normal equations.
+        step: Curvature of the damped step ``(M + μI) h = −Jᵀr``: ``"newton"`` (default) uses the
+            exact Hessian ``M = JᵀJ + Σ rᵢ∇²rᵢ`` (a step is tried only where ``M + μI`` is positive
+            definite, otherwise ``μ`` grows), which converges quadratically near ``w*``;
+            ``"gauss_newton"`` is classical Levenberg–Marquardt (``M = JᵀJ``), whose local rate is
+            only linear when the residual at ``w*`` is not zero — the usual case here.
         hessian: ``"exact"`` (default) or ``"gauss_newton"`` operator in the implicit gradient.
         adjoint: ``None`` (the preconditioned one-step form above) or an
             :class:`~optlayers.implicit.ImplicitAdjoint`.
@@ -579,6 +601,8 @@ def hard_constraint(pde: PDE1D, rows: ConstraintRows, *, w0: Tensor | None = Non
     _check_weights(ridge, ic_weight, bc_weight)
     if hessian not in ("exact", "gauss_newton"):
         raise ValueError(f"hessian must be 'exact' or 'gauss_newton', got {hessian!r}")
+    if step not in ("newton", "gauss_newton"):
+        raise ValueError(f"step must be 'newton' or 'gauss_newton', got {step!r}")
     solver = default_solver() if solver is None else solver
     if not isinstance(solver, LevenbergMarquardt):
         raise TypeError(f"solver must be a LevenbergMarquardt config, got {type(solver).__name__}")
@@ -598,7 +622,7 @@ def hard_constraint(pde: PDE1D, rows: ConstraintRows, *, w0: Tensor | None = Non
     n = N if coupling is None else batch[-1] * N
     shape = batch if coupling is None else batch[:-1]  # one joint problem per outer index with coupling
     with torch.no_grad():
-        flat = _levenberg_marquardt(problem, w0.reshape(-1, n), solver, callback)
+        flat = _levenberg_marquardt(problem, w0.reshape(-1, n), solver, callback, step == "newton")
         w_star = flat.solution.reshape(w0.shape)
         solved = Result(w_star, flat.converged.reshape(shape), flat.iterations.reshape(shape),
                         flat.residual.reshape(shape), flat.status.reshape(shape), ())  # custom_root needs aux != None

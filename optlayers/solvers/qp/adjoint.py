@@ -137,16 +137,10 @@ class KKTCache:
 def _solve_cholesky(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
     """Regularized KKT solve of one entry for ``rhs (V, B, N)`` (V broadcasts)."""
     f = e.cholesky()
-    n, ne, m = e.sizes
-    rx, ry, rz = rhs.split([n, ne, m], dim=-1)
-    dl = f.delta  # (B, 1)
-    r = rx + _mtv(f.G, f.d * rz)
-    if ne:
-        r = r + _mtv(f.A, ry) / dl
-    dx = chol_solve(f.L, r.unsqueeze(-1)).squeeze(-1)
-    dy = (_mv(f.A, dx) - ry) / dl
-    dz = f.d * (_mv(f.G, dx) - rz)
-    return torch.cat([dx, dy, dz], dim=-1)
+    n = e.sizes[0]
+    rx, rc = rhs[..., :n], rhs[..., n:]
+    dx = chol_solve(f.L, (rx + _mtv(f.C, f.d * rc)).unsqueeze(-1)).squeeze(-1)
+    return torch.cat([dx, f.d * (_mv(f.C, dx) - rc)], dim=-1)
 
 
 def _solve_lu(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:

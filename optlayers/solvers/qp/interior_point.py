@@ -49,7 +49,7 @@ import torch
 
 from ..._result import Result, Status, raise_if_failed, register_aux
 from ._data import QPData, prepare_qp
-from .kkt import bmtv, bmv, factor_kkt, kkt_constant, solve_kkt, static_delta
+from .kkt import bmtv, bmv, factor_kkt, kkt_constant, solve_kkt_c, stack_constraints, static_delta
 
 __all__ = ["InteriorPoint", "QPAux", "solve_qp", "warm_start_tensors"]
 
@@ -114,7 +114,8 @@ class InteriorPoint:
             ``‖x‖₁ < 1/infeasibility_tol``); ``None``: ``1e-9`` (float64) / ``1e-5`` (float32).
         regularization: Static regularization of the KKT factorization, relative to the data
             scale, removed by iterative refinement; ``None``: ``1e-11`` / ``1e-6``.
-        refine: Iterative-refinement steps per KKT solve.
+        refine: Iterative-refinement steps per KKT solve (the static regularization is small
+            enough that unrefined Newton directions converge as fast; raise it for badly scaled data).
         step_fraction: Fraction of the step to the boundary of the cone (``0 < · < 1``).
         check_every: Test for convergence (a host synchronisation) every this many iterations
             and stop when every element is done; ``None`` runs exactly ``max_iter`` iterations
@@ -135,7 +136,7 @@ class InteriorPoint:
     atol: float | None = None
     infeasibility_tol: float | None = None
     regularization: float | None = None
-    refine: int = 1
+    refine: int = 0
     step_fraction: float = 0.99
     check_every: int | None = 1
     callback: Callable[[int, torch.Tensor], None] | None = None
@@ -186,30 +187,33 @@ class InteriorPoint:
 
     def _run(self, d: QPData, init: Result | torch.Tensor | tuple | None) -> Result[QPAux]:
         dtype, device = d.Q.dtype, d.Q.device
-        Bn, n, ne, m = d.B, d.n, d.n_eq, d.n_ineq
+        Bn, n, k, m = d.B, d.n, d.n_eq, d.n_ineq
         rtol = self.tolerance(dtype)
         atol = _tol(dtype, self.atol, 1e-12, 1e-6)
         eps_inf = _tol(dtype, self.infeasibility_tol, 1e-9, 1e-5)
-        reg = self.regularization_for(dtype)
         floor = atol / rtol if rtol > 0 else 0.0
         tiny = torch.finfo(dtype).tiny
-        Qd, pd, Ad, bd, Gd, hd = d.Q, d.p, d.A, d.b, d.G, d.h
+        sync = self.check_every is not None
+        Q, p = d.Q, d.p
+        C = stack_constraints(d.A, d.G)  # (B|1, k+m, n): one matmul for both constraint blocks
+        if d.b.shape[0] == d.h.shape[0]:
+            bh = torch.cat([d.b, d.h], -1)  # (B|1, k+m)
+        else:
+            bh = torch.cat([d.b.expand(Bn, k), d.h.expand(Bn, m)], -1)
 
-        def per_elem(t: torch.Tensor) -> torch.Tensor:
+        def finite_rows(t: torch.Tensor) -> torch.Tensor:
             flat = t.reshape(t.shape[0], -1)
             if not flat.shape[-1]:
                 return torch.ones(Bn, dtype=torch.bool, device=device)
-            r = torch.isfinite(flat).all(-1)
-            return r.expand(Bn)
+            return torch.isfinite(flat).all(-1).expand(Bn)
 
-        finite = per_elem(Qd) & per_elem(pd) & per_elem(Ad) & per_elem(bd) & per_elem(Gd) & per_elem(hd)
-        delta = static_delta(Qd, Ad, Gd, Bn, reg)  # (B, 1)
+        finite = finite_rows(Q) & finite_rows(p) & finite_rows(C) & finite_rows(bh)
+        delta = static_delta(Q, d.A, d.G, Bn, self.regularization_for(dtype))  # (B, 1)
+        H0 = kkt_constant(Q, d.A, delta)
+        norm_p = _amax(p).expand(Bn)
+        norm_bh = _amax(bh).expand(Bn)
 
-        norm_p = _amax(pd).expand(Bn)
-        norm_bh = torch.maximum(_amax(bd).expand(Bn), _amax(hd).expand(Bn))
-
-        H0 = kkt_constant(Qd, Ad, delta)
-        x, y, z, s, tau, kappa = self._initial_point(Qd, pd, Ad, bd, Gd, hd, Bn, delta, H0, init)
+        x, yc, s, tau, kappa = self._initial_point(Q, p, C, bh, d.A, d.G, k, Bn, delta, H0, init)
 
         done = ~finite
         status = torch.where(finite, torch.full((Bn,), int(Status.MAX_ITER), dtype=torch.int64, device=device),
@@ -217,119 +221,117 @@ class InteriorPoint:
         iterations = torch.zeros(Bn, dtype=torch.int64, device=device)
         residual = torch.full((Bn,), float("inf"), dtype=dtype, device=device)
         small_steps = torch.zeros(Bn, dtype=torch.int64, device=device)
-        frac = self.step_fraction
+        zeros_k = torch.zeros(Bn, k, dtype=dtype, device=device)
+
+        def pad(v: torch.Tensor) -> torch.Tensor:
+            """Inequality vector (B, m) -> stacked constraint vector (B, k+m) with zeros first."""
+            return torch.cat([zeros_k, v], -1) if k else v
 
         for it in range(self.max_iter + 1):
+            z = yc[:, k:]
             # ---- residuals of the embedding -------------------------------------------------
-            t1 = tau
+            Qx, Cty, Cx = bmv(Q, x), bmtv(C, yc), bmv(C, x)
             tc = tau.unsqueeze(-1)
-            Qx, Aty, Gtz, Ax, Gx = bmv(Qd, x), bmtv(Ad, y), bmtv(Gd, z), bmv(Ad, x), bmv(Gd, x)
-            rx = Qx + Aty + Gtz + pd * tc
-            ry = Ax - bd * tc
-            rz = Gx + s - hd * tc
+            rx = Qx + Cty + p * tc
+            rc = Cx + pad(s) - bh * tc
             xQx = _dot(x, Qx)
-            px, by_hz = _dot(pd, x), _dot(bd, y) + _dot(hd, z)
-            rtau = kappa + px + by_hz + xQx / tau
-            # ---- convergence on the unscaled point -------------------------------------------
-            n_Ax, n_Gx, n_Aty, n_Gtz, n_Qx = _amax(Ax), _amax(Gx), _amax(Aty), _amax(Gtz), _amax(Qx)
-            pres = torch.maximum(_amax(ry), _amax(rz)) / t1
-            pscale = torch.stack([torch.maximum(n_Ax, n_Gx) / t1, _amax(s) / t1, norm_bh]).amax(0)
-            dres = _amax(rx) / t1
-            dscale = torch.stack([torch.maximum(n_Qx, torch.maximum(n_Aty, n_Gtz)) / t1, norm_p]).amax(0)
-            gap = _dot(s, z) / t1 ** 2
-            pobj = 0.5 * xQx / t1 ** 2 + px / t1
-            dobj = -0.5 * xQx / t1 ** 2 - by_hz / t1
-            gscale = torch.maximum(pobj.abs(), dobj.abs())
-            res_now = torch.stack([pres / pscale.clamp_min(floor), dres / dscale.clamp_min(floor),
-                                   gap.abs() / gscale.clamp_min(floor)]).amax(0)
-            res_now = torch.where(torch.isfinite(res_now), res_now, torch.full_like(res_now, float("inf")))
+            px, bhy = _dot(p, x), _dot(bh, yc)
+            rtau = kappa + px + bhy + xQx / tau
+            # ---- convergence on the unscaled point (x/τ, y/τ, s/τ) -----------------------------
+            n_Qx, n_Cty, n_Cx = _amax(Qx), _amax(Cty), _amax(Cx)
+            pres = _amax(rc)
+            pscale = torch.maximum(torch.maximum(n_Cx, _amax(s)), norm_bh * tau)
+            dres = _amax(rx)
+            dscale = torch.maximum(torch.maximum(n_Qx, n_Cty), norm_p * tau)
+            t2 = tau * tau
+            gap = _dot(s, z)
+            obj_scale = torch.maximum((0.5 * xQx + px * tau).abs(), (0.5 * xQx + bhy * tau).abs())
+            fl = floor * tau
+            res_now = torch.stack([pres / torch.maximum(pscale, fl), dres / torch.maximum(dscale, fl),
+                                   gap.abs() / torch.maximum(obj_scale, floor * t2)]).amax(0)
+            res_now = torch.nan_to_num(res_now, nan=float("inf"))
             residual = torch.where(done, residual, res_now)
             conv_now = ~done & (res_now <= rtol)
-            # ---- infeasibility certificates --------------------------------------------------
-            kt = kappa > tau
-            nyz = torch.maximum(_amax(y), _amax(z)).clamp_min(tiny)
-            cp = -by_hz / nyz
-            rp = _amax(Aty + Gtz) / nyz
-            pinf = ~done & ~conv_now & kt & (cp > eps_inf * norm_bh) & (rp <= eps_inf * cp)
-            nx = _amax(x).clamp_min(tiny)
-            cd = -px / nx
-            rd = torch.stack([n_Qx, n_Ax, _amax(Gx.clamp_min(0.0))]).amax(0) / nx
-            dinf = ~done & ~conv_now & ~pinf & kt & (cd > eps_inf * norm_p) & (rd <= eps_inf * cd)
-            bad = ~done & ~(torch.isfinite(x).all(-1) & torch.isfinite(z).all(-1) & torch.isfinite(y).all(-1)
-                            & torch.isfinite(s).all(-1) & torch.isfinite(tau) & torch.isfinite(kappa))
-            stalled = ~done & (small_steps >= 5)
-            status = torch.where(conv_now, torch.zeros_like(status), status)
-            status = torch.where(pinf, torch.full_like(status, int(Status.INFEASIBLE)), status)
-            status = torch.where(dinf, torch.full_like(status, int(Status.UNBOUNDED)), status)
-            status = torch.where(bad, torch.full_like(status, int(Status.NONFINITE)), status)
-            status = torch.where(stalled & ~conv_now & ~pinf & ~dinf & ~bad,
-                                 torch.full_like(status, int(Status.STAGNATION)), status)
-            done = done | conv_now | pinf | dinf | bad | stalled
+            # ---- infeasibility certificates (only once κ > τ somewhere) -------------------------
+            kt = ~done & ~conv_now & (kappa > tau)
+            pinf = dinf = torch.zeros_like(done)
+            if not sync or bool(kt.any()):
+                nyz = _amax(yc).clamp_min(tiny)
+                cp = -bhy / nyz
+                pinf = kt & (cp > eps_inf * norm_bh) & (n_Cty / nyz <= eps_inf * cp)
+                nx = _amax(x).clamp_min(tiny)
+                cd = -px / nx
+                viol = torch.maximum(_amax(Cx[:, :k]), _amax(Cx[:, k:].clamp_min(0.0)))
+                rd = torch.maximum(n_Qx, viol) / nx
+                dinf = kt & ~pinf & (cd > eps_inf * norm_p) & (rd <= eps_inf * cd)
+            bad = ~done & ~(torch.isfinite(res_now) | conv_now) & ~torch.isfinite(rtau)
+            stalled = ~done & ~conv_now & (small_steps >= 5)
+            new = torch.where(conv_now, 0, torch.where(pinf, int(Status.INFEASIBLE), torch.where(
+                dinf, int(Status.UNBOUNDED), torch.where(bad, int(Status.NONFINITE), int(Status.STAGNATION)))))
+            now_done = conv_now | pinf | dinf | bad | stalled
+            status = torch.where(now_done, new, status)
+            done = done | now_done
             if self.callback is not None:
                 self.callback(it, residual)
             if it == self.max_iter:
                 break
-            if self.check_every is not None and it % self.check_every == 0 and bool(done.all()):
+            if sync and it % self.check_every == 0 and bool(done.all()):
                 break
-            iterations = iterations + (~done).to(torch.int64)
+            active = ~done
+            iterations = iterations + active.to(torch.int64)
 
             # ---- Newton step (Mehrotra predictor-corrector) ---------------------------------
-            active = ~done
             mu = (_dot(s, z) + tau * kappa) / (m + 1)
-            w = s / z
-            f = factor_kkt(Qd, Ad, Gd, w, delta, retry=self.check_every is not None, H0=H0)
-            Qxi = Qx / tc
-            c_x = pd + 2.0 * Qxi
-            xiQxi = xQx / t1 ** 2
+            f = factor_kkt(Q, d.A, d.G, s / z, delta, retry=sync, H0=H0, C=C)
+            c_x = p + (2.0 / tc) * Qx
+            xiQxi = xQx / t2
             k_t = kappa / tau
-
             # Two right-hand sides in one solve: [-p; b; h] and the affine direction.
-            rhs_x = torch.stack([-pd.expand(Bn, n), -rx], -1)
-            rhs_y = torch.stack([bd.expand(Bn, ne), -ry], -1)
-            rhs_z = torch.stack([hd.expand(Bn, m), -rz + s], -1)
-            ux, uy, uz = solve_kkt(f, rhs_x, rhs_y, rhs_z, refine=self.refine)
-            u1x, u1y, u1z = ux[..., 0], uy[..., 0], uz[..., 0]
-            denom = _dot(c_x, u1x) + _dot(bd, u1y) + _dot(hd, u1z) - xiQxi - k_t
-            denom = torch.where(denom < 0, denom, -torch.ones_like(denom))  # guard; < 0 in exact arithmetic
+            ux, uc = solve_kkt_c(f, torch.stack([-p.expand(Bn, n), -rx], -1),
+                                 torch.stack([bh.expand(Bn, k + m), -rc + pad(s)], -1), refine=self.refine)
+            u1x, u1c = ux[..., 0], uc[..., 0]
+            denom = _dot(c_x, u1x) + _dot(bh, u1c) - xiQxi - k_t
+            denom = torch.where(denom < 0, denom, -torch.ones_like(denom))  # < 0 in exact arithmetic
 
-            def direction(u2x: torch.Tensor, u2y: torch.Tensor, u2z: torch.Tensor, eta: torch.Tensor | float,
+            def direction(u2x: torch.Tensor, u2c: torch.Tensor, eta: torch.Tensor | float,
                           d_s: torch.Tensor, d_k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                num = -eta * rtau - d_k / t1 - _dot(c_x, u2x) - _dot(bd, u2y) - _dot(hd, u2z)
-                dt = num / denom
-                dx = u2x + dt.unsqueeze(-1) * u1x
-                dy = u2y + dt.unsqueeze(-1) * u1y
-                dz = u2z + dt.unsqueeze(-1) * u1z
-                ds = (d_s - s * dz) / z
-                dk = (d_k - kappa * dt) / t1
-                return dx, dy, dz, ds, dt, dk
+                dt = (-eta * rtau - d_k / tau - _dot(c_x, u2x) - _dot(bh, u2c)) / denom
+                dtc = dt.unsqueeze(-1)
+                dx, dyc = u2x + dtc * u1x, u2c + dtc * u1c
+                dz = dyc[:, k:]
+                return dx, dyc, (d_s - s * dz) / z, dt, (d_k - kappa * dt) / tau
 
-            d_s_a = -s * z
-            d_k_a = -tau * kappa
-            dxa, dya, dza, dsa, dta, dka = direction(ux[..., 1], uy[..., 1], uz[..., 1], 1.0, d_s_a, d_k_a)
             cone = torch.cat([s, z, tau.unsqueeze(-1), kappa.unsqueeze(-1)], -1)
-            alpha_a = _max_step(cone, torch.cat([dsa, dza, dta.unsqueeze(-1), dka.unsqueeze(-1)], -1))
-            mu_a = (_dot(s + alpha_a.unsqueeze(-1) * dsa, z + alpha_a.unsqueeze(-1) * dza)
-                    + (t1 + alpha_a * dta) * (kappa + alpha_a * dka)) / (m + 1)
+            d_s = -s * z
+            dxa, dyca, dsa, dta, dka = direction(ux[..., 1], uc[..., 1], 1.0, d_s, -tau * kappa)
+            step_a = torch.cat([dsa, dyca[:, k:], dta.unsqueeze(-1), dka.unsqueeze(-1)], -1)
+            alpha_a = _max_step(cone, step_a).unsqueeze(-1)
+            mu_a = _dot(cone[:, :m] + alpha_a * dsa, z + alpha_a * dyca[:, k:])
+            mu_a = (mu_a + (tau + alpha_a[:, 0] * dta) * (kappa + alpha_a[:, 0] * dka)) / (m + 1)
             sigma = (mu_a / mu.clamp_min(tiny)).clamp(0.0, 1.0) ** 3
             eta = 1.0 - sigma
-            smu = (sigma * mu).unsqueeze(-1)
-            d_s = -s * z + smu - dsa * dza
-            d_k = -tau * kappa + sigma * mu - dta * dka
-            cx, cy, cz = solve_kkt(f, -eta.unsqueeze(-1) * rx, -eta.unsqueeze(-1) * ry,
-                                   -eta.unsqueeze(-1) * rz - d_s / z, refine=self.refine)
-            dx, dy, dz, ds, dt, dk = direction(cx, cy, cz, eta, d_s, d_k)
-            alpha = frac * _max_step(cone, torch.cat([ds, dz, dt.unsqueeze(-1), dk.unsqueeze(-1)], -1))
+            smu = sigma * mu
+            d_s = d_s + smu.unsqueeze(-1) - dsa * dyca[:, k:]
+            d_k = -tau * kappa + smu - dta * dka
+            cx, cc = solve_kkt_c(f, (-eta.unsqueeze(-1) * rx).unsqueeze(-1),
+                                 (-eta.unsqueeze(-1) * rc - pad(d_s / z)).unsqueeze(-1), refine=self.refine)
+            dx, dyc, ds, dt, dk = direction(cx[..., 0], cc[..., 0], eta, d_s, d_k)
+            alpha = self.step_fraction * _max_step(cone, torch.cat([ds, dyc[:, k:], dt.unsqueeze(-1),
+                                                                    dk.unsqueeze(-1)], -1))
             ok_step = active & f.ok & torch.isfinite(alpha)
             alpha = torch.where(ok_step, alpha, torch.zeros_like(alpha))
             small_steps = torch.where(active & (alpha < 1e-8), small_steps + 1, torch.zeros_like(small_steps))
             a = alpha.unsqueeze(-1)
-            upd = ok_step.unsqueeze(-1)
-            x = torch.where(upd, x + a * dx, x)
-            y = torch.where(upd, y + a * dy, y)
-            z = torch.where(upd, z + a * dz, z)
-            s = torch.where(upd, s + a * ds, s)
-            tau = torch.where(ok_step, tau + alpha * dt, tau)
-            kappa = torch.where(ok_step, kappa + alpha * dk, kappa)
+            if sync and bool(ok_step.all()):
+                x, yc, s = x + a * dx, yc + a * dyc, s + a * ds
+                tau, kappa = tau + alpha * dt, kappa + alpha * dk
+            else:
+                upd = ok_step.unsqueeze(-1)
+                x = torch.where(upd, x + a * dx, x)
+                yc = torch.where(upd, yc + a * dyc, yc)
+                s = torch.where(upd, s + a * ds, s)
+                tau = torch.where(ok_step, tau + alpha * dt, tau)
+                kappa = torch.where(ok_step, kappa + alpha * dk, kappa)
 
         converged = status == int(Status.SUCCESS)
         invalid = ((status == int(Status.INFEASIBLE)) | (status == int(Status.UNBOUNDED))
@@ -337,49 +339,49 @@ class InteriorPoint:
         nan = torch.tensor(float("nan"), dtype=dtype, device=device)
 
         def finish(v: torch.Tensor) -> torch.Tensor:
-            v = v / tau.unsqueeze(-1)
-            v = torch.where(invalid.unsqueeze(-1), nan, v)
+            v = torch.where(invalid.unsqueeze(-1), nan, v / tau.unsqueeze(-1))
             return v.reshape(d.batch_shape + v.shape[-1:])
 
         bs = d.batch_shape
         return Result(solution=finish(x), converged=converged.reshape(bs), iterations=iterations.reshape(bs),
                       residual=residual.reshape(bs), status=status.reshape(bs),
-                      aux=QPAux(ineq_dual=finish(z), eq_dual=finish(y), slack=finish(s)))
+                      aux=QPAux(ineq_dual=finish(yc[:, k:]), eq_dual=finish(yc[:, :k]), slack=finish(s)))
 
-    def _initial_point(self, Q: torch.Tensor, p: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
-                       G: torch.Tensor, h: torch.Tensor, Bn: int, delta: torch.Tensor, H0: torch.Tensor,
+    def _initial_point(self, Q: torch.Tensor, p: torch.Tensor, C: torch.Tensor, bh: torch.Tensor,
+                       A: torch.Tensor, G: torch.Tensor, k: int, Bn: int, delta: torch.Tensor, H0: torch.Tensor,
                        init: Result | torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
         dtype, device = Q.dtype, Q.device
-        n, ne, m = p.shape[-1], b.shape[-1], h.shape[-1]
+        n, m = p.shape[-1], G.shape[-2]
         one = torch.ones(Bn, dtype=dtype, device=device)
         x0, y0, z0 = warm_start_tensors(init)
         if x0 is not None:
-            x = x0.detach().to(dtype).reshape(-1, n).expand(Bn, n).clone()
-            y = (y0.detach().to(dtype).reshape(-1, ne).expand(Bn, ne).clone() if y0 is not None
-                 else torch.zeros(Bn, ne, dtype=dtype, device=device))
-            sl = (h - bmv(G, x)).expand(Bn, m)
-            floor = 1e-2 * (1.0 + _amax(sl)).unsqueeze(-1)
-            s = torch.maximum(sl, floor)
+            x = x0.to(dtype).reshape(-1, n).expand(Bn, n).clone()
+            y = (y0.to(dtype).reshape(-1, k).expand(Bn, k) if y0 is not None
+                 else torch.zeros(Bn, k, dtype=dtype, device=device))
+            sl = (bh[..., k:] - bmv(G, x)).expand(Bn, m)
+            s = torch.maximum(sl, 1e-2 * (1.0 + _amax(sl)).unsqueeze(-1))
             if z0 is not None:
-                zf = z0.detach().to(dtype).reshape(-1, m).expand(Bn, m)
+                zf = z0.to(dtype).reshape(-1, m).expand(Bn, m)
                 z = torch.maximum(zf, 1e-2 * (1.0 + _amax(zf)).unsqueeze(-1))
             else:
                 z = torch.ones(Bn, m, dtype=dtype, device=device)
-            ok = torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1) & torch.isfinite(z).all(-1)
-            if bool(ok.all()):
-                return x, y, z, s, one.clone(), one.clone()
+            yc = torch.cat([y, z], -1)
+            if bool(torch.isfinite(x).all() & torch.isfinite(yc).all()):
+                return x, yc, s, one.clone(), one.clone()
         # Cold start: solve K(W = I) [x; y; z] = [-p; b; h], then shift (s, z) into the cone.
-        w = torch.ones(Bn, m, dtype=dtype, device=device)
-        f = factor_kkt(Q, A, G, w, delta, retry=self.check_every is not None, H0=H0)
-        x, y, zz = solve_kkt(f, -p.expand(Bn, n), b.expand(Bn, ne), h.expand(Bn, m), refine=self.refine)
-        s = -zz
-        z = zz.clone()
+        f = factor_kkt(Q, A, G, torch.ones(Bn, m, dtype=dtype, device=device), delta,
+                       retry=self.check_every is not None, H0=H0, C=C)
+        x, yc = solve_kkt_c(f, -p.expand(Bn, n).unsqueeze(-1), bh.expand(Bn, bh.shape[-1]).unsqueeze(-1),
+                            refine=self.refine)
+        x, yc = x[..., 0], yc[..., 0]
+        zz = yc[:, k:]
+        s, z = -zz, zz
         if m:
             ap = (-s).amax(-1, keepdim=True)
             s = torch.where(ap >= 0, s + 1.0 + ap, s)
             ad = (-z).amax(-1, keepdim=True)
             z = torch.where(ad >= 0, z + 1.0 + ad, z)
-        return x, y, z, s, one.clone(), one.clone()
+        return x, torch.cat([yc[:, :k], z], -1), s, one.clone(), one.clone()
 
 
 def warm_start_tensors(init: Result | torch.Tensor | tuple | None

@@ -33,7 +33,8 @@ import dataclasses
 
 import torch
 
-__all__ = ["KKTFactor", "static_delta", "kkt_constant", "factor_kkt", "solve_kkt", "kkt_matvec", "bmv", "bmtv"]
+__all__ = ["KKTFactor", "static_delta", "kkt_constant", "factor_kkt", "stack_constraints", "solve_kkt",
+           "solve_kkt_c", "solve_regularized", "kkt_matvec", "kkt_matvec_c", "chol_solve", "bmv", "bmtv"]
 
 
 def bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -78,23 +79,43 @@ def static_delta(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, B: int, reg:
 class KKTFactor:
     """Factorization of the regularized KKT matrix (see the module docstring).
 
+    The equality and inequality rows are stacked into one constraint matrix ``C = [A; G]`` with
+    diagonal ``W_C = [0; W]``, so each product with the constraints is one batched matmul.
+
     Attributes:
-        Q, A, G: The data, ``(B|1, n, n)``, ``(B|1, p, n)``, ``(B|1, m, n)``.
+        Q: ``(B|1, n, n)``.
+        C: ``(B|1, k + m, n)`` the stacked constraints ``[A; G]``.
+        k: The number of equality rows.
         w: ``(B, m)`` the diagonal ``W`` of the unregularized system.
-        d: ``(B, m)`` ``1 / (W + δ)``, the inequality elimination weights.
-        L: ``(B, n, n)`` Cholesky factor of ``H = Q + Gᵀ D G + Aᵀ A / δ + δ I``.
+        d: ``(B, k + m)`` elimination weights ``[1/δ; 1/(W + δ)]``.
+        L: ``(B, n, n)`` Cholesky factor of ``H = Q + δ I + Cᵀ diag(d) C``.
         delta: ``(B, 1)`` the static regularization.
-        ok: ``(B,)`` bool, False where the factorization failed (non-finite data).
+        ok: ``(B,)`` bool, False where the factorization failed.
     """
 
     Q: torch.Tensor
-    A: torch.Tensor
-    G: torch.Tensor
+    C: torch.Tensor
+    k: int
     w: torch.Tensor
     d: torch.Tensor
     L: torch.Tensor
     delta: torch.Tensor
     ok: torch.Tensor
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.C[..., : self.k, :]
+
+    @property
+    def G(self) -> torch.Tensor:
+        return self.C[..., self.k:, :]
+
+    @property
+    def wc(self) -> torch.Tensor:
+        """``[0; W]``, the constraint block of the unregularized KKT matrix, ``(B, k + m)``."""
+        if self.k == 0:
+            return self.w
+        return torch.cat([self.w.new_zeros(self.w.shape[0], self.k), self.w], -1)
 
 
 def _safe_cholesky(H: torch.Tensor, delta: torch.Tensor, retry: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +153,8 @@ def kkt_constant(Q: torch.Tensor, A: torch.Tensor, delta: torch.Tensor) -> torch
 
 
 def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tensor,
-               delta: torch.Tensor, *, retry: bool = True, H0: torch.Tensor | None = None) -> KKTFactor:
+               delta: torch.Tensor, *, retry: bool = True, H0: torch.Tensor | None = None,
+               C: torch.Tensor | None = None) -> KKTFactor:
     """Factor the regularized KKT matrix for a batch.
 
     The regularized system replaces the zero block by ``-δ I`` and ``W`` by ``W + δ I`` and adds
@@ -148,33 +170,59 @@ def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tenso
         delta: ``(B, 1)`` static regularization.
         retry: Retry failed Cholesky factorizations with a larger ridge (a host sync).
         H0: The constant part ``Q + δ I + Aᵀ A / δ`` when precomputed (:func:`kkt_constant`).
+        C: ``[A; G]`` when precomputed.
 
     Returns:
         The :class:`KKTFactor`.
     """
     B = w.shape[0]
-    n = Q.shape[-1]
-    d = 1.0 / (w + delta)
+    n, k = Q.shape[-1], A.shape[-2]
+    dg = 1.0 / (w + delta)
     if H0 is None:
         H0 = kkt_constant(Q, A, delta)
-    H = H0 + (G.transpose(-1, -2) * d.unsqueeze(-2)) @ G
+    if C is None:
+        C = stack_constraints(A, G)
+    H = H0 + (G.transpose(-1, -2) * dg.unsqueeze(-2)) @ G
     if H.shape[0] != B:
         H = H.expand(B, n, n)
     L, ok = _safe_cholesky(H, delta, retry)
-    return KKTFactor(Q=Q, A=A, G=G, w=w, d=d, L=L, delta=delta, ok=ok)
+    d = torch.cat([(1.0 / delta).expand(B, k), dg], -1) if k else dg
+    return KKTFactor(Q=Q, C=C, k=k, w=w, d=d, L=L, delta=delta, ok=ok)
 
 
-def _solve_regularized(f: KKTFactor, rx: torch.Tensor, ry: torch.Tensor,
-                       rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One solve with the regularized factorization; right-hand sides ``(B, k, r)``."""
-    dl = f.delta.unsqueeze(-1)
-    rhs = rx + bmtv(f.G, f.d.unsqueeze(-1) * rz)
-    if f.A.shape[-2]:
-        rhs = rhs + bmtv(f.A, ry) / dl
-    dx = chol_solve(f.L, rhs)
-    dy = (bmv(f.A, dx) - ry) / dl
-    dz = f.d.unsqueeze(-1) * (bmv(f.G, dx) - rz)
-    return dx, dy, dz
+def stack_constraints(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``C = [A; G]`` (batch dimensions broadcast)."""
+    if A.shape[:-2] != G.shape[:-2]:
+        lead = torch.broadcast_shapes(A.shape[:-2], G.shape[:-2])
+        A, G = A.expand(*lead, *A.shape[-2:]), G.expand(*lead, *G.shape[-2:])
+    return torch.cat([A, G], -2)
+
+
+def solve_regularized(f: KKTFactor, rx: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One solve with the regularized factorization; ``rx (B, n, r)``, ``rc (B, k + m, r)``."""
+    dd = f.d.unsqueeze(-1)
+    dx = chol_solve(f.L, rx + bmtv(f.C, dd * rc))
+    return dx, dd * (bmv(f.C, dx) - rc)
+
+
+def kkt_matvec_c(f: KKTFactor, x: torch.Tensor, yc: torch.Tensor,
+                 wc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unregularized product ``K [x; y_C]`` with the stacked constraints; ``(B, ·, r)``."""
+    wc = f.wc if wc is None else wc
+    return bmv(f.Q, x) + bmtv(f.C, yc), bmv(f.C, x) - wc.unsqueeze(-1) * yc
+
+
+def solve_kkt_c(f: KKTFactor, rx: torch.Tensor, rc: torch.Tensor, *, refine: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``K [x; y_C] = [rx; rc]`` (stacked constraints, ``(B, ·, r)``) with refinement."""
+    x, yc = solve_regularized(f, rx, rc)
+    if refine:
+        wc = f.wc
+        for _ in range(refine):
+            kx, kc = kkt_matvec_c(f, x, yc, wc)
+            ex, ec = solve_regularized(f, rx - kx, rc - kc)
+            x, yc = x + ex, yc + ec
+    return x, yc
 
 
 def kkt_matvec(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tensor,
@@ -201,11 +249,8 @@ def solve_kkt(f: KKTFactor, rx: torch.Tensor, ry: torch.Tensor, rz: torch.Tensor
     vec = rx.dim() == 2
     if vec:
         rx, ry, rz = rx.unsqueeze(-1), ry.unsqueeze(-1), rz.unsqueeze(-1)
-    x, y, z = _solve_regularized(f, rx, ry, rz)
-    for _ in range(refine):
-        kx, ky, kz = kkt_matvec(f.Q, f.A, f.G, f.w, x, y, z)
-        ex, ey, ez = _solve_regularized(f, rx - kx, ry - ky, rz - kz)
-        x, y, z = x + ex, y + ey, z + ez
+    x, yc = solve_kkt_c(f, rx, torch.cat([ry, rz], -2), refine=refine)
+    y, z = yc[..., : f.k, :], yc[..., f.k:, :]
     if vec:
         x, y, z = x.squeeze(-1), y.squeeze(-1), z.squeeze(-1)
     return x, y, z

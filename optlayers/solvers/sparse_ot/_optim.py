@@ -1,0 +1,201 @@
+"""Batched first-order solvers of the (semi-)dual: L-BFGS and fixed-iteration Adam.
+
+Both minimise ``f(z) = −D(z)`` through an *oracle* ``z (B, d) -> (f (B,), ∇f (B, d),
+violation (B,), binding (B,))`` that evaluates value and gradient in closed form (no autograd:
+the gradient of the dual is the marginal residual of the plan, by Danskin's theorem).
+
+Stopping test, per problem: the L1 marginal violation ``‖∇f‖₁ <= tol``; or, where the
+cardinality constraint binds (the plan of some column has ``k`` nonzeros), the dual has stopped
+improving — ``f`` decreased by at most ``ftol · max(|f|, scale)`` over the last ``window``
+iterations, or the line search cannot decrease it any more. The second test exists because a
+binding ``k`` makes the (semi-)dual nonsmooth at its maximum (ties between the ``k``-th and
+``(k+1)``-th entries of a column), where the gradient — the marginal violation — need not
+vanish: that violation is the duality gap of the nonconvex primal, reported by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from ..._result import Result, Status, status_from
+from ...implicit.solvers._base import Tracker, masked
+from ...implicit.solvers._steps import line_search
+from ...implicit.solvers.lbfgs import _two_loop
+
+__all__ = ["DualLBFGS", "DualAdam", "Oracle", "run_lbfgs", "run_adam"]
+
+Oracle = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+Callback = Callable[[int, torch.Tensor], None]
+
+
+def _check_int(obj: object, name: str, low: int, allow_none: bool = False) -> None:
+    v = getattr(obj, name)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{type(obj).__name__}: {name} must be an int >= {low}{extra}, got {v!r}")
+
+
+def _check_pos(obj: object, name: str, allow_none: bool = False, upper: float | None = None) -> None:
+    v = getattr(obj, name)
+    if v is None and allow_none:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (upper is None or v < upper)
+    if not ok:
+        bound = f" and < {upper}" if upper is not None else ""
+        raise ValueError(f"{type(obj).__name__}: {name} must be a float > 0{bound}, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DualLBFGS:
+    """L-BFGS on the (semi-)dual, with a weak-Wolfe line search (the default solver).
+
+    Args:
+        memory: Stored curvature pairs.
+        max_iter: Iteration limit (reaching it gives ``MAX_ITER``).
+        check_every: Host-sync period of the stopping test; None runs exactly ``max_iter``
+            iterations with no synchronisation (one line-search trial per iteration, fixed kernel
+            width ``k``).
+        ftol: Relative dual-improvement threshold of the stall test used where ``k`` binds
+            (None: ``1e-12`` in float64, ``1e-6`` in float32).
+        window: Iterations over which that improvement is measured.
+    """
+
+    memory: int = 10
+    max_iter: int = 2000
+    check_every: int | None = 1
+    ftol: float | None = None
+    window: int = 10
+
+    def __post_init__(self) -> None:
+        _check_int(self, "memory", 1)
+        _check_int(self, "max_iter", 1)
+        _check_int(self, "check_every", 1, allow_none=True)
+        _check_pos(self, "ftol", allow_none=True)
+        _check_int(self, "window", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DualAdam:
+    """Fixed-iteration Adam ascent on the (semi-)dual: no host synchronisation.
+
+    Runs exactly ``max_iter`` steps (for ``torch.compile``/CUDA graphs and cheap inner loops,
+    e.g. routing). Flags are computed at the end: converged where the marginal violation is at
+    most ``tol``.
+
+    Args:
+        lr: Step size, *relative to the cost scale* ``max |C|`` of each problem.
+        max_iter: Number of steps.
+        betas: Adam's moment decay rates.
+        eps: Adam's denominator guard, relative to the marginal scale.
+    """
+
+    lr: float = 0.02
+    max_iter: int = 300
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_pos(self, "lr")
+        _check_int(self, "max_iter", 1)
+        _check_pos(self, "eps")
+        b = self.betas
+        if not (isinstance(b, tuple) and len(b) == 2 and all(isinstance(x, float) and 0 <= x < 1 for x in b)):
+            raise ValueError(f"DualAdam: betas must be a pair of floats in [0, 1), got {b!r}")
+
+
+def run_lbfgs(oracle: Oracle, z0: torch.Tensor, cfg: DualLBFGS, *, tol: float, ftol: float,
+              fscale: torch.Tensor, callback: Callback | None = None) -> Result:
+    """Minimise through ``oracle`` from ``z0 (B, d)``; returns a flat :class:`Result`."""
+    z = z0
+    fz, g, viol, binding = oracle(z)
+    tr = Tracker(viol, rtol=0.0, atol=tol, max_iter=cfg.max_iter, check_every=cfg.check_every,
+                 callback=callback, nonfinite=~torch.isfinite(fz) | ~torch.isfinite(g).all(-1))
+    S: list[torch.Tensor] = []
+    Y: list[torch.Tensor] = []
+    R: list[torch.Tensor] = []
+    hist: list[torch.Tensor] = [fz]
+    gamma = torch.ones_like(fz)
+    has_pair = torch.zeros_like(tr.active)
+    retry = torch.zeros_like(tr.active)
+    t_retry = torch.ones_like(fz)
+    tiny = torch.finfo(z.dtype).tiny
+    eps = torch.finfo(z.dtype).eps
+
+    for _ in tr:
+        d = -_two_loop(g, S, Y, R, gamma)
+        slope = (g * d).sum(-1)
+        descent = torch.isfinite(slope) & (slope < 0)
+        d = masked(descent, d, -g)
+        gg = (g * g).sum(-1)
+        slope = torch.where(descent, slope, -gg)
+        t0 = torch.where(has_pair, 1.0, 1.0 / gg.sqrt().clamp_min(tiny)).clamp_max(1.0)
+        step = line_search(oracle, z, d, fz, slope, (fz, g, viol, binding), tr.active,
+                           t0=torch.where(retry, t_retry, t0), wolfe=True, has_grad=True, sync=tr.sync)
+        z_new, (f_new, g_new, v_new, b_new), ok = step.z, step.values, step.ok
+        exhausted = ~ok if tr.sync else ~ok & (step.t_retry < 2.0**-10)
+        # stall test where the cardinality constraint binds (nonsmooth maximum)
+        f_ref = hist[-cfg.window] if len(hist) >= cfg.window else None
+        solved = exhausted & binding
+        if f_ref is not None:
+            gain = f_ref - f_new
+            solved = solved | (b_new & ok & (gain <= ftol * torch.maximum(f_new.abs(), fscale)))
+        take = tr.advance(v_new, stalled=exhausted & ~has_pair & ~binding if tr.sync else None,
+                          nonfinite=~torch.isfinite(z_new).all(-1) | ~torch.isfinite(f_new),
+                          solved=solved)
+        reset = tr.active & exhausted & has_pair
+        retry, t_retry = ~ok & ~reset, step.t_retry
+        s, y = z_new - z, g_new - g
+        sy, yy = (s * y).sum(-1), (y * y).sum(-1)
+        valid = take & ok & (sy > eps * torch.linalg.vector_norm(s, dim=-1)
+                             * torch.linalg.vector_norm(y, dim=-1)) & (yy > 0)
+        safe_sy = torch.where(valid, sy, torch.ones_like(sy))
+        R = [torch.where(reset, 0.0, rho) for rho in R]
+        S.append(masked(valid, s, torch.zeros_like(s)))
+        Y.append(masked(valid, y, torch.zeros_like(y)))
+        R.append(torch.where(valid, 1.0 / safe_sy, torch.zeros_like(sy)))
+        S, Y, R = S[-cfg.memory:], Y[-cfg.memory:], R[-cfg.memory:]
+        gamma = torch.where(valid, sy / torch.where(valid, yy, torch.ones_like(yy)), gamma)
+        gamma = torch.where(reset, 1.0, gamma)
+        has_pair = (has_pair | valid) & ~reset
+        z, fz, g = masked(take, z_new, z), masked(take, f_new, fz), masked(take, g_new, g)
+        viol, binding = masked(take, v_new, viol), masked(take, b_new, binding)
+        hist.append(fz)
+        hist = hist[-cfg.window:]
+    return tr.finish(z)
+
+
+def run_adam(oracle: Oracle, z0: torch.Tensor, cfg: DualAdam, *, tol: float, lr: torch.Tensor,
+             gscale: torch.Tensor, callback: Callback | None = None) -> Result:
+    """``cfg.max_iter`` Adam steps on ``f`` through ``oracle``; flags from the final violation.
+
+    Args:
+        lr: ``(B,)`` absolute step sizes.
+        gscale: ``(B,)`` scale of the gradient (the total mass) for ``eps``.
+    """
+    z = z0
+    m = torch.zeros_like(z)
+    v = torch.zeros_like(z)
+    b1, b2 = cfg.betas
+    lr_ = lr.unsqueeze(-1)
+    eps = (cfg.eps * gscale).unsqueeze(-1)
+    for t in range(1, cfg.max_iter + 1):
+        _, g, viol, _ = oracle(z)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        mhat = m / (1 - b1**t)
+        vhat = v / (1 - b2**t)
+        z = z - lr_ * mhat / (vhat.sqrt() + eps)
+        if callback is not None:
+            callback(t, viol)
+    fz, g, viol, _ = oracle(z)
+    finite = torch.isfinite(fz) & torch.isfinite(z).all(-1)
+    converged = finite & (viol <= tol)
+    iters = torch.full_like(viol, cfg.max_iter, dtype=torch.int64)
+    extra = torch.where(finite, 0, int(Status.NONFINITE)).to(torch.int64)
+    return Result(solution=z, converged=converged, iterations=iters, residual=viol,
+                  status=status_from(converged, viol, extra=extra))
