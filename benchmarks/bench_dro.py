@@ -63,10 +63,10 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from optlayers.layers.dro import DROLoss
     from optlayers.solvers.dro import (  # noqa: F401  (used by eval)
-        CressieRead,
-        CVaR,
         ChiSquareBall,
         ChiSquarePenalty,
+        CressieRead,
+        CVaR,
         HolisticRobust,
         KLBall,
         KLPenalty,
@@ -78,7 +78,8 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
         robust_weights,
     )
 
-    torch.set_num_threads(int(cfg.get("threads", 2)))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     dtype = getattr(torch, cfg["dtype"])
     expr, _, backend = cfg["spec"].partition("|")
     spec = eval(expr)  # noqa: S307 - a fixed table of spec expressions above
@@ -138,7 +139,8 @@ def _dro_rows(full: bool) -> list[dict[str, Any]]:
         import dro  # noqa: F401
     except Exception as exc:  # not installed, or broken against this torch
         return [{"problem": "vs dro package", "library": "dro", "median_s": None, "ratio": None,
-                 "peak_mem_mb": None, "accuracy": None, "note": f"skipped: dro not importable ({exc.__class__.__name__})"}]
+                 "peak_mem_mb": None, "accuracy": None,
+                 "note": f"skipped: dro not importable ({exc.__class__.__name__})"}]
     # The dro package solves the linear-model problems with cvxpy; its NN losses use a loose
     # bisection. A like-for-like comparison is left for an environment where it is installed.
     return [{"problem": "vs dro package", "library": "dro", "median_s": None, "ratio": None, "peak_mem_mb": None,
@@ -159,21 +161,26 @@ def _root() -> str:
     return root + (os.pathsep + extra if extra else "")
 
 
-def run(full: bool = False) -> list[dict[str, Any]]:
-    """Run the benchmark; rows of ``{problem, library, median_s, ratio, peak_mem_mb, accuracy}``."""
+def run(full: bool = False, threads: int | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; rows of ``{problem, library, median_s, ratio, peak_mem_mb, accuracy}``.
+
+    ``threads`` sets ``torch.set_num_threads`` in the workers (default: torch's default).
+    """
     repeats = 21 if full else 7
     rows: list[dict[str, Any]] = []
     for dtype in ("float32", "float64"):
         for n in (4096, 65536):
             base = None
             for name, expr in SPECS.items():
-                res = _spawn({"kind": "losses", "n": n, "dtype": dtype, "spec": expr, "repeats": repeats})
+                res = _spawn({"kind": "losses", "n": n, "dtype": dtype, "spec": expr, "repeats": repeats,
+                              "threads": threads})
                 base = res["median_s"] if name == "mean" else base
                 rows.append({"problem": f"losses n={n} {dtype}", "library": f"optlayers {name}",
                              "ratio": res["median_s"] / base if base else None, **res})
         base = None
         for name in MLP_SPECS:
-            res = _spawn({"kind": "mlp", "n": 4096, "dtype": dtype, "spec": SPECS[name], "repeats": repeats})
+            res = _spawn({"kind": "mlp", "n": 4096, "dtype": dtype, "spec": SPECS[name], "repeats": repeats,
+                          "threads": threads})
             base = res["median_s"] if name == "mean" else base
             rows.append({"problem": f"mlp step batch=4096 {dtype}", "library": f"optlayers {name}",
                          "ratio": res["median_s"] / base if base else None, **res})
@@ -196,20 +203,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="DRO loss benchmark")
     parser.add_argument("--full", action="store_true", help="more repeats")
     parser.add_argument("--json", default=None, help="write rows and machine info to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         print(json.dumps(_worker(json.loads(args.worker))))
         return
-    rows = run(full=args.full)
+    rows = run(full=args.full, threads=args.threads)
     print(f"{'problem':<28} {'library':<46} {'median ms':>10} {'ratio':>7} {'peak MB':>8} {'dual gap':>9}")
     for r in rows:
         med = None if r["median_s"] is None else 1e3 * r["median_s"]
+        note = f"  {r['note']}" if r.get("note") else ""
         print(f"{r['problem']:<28} {r['library']:<46} {_fmt(med, '10.3f')} {_fmt(r['ratio'], '7.2f')} "
-              f"{_fmt(r['peak_mem_mb'], '8.1f')} {_fmt(r['accuracy'], '9.1e')}" + (f"  {r['note']}" if r.get("note") else ""))
+              f"{_fmt(r['peak_mem_mb'], '8.1f')} {_fmt(r['accuracy'], '9.1e')}{note}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=2)
+            json.dump({"machine": {**machine(), "threads": args.threads}, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,27 @@ the exact hypergradient (dense Hessian solve) as reference. Rows, all at the sam
 
 ``accuracy`` is the relative error ``‖g − g_exact‖ / ‖g_exact‖`` (blank for the training step).
 
-**DEQ** (problem ``deq``): ``z* = tanh(Ŵ z* + U x + b)`` on a batch of digits (float32), logits
+**DEQ** (problem ``deq``): ``z* = tanh(W z* + U x + b)`` (``‖W‖₂ = 0.9``) on a batch of digits (float32), logits
 ``V z*``, cross-entropy; forward + backward of :class:`optlayers.layers.DEQ` (Anderson, implicit
-adjoint: the default dense per-sample solve, and matrix-free GMRES) against the explicit
+adjoint: the default dense per-sample solve, and matrix-free GMRES; and Picard iteration with
+GMRES) against the explicit
 weight-tied network of the same cell applied ``K`` times, ``K`` the number of Anderson
 iterations the DEQ needed (backpropagation through all ``K`` layers), and ``4K``. ``ratio`` is
 relative to the explicit network at ``K``; ``accuracy`` is the relative fixed-point residual
 ``‖f(z) − z‖ / ‖z‖`` of the output. TorchDEQ is run when importable, otherwise its row says
 skipped.
 
-Time: median of repeated runs; peak memory: growth of the peak resident set of a fresh
-subprocess per configuration (:func:`optlayers.bench.isolated`). Run
-``python -m optlayers bench hyper`` or ``python benchmarks/bench_hyper.py [--full]``.
+Every measurement process first runs ``torch.func``, a hypergradient and a DEQ on tiny inputs, so
+one-off lazy initialisation is not charged to the implicit methods. Time: median of repeated
+runs, one intra-op thread (``OPTLAYERS_BENCH_THREADS``); peak memory: growth of the peak resident
+set of a fresh subprocess per configuration (:func:`optlayers.bench.isolated`). Default sizes:
+MLP 64-32-10 (d = 2,410), T in (20, 200), DEQ hidden 128 × batch 512 (about 5 minutes on 2
+cores); ``--full``: MLP 64-64-10 (d = 4,810), T in (100, 1000), DEQ hidden 256 × batch 1024.
+Run ``python -m optlayers bench hyper`` or ``python benchmarks/bench_hyper.py [--full]``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optlayers.bench import format_table, isolated
-from optlayers.implicit import CG, GMRES, Anderson, ImplicitAdjoint, Neumann, PenaltyMethod, UnrollAdjoint
+from optlayers.implicit import CG, GMRES, Anderson, ImplicitAdjoint, Neumann, PenaltyMethod, Picard, UnrollAdjoint
 from optlayers.implicit.hypergradient import hypergradient
 from optlayers.layers import DEQ
 
@@ -54,6 +58,9 @@ DT = torch.float64
 HERE = os.path.abspath(__file__)
 CACHE = os.path.join(tempfile.gettempdir(), "optlayers_bench_hyper")
 WEIGHT_DECAY = 1e-2
+# Small problems: one intra-op thread per measurement process (set OPTLAYERS_BENCH_THREADS to change).
+THREADS = int(os.environ.get("OPTLAYERS_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +114,8 @@ def make_problem(hidden: int) -> dict[str, Any]:
     theta = {k: torch.full(s, math.log(WEIGHT_DECAY), dtype=DT) for k, s in shapes.items()}
     inner, outer = losses(prob)
     leaves = [v.requires_grad_() for v in p.values()]
-    opt = torch.optim.LBFGS(leaves, max_iter=20000, max_eval=40000, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=0.0)
+    opt = torch.optim.LBFGS(leaves, max_iter=5000, max_eval=10000, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=0.0)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -141,12 +148,27 @@ def make_problem(hidden: int) -> dict[str, Any]:
     return prob
 
 
+def _warm_up() -> None:
+    """Run torch.func, the hypergradient and a DEQ once on tiny inputs before measuring.
+
+    The first ``torch.func`` transform of a process initialises lazily (about 150 MB of resident
+    memory with torch 2.13 on CPU); without this warm-up that one-off cost would be charged to
+    every implicit method's peak memory and to none of the plain-autograd baselines.
+    """
+    x = torch.ones(3, dtype=DT)
+    f = lambda w, lam: ((w - 1) ** 2).sum() + (lam * w ** 2).sum()  # noqa: E731
+    hypergradient(f, f, x, x)
+    deq = DEQ(Cell(3))
+    deq(torch.ones(2, 3)).sum().backward()
+
+
 def _rel_err(prob: dict[str, Any], hg: dict[str, torch.Tensor]) -> dict[str, float]:
     ex = prob["exact"]
     return {"accuracy": float(torch.linalg.vector_norm(_flat(hg) - ex) / torch.linalg.vector_norm(ex))}
 
 
 def case_train_step(hidden: int) -> Any:
+    _warm_up()
     prob = make_problem(hidden)
     inner, _ = losses(prob)
     p = {k: v.clone().requires_grad_() for k, v in prob["w"].items()}
@@ -174,6 +196,7 @@ def _method(prob: dict[str, Any], method: str, value: float) -> Any:
 
 
 def case_hyper(hidden: int, method: str, value: float = 0.0) -> Any:
+    _warm_up()
     prob = make_problem(hidden)
     inner, outer = losses(prob)
     m = _method(prob, method, value)
@@ -187,6 +210,7 @@ def case_hyper(hidden: int, method: str, value: float = 0.0) -> Any:
 
 def case_steps_then_cg(hidden: int, steps: int) -> Any:
     """``steps`` inner gradient steps (no graph kept) from ``w*``, then the implicit CG hypergradient."""
+    _warm_up()
     prob = make_problem(hidden)
     inner, outer = losses(prob)
     m = _method(prob, "cg", 0.0)
@@ -213,15 +237,15 @@ RHO = 0.9
 
 
 class Cell(nn.Module):
-    """``f(z, u) = tanh(Ŵ z + u)``, ``Ŵ = ρ W / max(1, ‖W‖_F)``: a ρ-contraction."""
+    """``f(z, u) = tanh(W z + u)`` with ``‖W‖₂ = ρ`` at initialization: a ρ-contraction."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.W = nn.Parameter(torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(1)) / hidden ** 0.5)
+        W = torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(1))
+        self.W = nn.Parameter(RHO * W / torch.linalg.matrix_norm(W, 2))
 
     def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        W = RHO * self.W / torch.clamp(torch.linalg.matrix_norm(self.W), min=1.0)
-        return torch.tanh(z @ W.T + u)
+        return torch.tanh(z @ self.W.T + u)
 
 
 def _deq_setup(hidden: int, batch: int) -> tuple[nn.Module, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
@@ -236,10 +260,11 @@ def _residual(cell: nn.Module, z: torch.Tensor, u: torch.Tensor) -> float:
         return float(torch.linalg.vector_norm(cell(z, u) - z) / torch.linalg.vector_norm(z))
 
 
-def case_deq(hidden: int, batch: int, linear_solver: str) -> Any:
+def case_deq(hidden: int, batch: int, linear_solver: str, solver: str = "anderson") -> Any:
+    _warm_up()
     inject, cell, head, X, y = _deq_setup(hidden, batch)
     adjoint = ImplicitAdjoint(linear_solver=GMRES() if linear_solver == "gmres" else "auto")
-    deq = DEQ(cell, solver=Anderson(memory=5), adjoint=adjoint)
+    deq = DEQ(cell, solver=Anderson(memory=5) if solver == "anderson" else Picard(max_iter=1000), adjoint=adjoint)
 
     def run() -> dict[str, Any]:
         u = inject(X)
@@ -251,6 +276,7 @@ def case_deq(hidden: int, batch: int, linear_solver: str) -> Any:
 
 
 def case_explicit(hidden: int, batch: int, depth: int) -> Any:
+    _warm_up()
     inject, cell, head, X, y = _deq_setup(hidden, batch)
 
     def run() -> dict[str, Any]:
@@ -267,6 +293,7 @@ def case_explicit(hidden: int, batch: int, depth: int) -> Any:
 def case_torchdeq(hidden: int, batch: int, depth: int) -> Any:
     from torchdeq import get_deq
 
+    _warm_up()
     inject, cell, head, X, y = _deq_setup(hidden, batch)
     deq = get_deq(f_solver="anderson", f_max_iter=4 * depth, f_tol=1e-5, f_stop_mode="rel", ift=True,
                   b_solver="fixed_point_iter", b_max_iter=4 * depth, b_tol=1e-6)
@@ -305,7 +332,6 @@ def run(full: bool = False) -> list[dict[str, Any]]:
     Ts = (100, 1000) if full else (20, 200)
     prob = make_problem(hidden)  # builds the cache (and the exact reference) once
     problem = f"mlp_wd (d={prob['d']}, cond={prob['L'] / prob['mu']:.0f})"
-    iso = functools.partial(isolated, HERE, repeats=5)
     configs: list[tuple[str, str, dict[str, Any]]] = [
         ("one training step (fwd+bwd+SGD)", "train_step", {}),
         ("optlayers implicit CG", "hyper", {"method": "cg"}),
@@ -318,7 +344,8 @@ def run(full: bool = False) -> list[dict[str, Any]]:
         configs.append((f"{T} inner steps + implicit CG", "steps_then_cg", {"steps": T}))
     base = None
     for label, case, kw in configs:
-        res = iso(case, hidden=hidden, **kw)
+        repeats = 21 if case == "train_step" else 3
+        res = isolated(HERE, case, repeats=repeats, hidden=hidden, **kw)
         if case == "train_step":
             base = res["median_s"]
         rows.append({"problem": problem, "library": label, "median_s": res["median_s"],
@@ -333,10 +360,11 @@ def run(full: bool = False) -> list[dict[str, Any]]:
         (f"explicit weight-tied, depth 4K={4 * K}", "explicit", {"depth": 4 * K}),
         ("optlayers DEQ (Anderson, implicit: dense)", "deq", {"linear_solver": "auto"}),
         ("optlayers DEQ (Anderson, implicit: GMRES)", "deq", {"linear_solver": "gmres"}),
+        ("optlayers DEQ (Picard, implicit: GMRES)", "deq", {"linear_solver": "gmres", "solver": "picard"}),
     ]
     base = None
     for label, case, kw in deq_rows:
-        res = iso(case, hidden=h, batch=b, **kw)
+        res = isolated(HERE, case, repeats=5, hidden=h, batch=b, **kw)
         if base is None:
             base = res["median_s"]
         rows.append({"problem": problem, "library": label, "median_s": res["median_s"],
@@ -345,9 +373,10 @@ def run(full: bool = False) -> list[dict[str, Any]]:
     try:
         import torchdeq  # noqa: F401
     except ImportError:
-        rows.append({"problem": problem, "library": "torchdeq (Anderson, IFT)", "note": "skipped: torchdeq not importable"})
+        rows.append({"problem": problem, "library": "torchdeq (Anderson, IFT)",
+                     "note": "skipped: torchdeq not importable"})
     else:
-        res = iso("torchdeq", hidden=h, batch=b, depth=K)
+        res = isolated(HERE, "torchdeq", repeats=5, hidden=h, batch=b, depth=K)
         rows.append({"problem": problem, "library": "torchdeq (Anderson, IFT)", "median_s": res["median_s"],
                      "ratio": res["median_s"] / base, "peak_mem_mb": res["peak_mem_mb"],
                      "accuracy": res.get("accuracy"), "iterations": res.get("iterations")})

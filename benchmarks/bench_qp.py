@@ -18,7 +18,11 @@ Libraries, each in a fresh subprocess (median time, peak resident-set growth):
 ``accuracy`` is ``max |x − x_ref| / max |x_ref|`` over the batch, against a float64 reference
 solved by optlayers at tight tolerance and checked against CVXPY/Clarabel on a few elements;
 rows whose solutions disagree (> 1e-4 in float64, > 1e-2 in float32) are flagged in ``note``.
-``ratio`` is a library's time over optlayers' on the same problem.
+``ratio`` is a library's time over optlayers' on the same problem; ``cpu_s`` is the median
+process CPU time (all threads), a steadier figure than wall time on a shared machine. Every library
+runs with one
+BLAS thread (``OPTLAYERS_BENCH_THREADS`` overrides), which is fastest for batches of small
+matrices on a 2-core machine.
 
 Default sizes: batch 128, nz=50, 50 inequalities, 10 equalities in float64 and float32, then
 scaling with the batch size (32, 128, 512) and with nz (50, 100, 200; as many inequalities,
@@ -178,12 +182,15 @@ try:
 except OSError:
     pass
 base = rss("VmRSS")
-times = []
+times, cpu = [], []
 for _ in range({repeats}):
-    t = time.perf_counter(); out = run(); times.append(time.perf_counter() - t)
-times.sort()
+    t, c = time.perf_counter(), time.process_time()
+    out = run()
+    times.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
+times.sort(); cpu.sort()
 out = dict(out or {{}})
-out.update(median_s=times[len(times) // 2], peak_mem_mb=max(rss("VmHWM") - base, 0) / 1024)
+out.update(median_s=times[len(times) // 2], cpu_s=cpu[len(cpu) // 2],
+           peak_mem_mb=max(rss("VmHWM") - base, 0) / 1024)
 print("RESULT" + json.dumps(out))
 """
 
@@ -195,7 +202,8 @@ def isolated(executable: str, case: str, *, repeats: int, timeout: float = 1800,
     can run in its own environment; the child imports nothing from optlayers except for the
     optlayers case itself.
     """
-    code = _CHILD.format(root=ROOT, threads=torch.get_num_threads(), path=HERE, case=case, repeats=repeats)
+    threads = int(os.environ.get("OPTLAYERS_BENCH_THREADS", "1"))
+    code = _CHILD.format(root=ROOT, threads=threads, path=HERE, case=case, repeats=repeats)
     proc = subprocess.run([executable, "-c", code, json.dumps(kw)], capture_output=True, text=True,
                           timeout=timeout)
     for line in proc.stdout.splitlines():
@@ -255,7 +263,8 @@ def run(full: bool = False) -> list[dict[str, Any]]:
             except Exception as err:  # noqa: BLE001 - report the failure in the table and go on
                 rows.append({**row, "note": f"failed: {str(err).splitlines()[0][:80]}"})
                 continue
-            row.update(median_s=res["median_s"], peak_mem_mb=res["peak_mem_mb"], accuracy=res["accuracy"])
+            row.update(median_s=res["median_s"], cpu_s=res["cpu_s"], peak_mem_mb=res["peak_mem_mb"],
+                       accuracy=res["accuracy"])
             if res["accuracy"] > tol:
                 row["note"] = f"solutions disagree (> {tol:g})"
             if lib == "optlayers":

@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ def evaluate(model: DEQClassifier, X: torch.Tensor, y: torch.Tensor) -> tuple[fl
     return float((logits.argmax(1) == y).float().mean()), float(iters.float().mean())
 
 
-def run(quick: bool = False, out: str | None = None, seed: int = 0) -> dict[str, float]:
+def run(quick: bool = False, out: str | None = None, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     Xtr, ytr, Xte, yte = load_data(seed)
     if quick:
@@ -126,7 +127,7 @@ def run(quick: bool = False, out: str | None = None, seed: int = 0) -> dict[str,
               f"solver iterations per batch: mean {row['iters_mean']:.1f}, max {row['iters_max']:.0f}  "
               f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
     test_acc, test_iters = evaluate(model, Xte, yte)
-    summary = {"test_acc": test_acc, "epochs": epochs, "n_train": len(ytr), "n_test": len(yte),
+    summary: dict[str, Any] = {"test_acc": test_acc, "epochs": epochs, "n_train": len(ytr), "n_test": len(yte),
                "mean_iters_per_batch": sum(hist["batch_iters"]) / len(hist["batch_iters"]),
                "max_iters": max(hist["batch_max_iters"]), "test_mean_iters": test_iters,
                "seconds": time.perf_counter() - t_start}
@@ -136,7 +137,7 @@ def run(quick: bool = False, out: str | None = None, seed: int = 0) -> dict[str,
         with open(os.path.join(out, f"{NAME}.json"), "w") as fh:
             json.dump({"summary": summary, "epochs": epochs_rows, "history": hist}, fh, indent=2)
         _plot(hist, os.path.join(out, f"{NAME}.png"))
-    summary["epochs_table"] = epochs_rows  # type: ignore[assignment]
+    summary["epochs_table"] = epochs_rows
     return summary
 
 
@@ -177,7 +178,7 @@ def main() -> int:
     s = run(quick=args.quick, out=args.out)
     rows = s.pop("epochs_table")
     print(f"{'epoch':>5}{'train loss':>12}{'test acc':>10}{'iters/batch':>13}{'max iters':>11}{'time s':>8}")
-    for r in rows:  # type: ignore[union-attr]
+    for r in rows:
         print(f"{r['epoch']:>5}{r['train_loss']:>12.4f}{r['test_acc']:>10.3f}{r['iters_mean']:>13.1f}"
               f"{r['iters_max']:>11.0f}{r['seconds']:>8.1f}")
     print(f"test accuracy {s['test_acc']:.3f} on {s['n_test']} held-out digits ({s['n_train']} training); "

@@ -19,8 +19,14 @@ for its inner L-BFGS evaluations *and* its hypergradients (each Hessian-vector p
 CG adjoint counts as 2 gradient evaluations, plus 4 for the outer and mixed gradients). The grid
 search then gets exactly that total, split evenly over its values: it is given at least as many
 inner steps as hypergradient descent took. The claim checked: after the budget, hypergradient
-descent reaches a lower validation loss than the best grid value. The table also shows the
-test loss and accuracy (not optimized by either method).
+descent reaches a lower validation loss than the best grid value — both at the ``w`` its budget
+reached and with ``w`` retrained to convergence at the final penalties (evaluation only).
+
+The table also shows the test loss and accuracy, which neither method optimizes. Thirty
+penalties tuned on 199 validation examples fit the validation set better than any single
+penalty can, and on this split the *test* loss of the tuned penalties is higher than the grid's:
+many hyperparameters overfit a small validation set (Lorraine, Vicol & Duvenaud, AISTATS 2020,
+discuss this). The example demonstrates the optimizer, not a generalization gain.
 
 Run ``python examples/hyperparameter_gradients.py [--quick] [--out DIR]``; it prints a table,
 saves ``hyperparameter_gradients.png`` (validation loss against outer steps, and against the
@@ -36,6 +42,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +104,7 @@ class CountingLBFGS:
 
 
 def hypergradient_descent(data: dict[str, torch.Tensor], *, outer_steps: int, inner_evals: int,
-                          lr: float, theta0: float) -> dict[str, list[float]]:
+                          lr: float, theta0: float) -> dict[str, list[Any]]:
     """Alternate ``inner_evals`` warm-started L-BFGS evaluations and one implicit hypergradient step."""
     inner, outer = make_losses(data)
     d = data["Xtr"].shape[1]
@@ -106,7 +113,7 @@ def hypergradient_descent(data: dict[str, torch.Tensor], *, outer_steps: int, in
     inner_opt = CountingLBFGS(w)
     outer_opt = torch.optim.Adam([theta], lr=lr)
     method = ImplicitAdjoint(linear_solver=CG(rtol=1e-8, max_iter=200))
-    hist: dict[str, list[float]] = {"val": [], "budget": [], "cg_iters": []}
+    hist: dict[str, list[Any]] = {"val": [], "budget": [], "cg_iters": []}
     budget = 0
     for _ in range(outer_steps):
         before = inner_opt.evals
@@ -124,7 +131,7 @@ def hypergradient_descent(data: dict[str, torch.Tensor], *, outer_steps: int, in
     return hist
 
 
-def grid_search(data: dict[str, torch.Tensor], grid: list[float], evals_each: int) -> list[dict[str, float]]:
+def grid_search(data: dict[str, torch.Tensor], grid: list[float], evals_each: int) -> list[dict[str, Any]]:
     """Train from zero at each shared penalty with ``evals_each`` gradient evaluations."""
     inner, outer = make_losses(data)
     d = data["Xtr"].shape[1]
@@ -147,9 +154,9 @@ def test_metrics(data: dict[str, torch.Tensor], w: torch.Tensor) -> tuple[float,
     return loss, acc
 
 
-def run(quick: bool = False, out: str | None = None) -> dict[str, float]:
+def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
     data = load_data()
-    outer_steps, inner_evals = (25, 10) if quick else (60, 10)
+    outer_steps, inner_evals = (15, 10) if quick else (60, 10)
     grid = [float(v) for v in torch.linspace(-4.0, 6.0, 11)]
     t0 = time.perf_counter()
     hist = hypergradient_descent(data, outer_steps=outer_steps, inner_evals=inner_evals, lr=0.2, theta0=0.0)
@@ -181,7 +188,7 @@ def run(quick: bool = False, out: str | None = None) -> dict[str, float]:
         "hgd_seconds": t_hgd, "grid_seconds": t_grid,
         "mean_cg_iters": sum(hist["cg_iters"]) / len(hist["cg_iters"]),
     }
-    summary["passed"] = summary["hgd_val_loss"] < summary["grid_best_val_loss"]
+    summary["passed"] = max(summary["hgd_val_loss"], val_conv) < summary["grid_best_val_loss"]
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"{NAME}.json"), "w") as fh:
@@ -191,7 +198,7 @@ def run(quick: bool = False, out: str | None = None) -> dict[str, float]:
     return summary
 
 
-def _plot(hist: dict[str, list[float]], rows: list[dict[str, float]], best: dict[str, float], path: str) -> None:
+def _plot(hist: dict[str, list[Any]], rows: list[dict[str, Any]], best: dict[str, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -3,6 +3,10 @@
 Three Burgers experts (uneven: ranks own 2 and 1) under DDP on the same batch: the assembled field,
 the coefficients, the per-expert flags and the DDP-averaged network gradients must equal those of
 one process solving all experts (to 1e-10).
+
+The workers are forked (``torch.multiprocessing.start_processes(start_method="fork")``) after the
+single-process reference has run, so they inherit the imported modules (the first ``torch.func``
+call imports several hundred modules, which dominates a spawned worker's run time).
 """
 
 from __future__ import annotations
@@ -81,18 +85,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    out = tmp_path_factory.mktemp("moe_ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
-
-
-@pytest.fixture(scope="module")
 def single() -> dict:
     model = _model()
     return _train(model, list(model.parameters()), _moe(None))
+
+
+@pytest.fixture(scope="module")
+def ranks(single: dict, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("moe_ddp")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method=method)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
 @pytest.mark.parametrize("step", range(STEPS))

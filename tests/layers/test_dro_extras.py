@@ -104,10 +104,10 @@ def test_wrm_inner_solution_and_danskin_gradient() -> None:
     h = 1e-5
     with torch.no_grad():
         w[1, 2] += h
-    vp = float(wrm(model, x, y))
+    vp = float(wrm(model, x, y).detach())
     with torch.no_grad():
         w[1, 2] -= 2 * h
-    vm = float(wrm(model, x, y))
+    vm = float(wrm(model, x, y).detach())
     assert abs(grad - (vp - vm) / (2 * h)) < 1e-7
     assert model.training  # mode restored
 

@@ -237,3 +237,21 @@ def test_portfolio_example_quick(tmp_path):
     assert e2e["mse"] > two["mse"]  # ... from worse return predictions
     assert (tmp_path / "portfolio_qp.png").stat().st_size > 1000
     assert (tmp_path / "portfolio_qp.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_matches_cpu(dtype):
+    data = [t.to(dtype) for t in random_qp((16,), 8, 6, 2, seed=10)]
+    w = torch.randn(16, 8, dtype=dtype)
+    cpu = [t.clone().requires_grad_() for t in data]
+    gpu = [t.cuda().requires_grad_() for t in data]
+    x_cpu, x_gpu = qp(*cpu).solution, qp(*gpu).solution
+    assert x_gpu.device.type == "cuda"
+    tol = 1e-8 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(x_gpu.cpu(), x_cpu, atol=tol, rtol=0)
+    g_cpu = torch.autograd.grad((x_cpu * w).sum(), cpu)
+    g_gpu = torch.autograd.grad((x_gpu * w.cuda()).sum(), gpu)
+    for a, b in zip(g_gpu, g_cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), b, atol=tol * max(1.0, float(b.abs().max())), rtol=0)

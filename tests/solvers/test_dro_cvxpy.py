@@ -181,3 +181,15 @@ def test_holistic_robust(n: int, alpha: float, r: float) -> None:
     assert prob.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
     ours, _ = _ours(l, HolisticRobust(alpha, r))
     _close(ours, float(prob.value), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [7, 50])
+def test_kl_smoothed_cvar(n: int) -> None:
+    l = _losses(n, 80 + n)
+    alpha, s = 0.2, 0.3
+    p = cp.Variable(n)
+    ref = _solve(l @ p - s * cp.sum(cp.rel_entr(p, np.full(n, 1.0 / n))),
+                 [cp.sum(p) == 1, p >= 0, p <= 1.0 / (alpha * n)])
+    ours, w = _ours(l, CVaR(alpha, smoothing=s))
+    _close(ours, ref)
+    assert float(w.max()) <= 1.0 / (alpha * n) + 1e-12

@@ -202,3 +202,19 @@ def test_kkt_solve_matches_dense():
     x, y, z = solve_kkt(f, rx, ry, rz, refine=2)
     kx, ky, kz = kkt_matvec(Q, A, G, w, x, y, z)
     torch.testing.assert_close(torch.cat([kx, ky, kz], -1), torch.cat([rx, ry, rz], -1), atol=1e-9, rtol=0)
+
+
+def test_unconstrained_and_equality_only_closed_form():
+    g = torch.Generator().manual_seed(12)
+    L = torch.randn(4, 4, dtype=F64, generator=g)
+    Q = L @ L.T + torch.eye(4, dtype=F64)
+    p = torch.randn(3, 4, dtype=F64, generator=g)
+    res = solve_qp(Q, p)
+    torch.testing.assert_close(res.solution, torch.linalg.solve(Q, -p.T).T, atol=1e-10, rtol=0)
+    A, b = torch.randn(2, 4, dtype=F64, generator=g), torch.randn(2, dtype=F64, generator=g)
+    K = torch.cat([torch.cat([Q, A.T], 1), torch.cat([A, torch.zeros(2, 2, dtype=F64)], 1)])
+    sol = torch.linalg.solve(K, torch.cat([-p, b.expand(3, 2)], 1).T).T
+    res = solve_qp(Q, p, A=A, b=b)
+    torch.testing.assert_close(res.solution, sol[:, :4], atol=1e-10, rtol=0)
+    torch.testing.assert_close(res.aux.eq_dual, sol[:, 4:], atol=1e-10, rtol=0)
+    assert res.aux.ineq_dual.shape == (3, 0) and res.aux.slack.shape == (3, 0)

@@ -52,6 +52,8 @@ class PhysicsReport:
 
     Attributes:
         u: The constrained field ``(S, nx, nt)`` (differentiable).
+        expert_u: Each expert's own field ``Σₙ w*_{k,n} bₙ`` on the whole grid, ``(S, K, nx, nt)``
+            (differentiable; ``u = Σ_k φ_k expert_u[:, k]``).
         stationarity, objective, pde_rms, ic_rms, bc_rms: As in
             :class:`~optlayers.solvers.pde.ConstraintReport`, shape ``(S, K)`` (``K = 1`` for
             :class:`HardConstraintLayer`).
@@ -60,6 +62,7 @@ class PhysicsReport:
     """
 
     u: Tensor
+    expert_u: Tensor
     stationarity: Tensor
     objective: Tensor
     pde_rms: Tensor
@@ -157,11 +160,20 @@ class HardConstraintLayer(nn.Module):
         w = res.solution  # (S, 1, N)
         u = torch.einsum("sxtn,sn->sxt", b, w[:, 0])
         rep = res.aux
-        aux = PhysicsReport(u=u.to(basis.dtype), stationarity=rep.stationarity, objective=rep.objective,
+        aux = PhysicsReport(u=u.to(basis.dtype), expert_u=u.unsqueeze(1).to(basis.dtype),
+                            stationarity=rep.stationarity, objective=rep.objective,
                             pde_rms=rep.pde_rms, ic_rms=rep.ic_rms, bc_rms=rep.bc_rms,
                             interface_jump=torch.zeros(basis.shape[0], dtype=sd, device=basis.device))
         return Result(w[:, 0].to(basis.dtype), res.converged[:, 0], res.iterations[:, 0], res.residual[:, 0],
                       res.status[:, 0], aux)
+
+    def physics_loss(self, result: Result[PhysicsReport], u0: Tensor, *, ic_weight: float = 1.0,
+                     bc_weight: float = 1.0, reduction: str = "mean") -> Tensor:
+        """The physics loss of the constrained field (:func:`~optlayers.layers.physics.soft_constraint_loss`)."""
+        from .baselines import soft_constraint_loss
+
+        return soft_constraint_loss(self.pde, result.aux.u, self.grid, u0, ic_weight=ic_weight,
+                                    bc_weight=bc_weight, reduction=reduction)
 
     def forward(self, basis: Tensor, u0: Tensor, *, collocation: Collocation | None = None,
                 generator: torch.Generator | None = None) -> Tensor:

@@ -49,6 +49,7 @@ from ...solvers.pde.collocation import (
     hard_constraint,
     sample_collocation,
 )
+from .baselines import soft_constraint_loss
 from .hard_constraint import PhysicsReport, _check_basis
 
 __all__ = ["TileRouter", "PhysicsConstrainedMoE", "Interfaces", "expert_blocks"]
@@ -223,8 +224,12 @@ class PhysicsConstrainedMoE(nn.Module):
             ``n_points // K`` in its own tile (default 1000).
         ridge, ic_weight, bc_weight: See :func:`~optlayers.solvers.pde.hard_constraint`.
         continuity_weight: ``λ_c`` of the interface-continuity rows (default 0: off; see above).
-        global_conditions: Give every expert all initial and boundary rows (the paper) instead of
-            those in its tile (default False).
+        global_conditions: Give every expert all initial and boundary rows (default True, as in the
+            paper: the basis is global, so each expert's field then satisfies the initial and
+            boundary data of the whole domain while its PDE rows stay in its tile). With False an
+            expert sees only the rows inside its tile, and a tile touching no boundary is fitted
+            without lateral conditions (at 32×16, four spatial experts on diffusion–sorption:
+            27% test error instead of 7%).
         step: ``"newton"`` (default) or ``"gauss_newton"`` inner step (see
             :func:`~optlayers.solvers.pde.hard_constraint`).
         hessian: ``"exact"`` (default) or ``"gauss_newton"`` implicit gradient.
@@ -250,7 +255,7 @@ class PhysicsConstrainedMoE(nn.Module):
 
     def __init__(self, pde: PDE1D, grid: Grid, router: TileRouter | tuple[int, int] = TileRouter((4, 1)), *,
                  n_points: int = 1000, ridge: float = 1e-4, ic_weight: float = 1.0, bc_weight: float = 1.0,
-                 continuity_weight: float = 0.0, global_conditions: bool = False, step: Step = "newton",
+                 continuity_weight: float = 0.0, global_conditions: bool = True, step: Step = "newton",
                  hessian: Hessian = "exact",
                  solver: LevenbergMarquardt | None = None, adjoint: ImplicitAdjoint | None = None,
                  throw: bool = True, solve_dtype: torch.dtype | None = torch.float64,
@@ -349,11 +354,13 @@ class PhysicsConstrainedMoE(nn.Module):
         converged, iterations, residual, status = (stats[0] > 0.5, stats[1].to(torch.int64), stats[2],
                                                    stats[3].to(torch.int64))
         phi = self.router.weights(self.grid, sd, basis.device)
-        u = torch.einsum("sxtn,skn,kxt->sxt", b, w, phi)
+        expert_u = torch.einsum("sxtn,skn->skxt", b, w)
+        u = (expert_u * phi).sum(1)
         with torch.no_grad():
             jump = (_interface_values(derivs.detach(), w.detach(), itf)[0].abs().amax(-1) if itf.count
                     else torch.zeros(S, dtype=sd, device=basis.device))
-        aux = PhysicsReport(u=u.to(basis.dtype), stationarity=stats[4], objective=stats[5], pde_rms=stats[6],
+        aux = PhysicsReport(u=u.to(basis.dtype), expert_u=expert_u.to(basis.dtype), stationarity=stats[4],
+                            objective=stats[5], pde_rms=stats[6],
                             ic_rms=stats[7], bc_rms=stats[8], interface_jump=jump)
         out = Result(w.to(basis.dtype), converged, iterations, residual, status, aux)
         return raise_if_failed(f"PhysicsConstrainedMoE(LevenbergMarquardt, {type(self.pde).__name__}, K={K})", out,
@@ -372,6 +379,19 @@ class PhysicsConstrainedMoE(nn.Module):
         sign[idx, itf.a.repeat(2)] = 1.0
         sign[idx, itf.b.repeat(2)] = -1.0
         return rows[:, :, None, :] * sign[None, :, :, None]
+
+    def weights(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+        """The router's partition of unity ``φ (K, nx, nt)`` on the grid."""
+        return self.router.weights(self.grid, dtype, device)
+
+    def physics_loss(self, result: Result[PhysicsReport], u0: Tensor, *, ic_weight: float = 1.0,
+                     bc_weight: float = 1.0, reduction: str = "mean") -> Tensor:
+        """The mixture's physics loss: every squared residual is ``Σ_k φ_k 𝓡(u_k)²`` over the experts'
+        own fields (see :func:`~optlayers.layers.physics.soft_constraint_loss`), so that finite
+        differences never straddle an interface jump."""
+        eu = result.aux.expert_u
+        return soft_constraint_loss(self.pde, eu, self.grid, u0, weights=self.weights(eu.dtype, eu.device),
+                                    ic_weight=ic_weight, bc_weight=bc_weight, reduction=reduction)
 
     def forward(self, basis: Tensor, u0: Tensor, *, collocation: Collocation | None = None,
                 generator: torch.Generator | None = None) -> Tensor:

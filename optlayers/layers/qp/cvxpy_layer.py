@@ -146,7 +146,8 @@ def _canonicalize(problem: Any, parameters: list[Any], variables: list[Any], can
         data, chain, _ = problem.get_problem_data(solver=cp.CLARABEL, gp=False, canon_backend=canon_backend)
     pp = data[cp.settings.PARAM_PROB]
     dims = data["dims"]
-    if any(len(getattr(dims, name, []) or []) for name in ("soc", "psd", "p3d", "pnd")) or getattr(dims, "exp", 0):
+    other_cones = [getattr(dims, name, None) or [] for name in ("soc", "psd", "p3d", "pnd")]
+    if any(len(c) for c in other_cones) or int(getattr(dims, "exp", 0) or 0):
         return None
     if data.get("lower_bounds") is not None or data.get("upper_bounds") is not None \
             or getattr(pp, "lb_tensor", None) is not None or getattr(pp, "ub_tensor", None) is not None:
@@ -288,7 +289,7 @@ class CvxpyLayer(nn.Module):
                  canon_backend: str | None = None, solver_args: dict[str, Any] | None = None,
                  *, throw: bool = True) -> None:
         super().__init__()
-        cp = _import_cvxpy()
+        _import_cvxpy()
         if not isinstance(parameters, (list, tuple)):
             raise ValueError("The layer's parameters must be provided as a list or tuple")
         if not isinstance(variables, (list, tuple)):
@@ -347,7 +348,6 @@ class CvxpyLayer(nn.Module):
             self.register_buffer(f"_{blk.name}_cols", torch.from_numpy(blk.cols), persistent=False)
             self.register_buffer(f"_{blk.name}_vals", torch.from_numpy(blk.vals), persistent=False)
             self._block_param[blk.name] = blk.rows.size > 0
-        del cp
 
     # ------------------------------------------------------------------------------------
     @property

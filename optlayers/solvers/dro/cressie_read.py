@@ -51,7 +51,8 @@ def cressie_read_f(t: Tensor, k: float) -> Tensor:
         hp = hp * hs
         series = series + coef * hp
     hl = torch.where(small, torch.ones_like(h), h)
-    direct = torch.where(hl > -1.0, torch.expm1(k * torch.log1p(hl.clamp(min=-1.0 + 1e-300))), -torch.ones_like(h)) - k * hl
+    pw = torch.where(hl > -1.0, torch.expm1(k * torch.log1p(hl.clamp(min=-1.0 + 1e-300))), -torch.ones_like(h))
+    direct = pw - k * hl
     return torch.where(small, series, direct) / (k * (k - 1.0))
 
 

@@ -302,19 +302,18 @@ def _coupled(residual: Callable[..., Tensor]) -> Callable[..., Tensor]:
 # structured Levenberg–Marquardt
 # ---------------------------------------------------------------------------------------------
 def _partials(F: Callable[[Fields], Tensor], f: Tensor, second: bool
-              ) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]]]:
-    """``𝓕(f)``, its partials ``∂𝓕/∂f_q`` ``(…, P, 4)`` and, with ``second``, the nonzero second
-    partials ``[(a, b, ∂²𝓕/∂f_a∂f_b (…, P))]`` (``f (…, P, 4)``; ``𝓕`` acts row by row, so one
-    reverse pass gives all first partials and four more all second ones)."""
+              ) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]], bool]:
+    """``𝓕(f)``, its partials ``∂𝓕/∂f_q`` ``(…, P, 4)``, with ``second`` the nonzero second partials
+    ``[(a, b, ∂²𝓕/∂f_a∂f_b (…, P))]``, and whether ``𝓕`` is affine (``f (…, P, 4)``; ``𝓕`` acts row by
+    row, so one reverse pass gives all first partials and at most four more all second ones)."""
     with torch.enable_grad():
         ff = f.detach().requires_grad_(True)
         r = F(_as_fields(ff))
-        (dF,) = torch.autograd.grad(r.sum(), ff, create_graph=second)
+        (dF,) = torch.autograd.grad(r.sum(), ff, create_graph=True)
+        affine = not dF.requires_grad
         pairs: list[tuple[int, int, Tensor]] = []
-        if second and dF.requires_grad:
+        if second and not affine:
             for a in range(4):
-                if not dF[..., a].requires_grad:
-                    continue
                 (h,) = torch.autograd.grad(dF[..., a].sum(), ff, retain_graph=True, allow_unused=True)
                 if h is None:
                     continue
@@ -322,58 +321,89 @@ def _partials(F: Callable[[Fields], Tensor], f: Tensor, second: bool
                     hab = h[..., b].detach()
                     if bool((hab != 0).any()):
                         pairs.append((a, b, hab))
-    return r.detach(), dF.detach(), pairs
+    return r.detach(), dF.detach(), pairs, affine
+
+
+class _Group:
+    """Rows ``s_i 𝓕(B_i w)`` of one kind (PDE, left or right boundary), batch-flat ``(B, K, P, …)``."""
+
+    def __init__(self, b: Tensor, s: Tensor, F: Callable[[Fields], Tensor],
+                 closed: Callable[[Fields], Any] | None = None) -> None:
+        self.b, self.s, self.F, self.closed = b, s, F, closed
+        self.affine_dF: Tensor | None = None  # ∂𝓕/∂f once 𝓕 is known to be affine
+
+    def partials(self, f: Tensor, second: bool) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]]]:
+        if self.affine_dF is not None:
+            return self.F(_as_fields(f)), self.affine_dF, []
+        out = self.closed(_as_fields(f)) if self.closed is not None else None
+        if out is not None:
+            return out[0], out[1], (out[2] if second else [])
+        r, dF, pairs, affine = _partials(self.F, f, second)
+        if affine:
+            self.affine_dF = dF
+        return r, dF, pairs
+
+    def subset(self, idx: Tensor) -> _Group:
+        g = _Group(self.b[idx], self.s[idx], self.F, self.closed)
+        g.affine_dF = None if self.affine_dF is None else self.affine_dF[idx]
+        return g
 
 
 class _Structured:
-    """Cost ``½‖r‖²``, normal matrix ``JᵀJ`` and gradient ``Jᵀr`` from the row structure (no autograd)."""
+    """Cost ``½‖r‖²``, normal matrix ``JᵀJ`` (or the Hessian) and gradient ``Jᵀr`` from the row structure.
 
-    def __init__(self, pde: PDE1D, rows: ConstraintRows, ridge: float, ic_weight: float, bc_weight: float,
+    Problems are stored batch-flat: ``B`` joint problems of ``K`` members (``K = 1`` without coupling
+    rows), each with ``N`` unknowns, so a flat iterate is ``z (B, n = K·N)``. No autograd graph is built.
+    """
+
+    def __init__(self, pde: PDE1D, rows: ConstraintRows | None, ridge: float, ic_weight: float, bc_weight: float,
                  coupling: Tensor | None) -> None:
         self.pde, self.ridge = pde, ridge
-        self.sc = _Scales(rows, ic_weight, bc_weight)
-        self.b_pde, self.b_ic, self.target, self.b_left, self.b_right = (t.detach() for t in rows.tensors)
-        self.batch = rows.batch_shape
-        self.N = rows.pde.shape[-1]
-        J_ic = self.b_ic * self.sc.ic.unsqueeze(-1)  # linear rows: constant Jacobian
+        if rows is None:  # filled by subset()
+            return
+        batch, N = rows.batch_shape, rows.pde.shape[-1]
+        K = batch[-1] if coupling is not None else 1
+        B = math.prod(batch) // K
+        sc = _Scales(rows, ic_weight, bc_weight)
+
+        def flat(t: Tensor, tail: int) -> Tensor:  # (*batch, *tail) -> (B, K, *tail)
+            t = t.detach().expand(*batch, *t.shape[t.dim() - tail:]) if tail else t.detach().expand(batch)
+            return t.reshape(B, K, *t.shape[len(batch):])
+
+        b_pde, b_ic, target, b_left, b_right = rows.tensors
+        self.groups = [_Group(flat(b_pde, 3), flat(sc.pde, 1), pde.interior, pde.interior_partials),
+                       _Group(flat(b_left, 3), flat(sc.left, 1), pde.left),
+                       _Group(flat(b_right, 3), flat(sc.right, 1), pde.right)]
+        J_ic = flat(b_ic, 2) * flat(sc.ic, 1).unsqueeze(-1)  # linear rows: constant Jacobian (B, K, Q, N)
+        self.J_ic, self.r_ic0 = J_ic, -flat(target, 1) * flat(sc.ic, 1)
         self.A_ic = J_ic.transpose(-1, -2) @ J_ic
-        self.J_ic = J_ic
-        self.C = None if coupling is None else coupling.detach()
-        if self.C is not None:
-            K = self.C.shape[-2]
-            Cf = self.C.flatten(-2)  # (*outer, M, K·N)
-            self.CtC = Cf.transpose(-1, -2) @ Cf
-            self.K, self.outer = K, self.batch[:-1]
-        eye = torch.eye(self.N, dtype=rows.pde.dtype, device=rows.pde.device)
-        self.ridge_A = ridge ** 2 * eye
+        self.C = None if coupling is None else coupling.detach().reshape(B, coupling.shape[-3], K * N)
+        self.CtC = None if self.C is None else self.C.transpose(-1, -2) @ self.C
+        self.B, self.K, self.N = B, K, N
 
-    def _w(self, z: Tensor) -> Tensor:
-        return z.reshape(*self.batch, self.N)
+    def subset(self, idx: Tensor) -> _Structured:
+        """The problems ``idx`` (a 1-D index into ``B``)."""
+        sub = _Structured(self.pde, None, self.ridge, 0.0, 0.0, None)
+        sub.groups = [g.subset(idx) for g in self.groups]
+        sub.J_ic, sub.r_ic0, sub.A_ic = self.J_ic[idx], self.r_ic0[idx], self.A_ic[idx]
+        sub.C = None if self.C is None else self.C[idx]
+        sub.CtC = None if self.CtC is None else self.CtC[idx]
+        sub.B, sub.K, sub.N = int(idx.numel()), self.K, self.N
+        return sub
 
-    def _groups(self) -> list[tuple[Tensor, Tensor, Callable[[Fields], Tensor]]]:
-        return [(self.b_pde, self.sc.pde, self.pde.interior), (self.b_left, self.sc.left, self.pde.left),
-                (self.b_right, self.sc.right, self.pde.right)]
-
-    def _flat(self, per_problem: Tensor, extra: Tensor | None = None) -> Tensor:
-        if self.C is None:
-            return per_problem.reshape(-1)
-        out = per_problem.reshape(*self.outer, self.K).sum(-1)
-        return (out if extra is None else out + extra).reshape(-1)
+    def _ic(self, w: Tensor) -> Tensor:
+        return (self.J_ic @ w.unsqueeze(-1)).squeeze(-1) + self.r_ic0
 
     def cost(self, z: Tensor) -> Tensor:
-        """``½‖r(z)‖²`` per flat element ``(B,)``."""
-        w = self._w(z)
-        total = 0.5 * self.ridge ** 2 * (w * w).sum(-1)
-        for b, s, F in self._groups():
-            r = F(_as_fields(_fields(b, w))) * s
-            total = total + 0.5 * (r * r).sum(-1)
-        r_ic = (torch.einsum("...qn,...n->...q", self.b_ic, w) - self.target) * self.sc.ic
-        total = total + 0.5 * (r_ic * r_ic).sum(-1)
-        extra = None
+        """``½‖r(z)‖²`` per problem, ``(B,)``."""
+        w = z.reshape(self.B, self.K, self.N)
+        total = self.ridge ** 2 * (w * w).sum(-1) + self._ic(w).pow(2).sum(-1)
+        for grp in self.groups:
+            total = total + (grp.F(_as_fields(_fields(grp.b, w))) * grp.s).pow(2).sum(-1)
+        total = 0.5 * total.sum(-1)
         if self.C is not None:
-            rc = torch.einsum("...mkn,...kn->...m", self.C, w)
-            extra = 0.5 * (rc * rc).sum(-1)
-        return self._flat(total, extra)
+            total = total + 0.5 * (self.C @ z.unsqueeze(-1)).squeeze(-1).pow(2).sum(-1)
+        return total
 
     def linearize(self, z: Tensor, *, second_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(½‖r‖² (B,), M (B, n, n), Jᵀr (B, n))`` at ``z (B, n)``.
@@ -381,38 +411,43 @@ class _Structured:
         ``M = JᵀJ``, or with ``second_order`` the exact Hessian ``JᵀJ + Σᵢ rᵢ ∇²rᵢ`` (the rows are
         ``rᵢ = sᵢ 𝓕(Bᵢ w)``, so ``∇²rᵢ = sᵢ Bᵢᵀ ∇²𝓕 Bᵢ`` with the 4×4 Hessian of the pointwise ``𝓕``).
         """
-        w = self._w(z)
-        A = self.A_ic + self.ridge_A
-        r_ic = (torch.einsum("...qn,...n->...q", self.b_ic, w) - self.target) * self.sc.ic
+        B, K, N = self.B, self.K, self.N
+        w = z.reshape(B, K, N)
+        eye = torch.eye(N, dtype=z.dtype, device=z.device)
+        r_ic = self._ic(w)
+        A = self.A_ic + self.ridge ** 2 * eye
         g = (self.J_ic.transpose(-1, -2) @ r_ic.unsqueeze(-1)).squeeze(-1) + self.ridge ** 2 * w
-        cost = 0.5 * (r_ic * r_ic).sum(-1) + 0.5 * self.ridge ** 2 * (w * w).sum(-1)
-        for b, s, F in self._groups():
-            f = _fields(b, w)
-            r, dF, pairs = _partials(F, f, second_order)
-            r = r * s
-            J = ((dF * s.unsqueeze(-1)).unsqueeze(-1) * b).sum(-2)  # (…, P, N)
+        cost = 0.5 * (r_ic.pow(2).sum(-1) + self.ridge ** 2 * (w * w).sum(-1))
+        for grp in self.groups:
+            r, dF, pairs = grp.partials(_fields(grp.b, w), second_order)
+            r = r * grp.s
+            J = ((dF * grp.s.unsqueeze(-1)).unsqueeze(-1) * grp.b).sum(-2)  # (B, K, P, N)
             A = A + J.transpose(-1, -2) @ J
             g = g + (J.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
-            cost = cost + 0.5 * (r * r).sum(-1)
+            cost = cost + 0.5 * r.pow(2).sum(-1)
             for qa, qb, h in pairs:  # Σ_p s² 𝓕 ∂²𝓕/∂f_a∂f_b · B_aᵀ B_b
-                A = A + (b[..., qa, :] * (h * r * s).unsqueeze(-1)).transpose(-1, -2) @ b[..., qb, :]
-        if self.C is None:
-            return cost.reshape(-1), A.reshape(-1, self.N, self.N), g.reshape(-1, self.N)
-        K, N = self.K, self.N
-        eyeK = torch.eye(K, dtype=z.dtype, device=z.device)
-        A_full = torch.einsum("...kij,kl->...kilj", A, eyeK).reshape(*self.outer, K * N, K * N) + self.CtC
-        rc = torch.einsum("...mkn,...kn->...m", self.C, w)
-        g_full = g.reshape(*self.outer, K * N) + (self.C.flatten(-2).transpose(-1, -2) @ rc.unsqueeze(-1)).squeeze(-1)
-        cost_full = cost.sum(-1) + 0.5 * (rc * rc).sum(-1)
-        return cost_full.reshape(-1), A_full.reshape(-1, K * N, K * N), g_full.reshape(-1, K * N)
+                A = A + (grp.b[..., qa, :] * (h * r * grp.s).unsqueeze(-1)).transpose(-1, -2) @ grp.b[..., qb, :]
+        cost = cost.sum(-1)
+        if K == 1 and self.C is None:
+            return cost, A[:, 0], g[:, 0]
+        A = torch.einsum("bkij,kl->bkilj", A, torch.eye(K, dtype=z.dtype, device=z.device)).reshape(B, K * N, K * N)
+        g = g.reshape(B, K * N)
+        if self.C is not None:
+            rc = (self.C @ z.unsqueeze(-1)).squeeze(-1)
+            A = A + self.CtC
+            g = g + (self.C.transpose(-1, -2) @ rc.unsqueeze(-1)).squeeze(-1)
+            cost = cost + 0.5 * rc.pow(2).sum(-1)
+        return cost, A, g
 
 
 def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarquardt,
                          callback: Callable[..., None] | None, newton: bool = False) -> Result:
-    """Nielsen-damped LM on flat ``z (B, n)`` with the structured normal equations (same rules as the core).
+    """Nielsen-damped LM on flat ``z (B, n)`` with the structured normal equations (the core's rules).
 
     With ``newton`` the step's curvature is the exact Hessian instead of ``JᵀJ``; a step is then
     only tried where ``H + μI`` is positive definite (elsewhere it counts as rejected, raising ``μ``).
+    Residuals and Jacobians are only evaluated on a working set that shrinks to the active problems
+    whenever at most half of it is still active.
     """
     z = z0
     c, A, g = problem.linearize(z, second_order=newton)
@@ -429,7 +464,22 @@ def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarq
     mu = torch.where(mu > 0, mu, torch.full_like(mu, solver.damping))
     nu = torch.full_like(mu, 2.0)
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    work, sub = None, problem  # working set (None: all problems)
+
+    def on_work(fn, zz: Tensor, *fallback: Tensor):  # evaluate fn on the working set, keep fallback elsewhere
+        if work is None:
+            return fn(zz)
+        out = fn(zz[work])
+        out = out if isinstance(out, tuple) else (out,)
+        full = tuple(f.index_copy(0, work, o) for f, o in zip(fallback, out))
+        return full if len(full) > 1 else full[0]
+
     for _ in tr:
+        if tr.sync:
+            n_work = problem.B if work is None else int(work.numel())
+            active = tr.active.nonzero().squeeze(-1)
+            if 0 < active.numel() <= n_work // 2:
+                work, sub = active, problem.subset(active)
         damped = A + mu[:, None, None] * eye
         if newton:
             L, info = torch.linalg.cholesky_ex(damped)
@@ -439,7 +489,7 @@ def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarq
         else:
             h = solve_or_pinv(damped, -g, tr.sync)
         z_try = z + h
-        c_try = problem.cost(z_try)
+        c_try = on_work(sub.cost, z_try, c)
         actual = c - c_try
         predicted = 0.5 * (h * (mu.unsqueeze(-1) * h - g)).sum(-1)
         # where ½‖r‖² cannot resolve the predicted gain, accept a step that does not increase it
@@ -457,7 +507,7 @@ def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarq
         nu = torch.where(ok, torch.full_like(nu, 2.0), 2 * nu)
         z_new = masked(ok, z_try, z)
         if not tr.sync or bool((ok & tr.active).any()):
-            c_new, A_new, g_new = problem.linearize(z_new, second_order=newton)
+            c_new, A_new, g_new = on_work(lambda v: sub.linearize(v, second_order=newton), z_new, c, A, g)
         else:
             c_new, A_new, g_new = c, A, g
         tiny_step = torch.linalg.vector_norm(h, dim=-1) <= eps * (torch.linalg.vector_norm(z, dim=-1) + eps)
@@ -498,20 +548,19 @@ def _rms(r: Tensor, mask: Tensor) -> Tensor:
     return torch.sqrt((r * r * m).sum(-1) / m.sum(-1).clamp_min(1))
 
 
-def _report(pde: PDE1D, rows: ConstraintRows, problem: _Structured, w: Tensor, w0: Tensor) -> ConstraintReport:
+def _report(pde: PDE1D, rows: ConstraintRows, problem: _Structured, w: Tensor, w0: Tensor, sc: _Scales,
+            ) -> ConstraintReport:
     with torch.no_grad():
-        w = w.detach().reshape(*rows.batch_shape, -1)
-        _, _, g = problem.linearize(w.reshape(-1, problem.C.shape[-2] * problem.N) if problem.C is not None
-                                    else w.reshape(-1, problem.N))
-        _, _, g0 = problem.linearize(w0.detach().reshape(g.shape))
+        batch = rows.batch_shape
+        w = w.detach().reshape(*batch, -1)
+        n = problem.K * problem.N
+        g = problem.linearize(w.reshape(-1, n))[2]
+        g0 = problem.linearize(w0.detach().reshape(-1, n))[2]
         gn, g0n = torch.linalg.vector_norm(g, dim=-1), torch.linalg.vector_norm(g0, dim=-1)
         stat = torch.where(g0n > 0, gn / g0n.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(gn))
-        stat = stat.reshape(problem.outer if problem.C is not None else rows.batch_shape)
-        if problem.C is not None:
-            stat = stat.unsqueeze(-1).expand(rows.batch_shape)
+        stat = stat.reshape(batch) if problem.C is None else stat.reshape(batch[:-1]).unsqueeze(-1).expand(batch)
         tensors = tuple(t.detach() for t in rows.tensors)
         r_pde, r_ic, r_left, r_right = _pieces(pde, w, tensors)
-        sc = problem.sc
         own = sum(0.5 * ((r * s) ** 2).sum(-1) for r, s in
                   ((r_pde, sc.pde), (r_ic, sc.ic), (r_left, sc.left), (r_right, sc.right)))
         objective = own + 0.5 * problem.ridge ** 2 * (w * w).sum(-1)
@@ -647,7 +696,7 @@ def hard_constraint(pde: PDE1D, rows: ConstraintRows, *, w0: Tensor | None = Non
         expand = lambda t: t.unsqueeze(-1).expand(batch)  # noqa: E731
         res = res.replace(converged=expand(res.converged), iterations=expand(res.iterations),
                           residual=expand(res.residual), status=expand(res.status))
-    res = res.replace(aux=_report(pde, rows, problem, res.solution, w0))
+    res = res.replace(aux=_report(pde, rows, problem, res.solution, w0, _Scales(rows, ic_weight, bc_weight)))
     return raise_if_failed(f"hard_constraint(LevenbergMarquardt, {type(pde).__name__})", res, throw,
                            tol=solver.tolerances(dtype)[0], max_iter=solver.max_iter)
 

@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["Grid", "diff1", "diff2", "space_time_derivatives", "basis_derivatives"]
+__all__ = ["Grid", "diff1", "diff2", "space_time_derivatives", "basis_derivatives", "point_derivatives", "stencils"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,3 +184,76 @@ def basis_derivatives(basis: torch.Tensor, grid: Grid) -> torch.Tensor:
     if basis.dim() < 3:
         raise ValueError(f"basis must be (*batch, nx, nt, N), got shape {tuple(basis.shape)}")
     return torch.stack(space_time_derivatives(basis, grid, x_dim=-3, t_dim=-2), dim=-2)
+
+
+def _axis_stencil(i: torch.Tensor, n: int, h: float, order: int, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets and weights (``(*i, 4)``) of the first/second derivative along an axis of ``n`` points."""
+    lo, hi = i == 0, i == n - 1
+    if order == 1:
+        inner_o, inner_w = [-1, 0, 1, 0], [-0.5, 0.0, 0.5, 0.0]
+        lo_o, lo_w = [0, 1, 2, 0], [-1.5, 2.0, -0.5, 0.0]
+        hi_o, hi_w = [0, -1, -2, 0], [1.5, -2.0, 0.5, 0.0]
+        scale = 1 / h
+    else:
+        inner_o, inner_w = [-1, 0, 1, 0], [1.0, -2.0, 1.0, 0.0]
+        lo_o, lo_w = [0, 1, 2, 3], [2.0, -5.0, 4.0, -1.0]
+        hi_o, hi_w = [0, -1, -2, -3], [2.0, -5.0, 4.0, -1.0]
+        scale = 1 / h ** 2
+
+    def pick(a: list[float], b: list[float], c: list[float], dt: torch.dtype) -> torch.Tensor:
+        A, B, C = (torch.tensor(v, dtype=dt, device=i.device) for v in (a, b, c))
+        return torch.where(lo[..., None], B, torch.where(hi[..., None], C, A))
+
+    return pick(inner_o, lo_o, hi_o, torch.int64), pick(inner_w, lo_w, hi_w, dtype) * scale
+
+
+def stencils(idx: torch.Tensor, grid: Grid, dtype: torch.dtype = torch.float64
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices and weights of ``(u, u_t, u_x, u_xx)`` at the grid points ``idx`` (``i·nt + j``).
+
+    The stencils are those of :func:`diff1`/:func:`diff2` (second order, one-sided at the ends).
+
+    Returns:
+        ``(index, weight)``, each ``(*idx.shape, 4, 4)``: quantity × stencil entry (unused entries
+        have weight 0).
+    """
+    i, j = torch.div(idx, grid.nt, rounding_mode="floor"), idx % grid.nt
+    zero_o = torch.zeros(*idx.shape, 4, dtype=torch.int64, device=idx.device)
+    val_w = torch.zeros(*idx.shape, 4, dtype=dtype, device=idx.device)
+    val_w[..., 0] = 1
+    t_o, t_w = _axis_stencil(j, grid.nt, grid.dt, 1, dtype)
+    x_o, x_w = _axis_stencil(i, grid.nx, grid.dx, 1, dtype)
+    xx_o, xx_w = _axis_stencil(i, grid.nx, grid.dx, 2, dtype)
+    offsets = torch.stack([zero_o, t_o, x_o * grid.nt, xx_o * grid.nt], -2)  # flat offsets
+    return idx[..., None, None] + offsets, torch.stack([val_w, t_w, x_w, xx_w], -2)
+
+
+def point_derivatives(basis: torch.Tensor, grid: Grid, idx: torch.Tensor) -> torch.Tensor:
+    """``[b, b_t, b_x, b_xx]`` of ``N`` basis functions at the grid points ``idx`` only.
+
+    Equal to ``basis_derivatives(basis, grid)`` gathered at ``idx`` but computed from the stencils of
+    those points, so memory and backward cost scale with the number of points, not the grid.
+
+    Args:
+        basis: ``(S, nx, nt, N)``.
+        grid: The grid.
+        idx: Flat point indices ``i·nt + j`` of any shape.
+
+    Returns:
+        ``(S, *idx.shape, 4, N)``.
+
+    Example:
+        >>> g = Grid(6, 5)
+        >>> b = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+        >>> idx = torch.tensor([0, 7, 29])
+        >>> ref = basis_derivatives(b, g).reshape(2, 30, 4, 3)[:, idx]
+        >>> torch.allclose(point_derivatives(b, g, idx), ref)
+        True
+    """
+    if basis.dim() != 4 or tuple(basis.shape[1:3]) != (grid.nx, grid.nt):
+        raise ValueError(f"basis must be (S, {grid.nx}, {grid.nt}, N), got {tuple(basis.shape)}")
+    index, weight = stencils(idx, grid, basis.dtype)
+    flat = basis.reshape(basis.shape[0], grid.size, basis.shape[-1])
+    vals = flat[:, index.reshape(-1)].reshape(basis.shape[0], *index.shape, basis.shape[-1])
+    return (vals * weight[..., None]).sum(-2)

@@ -4,7 +4,8 @@ r"""Reference solutions for the 1-D problems of :mod:`optlayers.solvers.pde.resi
 * :func:`burgers_reference` and :func:`diffusion_sorption_reference` — method of lines on a fine
   grid (second-order central differences in space, conservative flux ``(u²/2)_x`` for Burgers),
   integrated in time by SciPy's BDF with a banded Jacobian sparsity and tight tolerances, then
-  interpolated linearly in space onto the coarse grid. For diffusion–sorption the Robin condition
+  interpolated linearly in space onto the coarse grid (whose ``t = 0`` column is the exact initial
+  condition). For diffusion–sorption the Robin condition
   ``u(1) = D u_x(1)`` is imposed with a second-order one-sided difference and ``u(0) = 1`` directly.
 * :func:`reference_solution` dispatches on the problem type; :func:`relative_l2_error` is the
   error measure of the paper (``‖u − u_ref‖₂ / ‖u_ref‖₂`` per sample over the whole grid).
@@ -64,9 +65,12 @@ def _integrate(rhs, y0: np.ndarray, grid: Grid, n: int, rtol: float, what: str) 
     return sol.y  # (n, nt)
 
 
-def _to_coarse(x_fine: np.ndarray, u_fine: np.ndarray, grid: Grid) -> np.ndarray:
+def _to_coarse(x_fine: np.ndarray, u_fine: np.ndarray, grid: Grid, u0: np.ndarray) -> np.ndarray:
+    """Interpolate in space onto the coarse grid; the initial column is the exact initial condition."""
     x = np.linspace(grid.x_min, grid.x_max, grid.nx)
-    return np.stack([np.interp(x, x_fine, u_fine[:, j]) for j in range(u_fine.shape[1])], axis=1)
+    out = np.stack([np.interp(x, x_fine, u_fine[:, j]) for j in range(u_fine.shape[1])], axis=1)
+    out[:, 0] = u0
+    return out
 
 
 def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int = 513,
@@ -91,6 +95,7 @@ def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int
     x_f = _check_fine(grid, nx_fine)
     h = x_f[1] - x_f[0]
     xt = torch.as_tensor(x_f, dtype=torch.float64)
+    u0_coarse = pde.initial_condition(a2.detach().to(torch.float64).cpu(), grid.coords()[0]).numpy()
     outs = []
     for s in range(a2.shape[0]):
         u0 = pde.initial_condition(a2[s].detach().to(torch.float64).cpu(), xt).numpy()
@@ -102,7 +107,7 @@ def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int
 
         y = _integrate(rhs, u0[1:-1], grid, nx_fine - 2, rtol, "burgers_reference")
         full = np.concatenate([np.zeros((1, grid.nt)), y, np.zeros((1, grid.nt))], axis=0)
-        outs.append(_to_coarse(x_f, full, grid))
+        outs.append(_to_coarse(x_f, full, grid, u0_coarse[s]))
     out = torch.as_tensor(np.stack(outs), dtype=a.dtype, device=a.device)
     return out[0] if squeeze else out
 
@@ -132,6 +137,7 @@ def diffusion_sorption_reference(pde: DiffusionSorption, a: torch.Tensor, grid: 
     x_f = _check_fine(grid, nx_fine)
     h = x_f[1] - x_f[0]
     xt = torch.as_tensor(x_f, dtype=torch.float64)
+    u0_coarse = pde.initial_condition(a2.detach().to(torch.float64).cpu(), grid.coords()[0]).numpy()
     c = (1 - pde.porosity) / pde.porosity * pde.rho_s * pde.k_f * pde.n_f
     denom = 1 - 3 * pde.D / (2 * h)
 
@@ -153,8 +159,7 @@ def diffusion_sorption_reference(pde: DiffusionSorption, a: torch.Tensor, grid: 
         left = np.ones((1, grid.nt))
         right = np.array([right_value(y[:, j]) for j in range(grid.nt)])[None, :]
         full = np.concatenate([left, y, right], axis=0)
-        full[:, 0] = u0  # the initial condition itself at t = 0
-        outs.append(_to_coarse(x_f, full, grid))
+        outs.append(_to_coarse(x_f, full, grid, u0_coarse[s]))
     out = torch.as_tensor(np.stack(outs), dtype=a.dtype, device=a.device)
     return out[0] if squeeze else out
 

@@ -37,7 +37,7 @@ import torch
 
 from .finite_difference import Grid
 
-__all__ = ["Fields", "PDE1D", "Heat", "Burgers", "DiffusionSorption", "sample_coefficients"]
+__all__ = ["Fields", "Partials", "PDE1D", "Heat", "Burgers", "DiffusionSorption", "sample_coefficients"]
 
 
 class Fields(NamedTuple):
@@ -73,6 +73,9 @@ def _sine_series(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...k,xk->...x", a, torch.sin(math.pi * x[:, None].to(a.dtype) * k))
 
 
+Partials = tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, torch.Tensor]]]
+
+
 class PDE1D:
     """Interface of a 1-D time-dependent problem (see the module docstring)."""
 
@@ -85,6 +88,15 @@ class PDE1D:
     def interior(self, f: Fields) -> torch.Tensor:
         """PDE residual at interior points."""
         raise NotImplementedError
+
+    def interior_partials(self, f: Fields) -> Partials | None:
+        """Optional closed form of ``interior`` with its partials (solvers fall back to autograd on None).
+
+        Returns:
+            ``(𝓕, ∂𝓕/∂(u, u_t, u_x, u_xx) stacked last (…, 4), [(a, b, ∂²𝓕/∂f_a∂f_b)])`` listing the
+            second partials that are not identically zero.
+        """
+        return None
 
     def left(self, f: Fields) -> torch.Tensor:
         """Boundary residual at ``x = x_min``."""
@@ -170,6 +182,11 @@ class Burgers(PDE1D):
     def interior(self, f: Fields) -> torch.Tensor:
         return f.u_t + f.u * f.u_x - self.nu * f.u_xx
 
+    def interior_partials(self, f: Fields) -> Partials:
+        one = torch.ones_like(f.u)
+        d = torch.stack([f.u_x, one, f.u, torch.full_like(f.u, -self.nu)], -1)
+        return self.interior(f), d, [(0, 2, one), (2, 0, one)]
+
     def left(self, f: Fields) -> torch.Tensor:
         return f.u
 
@@ -240,6 +257,19 @@ class DiffusionSorption(PDE1D):
 
     def interior(self, f: Fields) -> torch.Tensor:
         return self.t_max * (self.retardation(f.u) * f.u_t - self.D * f.u_xx)
+
+    def interior_partials(self, f: Fields) -> Partials:
+        c = (1 - self.porosity) / self.porosity * self.rho_s * self.k_f * self.n_f
+        m, u, eps2 = self.n_f - 1, f.u, self.u_smooth ** 2
+        root = torch.sqrt(u * u + eps2)
+        up = 0.5 * (u + root)  # smooth positive part and its derivatives
+        dp, d2p = 0.5 * (1 + u / root), 0.5 * eps2 / root ** 3
+        R = 1 + c * up ** m
+        dR = c * m * up ** (m - 1) * dp
+        d2R = c * m * ((m - 1) * up ** (m - 2) * dp * dp + up ** (m - 1) * d2p)
+        T = self.t_max
+        d = torch.stack([T * dR * f.u_t, T * R, torch.zeros_like(u), torch.full_like(u, -T * self.D)], -1)
+        return T * (R * f.u_t - self.D * f.u_xx), d, [(0, 0, T * d2R * f.u_t), (0, 1, T * dR), (1, 0, T * dR)]
 
     def left(self, f: Fields) -> torch.Tensor:
         return f.u - 1

@@ -12,14 +12,19 @@ row ``λ ⊙ (Gx − h)`` divided by the (constant) value :math:`\hat\lambda` of
 solution. The scaling does not change the root or the implicit derivatives, and it makes the
 Jacobian :math:`\partial_z F` exactly the *symmetric* KKT matrix of :mod:`.kkt` with
 :math:`W = \operatorname{diag}(s / \lambda)`, so one factorization serves the adjoint
-(``(∂_z F)ᵀ``), tangent (``∂_z F``) and second-order systems alike.
+(``(∂_z F)ᵀ``), tangent (``∂_z F``) and second-order systems alike. (The interior point stops
+at a tiny complementarity ``μ``, so strictly these are the derivatives of the central-path point
+``λ ⊙ s = μ``, which agree with those of the solution up to ``O(μ)``.)
 
-:class:`KKTSolve` is a :class:`~optlayers.implicit.LinearSolver` that solves those systems with
-the batched Cholesky factorization of the interior-point method's final KKT matrix (built once,
-on the first gradient request, and reused by every later solve), refined against the exact
-operator; if a system does not match the cached factorization (e.g. under nested
-``torch.func`` transforms) or the refined residual misses the tolerance, it falls back to
-:class:`~optlayers.implicit.Dense`.
+:class:`KKTSolve` is the :class:`~optlayers.implicit.LinearSolver` that solves those systems
+with the batched factorization of the KKT matrix at the returned solution, computed once per
+:func:`~optlayers.layers.qp` call (on the first gradient request) and reused by every adjoint,
+tangent and second-order solve of that call: the regularized Cholesky form of :mod:`.kkt`, with
+iterative refinement against the exact operator, and, for the elements it leaves above the
+tolerance, a batched LU of the symmetrically scaled full KKT matrix. A system that cannot be
+matched to the cached factorizations (an unusual nesting of ``torch.func`` transforms) goes to
+:class:`~optlayers.implicit.Dense`. The residual of every solve is checked, so a singular KKT
+matrix (a non-unique solution, a degenerate vertex) is reported, never hidden.
 """
 
 from __future__ import annotations

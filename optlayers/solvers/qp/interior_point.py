@@ -113,7 +113,7 @@ class InteriorPoint:
             residual is at most this fraction of its objective (so no feasible point has
             ``‖x‖₁ < 1/infeasibility_tol``); ``None``: ``1e-9`` (float64) / ``1e-5`` (float32).
         regularization: Static regularization of the KKT factorization, relative to the data
-            scale, removed by iterative refinement; ``None``: ``1e-11`` / ``1e-6``.
+            scale, removed by iterative refinement; ``None``: ``1e-8`` / ``1e-4``.
         refine: Iterative-refinement steps per KKT solve (the static regularization is small
             enough that unrefined Newton directions converge as fast; raise it for badly scaled data).
         step_fraction: Fraction of the step to the boundary of the cone (``0 < · < 1``).
@@ -275,7 +275,7 @@ class InteriorPoint:
                 self.callback(it, residual)
             if it == self.max_iter:
                 break
-            if sync and it % self.check_every == 0 and bool(done.all()):
+            if self.check_every is not None and it % self.check_every == 0 and bool(done.all()):
                 break
             active = ~done
             iterations = iterations + active.to(torch.int64)

@@ -58,14 +58,17 @@ class DualOracle:
             Rv = V.clamp_min(0)
             P1 = torch.zeros_like(alpha).scatter_add_(1, I.reshape(self.B, -1), Rv.reshape(self.B, -1))
             Pt1 = Rv.sum(-1)
-            sq = (Rv * Rv).sum((1, 2))
+            Kg = torch.gather(self.K, 2, I)
+            inner = (Rv * (Kg + 0.5 * Rv)).sum((1, 2))
         else:
             R = X.clamp_min(0)
-            P1, Pt1, sq = R.sum(1), R.sum(2), (R * R).sum((1, 2))
+            P1, Pt1 = R.sum(1), R.sum(2)
+            inner = (R * (self.K + 0.5 * R)).sum((1, 2))
         P1 = P1 / gam[:, None]
         Pt1 = Pt1 / gam[:, None]
-        D = (alpha * self.a).sum(-1) + (beta * self.b).sum(-1) - sq / (2 * gam)
         g = torch.cat([P1 - self.a, Pt1 - self.b], dim=-1)
+        # D = ⟨α, a − P1⟩ + ⟨β, b − Pᵀ1⟩ + ⟨P, K⟩ + (γ/2)‖P‖² (no cancellation near the optimum)
+        D = -(z * g).sum(-1) + inner / gam
         return -D, g, g.abs().sum(-1), binding
 
 

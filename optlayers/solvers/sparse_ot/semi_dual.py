@@ -54,6 +54,8 @@ class SemiDualOracle:
         self.w = min(kk, width) if adaptive else kk
         self.fn = dispatch(KERNEL_NAME, backend=backend, device=K.device, size=K.numel())
         self.s = b.reshape(-1)
+        self.Kg = K / gamma[:, None, None]
+        self.calls = 0
 
     def project(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, indices)`` ``(B, m, w)`` of the ``k``-sparse projections of the rows of ``X``."""
@@ -76,14 +78,16 @@ class SemiDualOracle:
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         gam = self.gamma
-        X = (z[:, None, :] - self.K) / gam[:, None, None]
+        self.calls += 1
+        X = (z / gam[:, None])[:, None, :] - self.Kg
         V, I = self.project(X)
         Bf = self.B
         P1 = torch.zeros_like(z).scatter_add_(1, I.reshape(Bf, -1), V.reshape(Bf, -1))
-        xs = torch.gather(X, 2, I)
-        term = gam * ((V * xs).sum((1, 2)) - 0.5 * (V * V).sum((1, 2)))
-        S = (z * self.a).sum(-1) - term
         g = P1 - self.a
+        # S = ⟨α, a − P1⟩ + ⟨P, K⟩ + (γ/2)‖P‖²: the same value as ⟨α, a⟩ − Σ_j[⟨t_j, α − K_j⟩ − (γ/2)‖t_j‖²]
+        # without its cancellation, so that line searches resolve decreases near the optimum
+        Kg = torch.gather(self.K, 2, I)
+        S = -(z * g).sum(-1) + (V * (Kg + 0.5 * gam[:, None, None] * V)).sum((1, 2))
         return -S, g, g.abs().sum(-1), self.binding(V)
 
 
@@ -126,5 +130,5 @@ def semi_dual_value(alpha: torch.Tensor, K: torch.Tensor, a: torch.Tensor, b: to
     ag = torch.gather(alpha, 1, indices.reshape(B, -1)).reshape(B, m, w)
     xs = (ag - Kg) / gamma[:, None, None]
     t = support_values(xs, support, b)
-    inner = (t * (ag - Kg)).sum((1, 2)) - 0.5 * gamma * (t * t).sum((1, 2))
-    return (alpha * a).sum(-1) - inner
+    P1 = torch.zeros_like(alpha).scatter_add(1, indices.reshape(B, -1), t.reshape(B, -1))
+    return (alpha * (a - P1)).sum(-1) + (t * (Kg + 0.5 * gamma[:, None, None] * t)).sum((1, 2))
