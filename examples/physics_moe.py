@@ -188,7 +188,7 @@ def main() -> None:
         nx, nt, steps, batch, n_test, n_basis, experts, n_points = 32, 16, 30, 4, 6, 6, 3, 300
         methods = ["soft", "hc", "hc_KN", "moe"]
     else:
-        nx, nt, steps, batch, n_test, n_basis, experts, n_points = 64, 32, 200, 6, 32, 16, 4, 1000
+        nx, nt, steps, batch, n_test, n_basis, experts, n_points = 64, 32, 150, 6, 32, 12, 4, 1000
         methods = ["soft", "hc", "hc_KN", "moe", "moe_overlap"]
     steps = args.steps or steps
     grid = pde.grid(nx, nt)

@@ -143,7 +143,7 @@ def _rows(pde, grid: Grid, *, S: int = 3, K: int = 2, N: int = 5, n_points: int 
 def test_every_problem_meets_its_stationarity_tolerance(pde, step: str) -> None:
     grid = pde.grid(16, 10)
     basis, u0, colloc = _rows(pde, grid)
-    rows = gather_rows(basis_derivatives(basis, grid), u0, colloc)
+    rows = gather_rows(basis, u0, colloc, grid)
     res = hard_constraint(pde, rows, step=step, solver=LevenbergMarquardt(damping=1e-6, rtol=1e-9, max_iter=300))
     assert res.solution.shape == (3, 2, 5)
     assert bool(res.converged.all()) and bool((res.status == Status.SUCCESS).all())
@@ -151,7 +151,7 @@ def test_every_problem_meets_its_stationarity_tolerance(pde, step: str) -> None:
     # the constraint is a least-squares projection: residuals are reported, not zero
     assert bool((res.aux.pde_rms > 0).all()) and res.aux.ic_rms.shape == (3, 2)
     # every problem is independent: solving one alone gives the same coefficients
-    one = gather_rows(basis_derivatives(basis[1:2], grid), u0[1:2], colloc.select(1, 2))
+    one = gather_rows(basis[1:2], u0[1:2], colloc.select(1, 2), grid)
     alone = hard_constraint(pde, one, step=step, solver=LevenbergMarquardt(damping=1e-6, rtol=1e-12, max_iter=300))
     assert torch.allclose(alone.solution[0, 0], res.solution[1, 1], rtol=1e-6, atol=1e-8)
 
@@ -160,7 +160,7 @@ def test_linear_problem_matches_regularized_least_squares() -> None:
     pde = Heat()
     grid = pde.grid(12, 8)
     basis, u0, colloc = _rows(pde, grid, S=2, K=1)
-    rows = gather_rows(basis_derivatives(basis, grid), u0, colloc)
+    rows = gather_rows(basis, u0, colloc, grid)
     res = hard_constraint(pde, rows, ridge=1e-3)
     residual = collocation_residual(pde, rows, ridge=1e-3)
     zero = torch.zeros(2, 1, 5, dtype=F64)
@@ -171,7 +171,7 @@ def test_linear_problem_matches_regularized_least_squares() -> None:
 
 
 def _outer_loss(pde, grid, basis, u0, colloc, target, **kw):
-    res = hard_constraint(pde, gather_rows(basis_derivatives(basis, grid), u0, colloc),
+    res = hard_constraint(pde, gather_rows(basis, u0, colloc, grid),
                           solver=LevenbergMarquardt(damping=1e-6, rtol=1e-12, atol=1e-14, max_iter=300), **kw)
     u = torch.einsum("sxtn,skn->skxt", basis, res.solution)
     return (u * target).sum() + (u ** 3).mean()
@@ -219,7 +219,7 @@ def test_gradcheck_small_instance() -> None:
     solver = LevenbergMarquardt(damping=1e-6, rtol=1e-13, atol=1e-15, max_iter=300)
 
     def f(b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        rows = gather_rows(basis_derivatives(b, grid), target, colloc)
+        rows = gather_rows(b, target, colloc, grid)
         return hard_constraint(pde, rows, solver=solver).solution
 
     inputs = (basis.clone().requires_grad_(True), u0.clone().requires_grad_(True))
@@ -231,7 +231,7 @@ def test_coupling_rows_join_problems_and_are_differentiable() -> None:
     grid = pde.grid(12, 8)
     basis, u0, colloc = _rows(pde, grid, S=2, N=4)
     derivs = basis_derivatives(basis, grid)
-    rows = gather_rows(derivs, u0, colloc)
+    rows = gather_rows(basis, u0, colloc, grid)
     free = hard_constraint(pde, rows)
     # continuity of u between the two problems on the line x index 5..6
     pts = torch.arange(5 * grid.nt, 7 * grid.nt)
@@ -249,12 +249,12 @@ def test_failure_semantics() -> None:
     pde = Burgers(nu=0.05)
     grid = pde.grid(12, 8)
     basis, u0, colloc = _rows(pde, grid)
-    rows = gather_rows(basis_derivatives(basis, grid), u0, colloc)
+    rows = gather_rows(basis, u0, colloc, grid)
     with pytest.raises(ConvergenceError, match="hard_constraint.*MAX_ITER.*failing batch indices"):
         hard_constraint(pde, rows, solver=LevenbergMarquardt(max_iter=1))
     res = hard_constraint(pde, rows, solver=LevenbergMarquardt(max_iter=1), throw=False)
     assert not bool(res.converged.any()) and bool((res.status == Status.MAX_ITER).all())
-    bad = gather_rows(basis_derivatives(basis, grid), u0.clone().fill_(float("nan")), colloc)
+    bad = gather_rows(basis, u0.clone().fill_(float("nan")), colloc, grid)
     res = hard_constraint(pde, bad, throw=False)
     assert bool((res.status == Status.NONFINITE).all())
     with pytest.raises(ValueError, match="hessian"):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..._result import Result, register_aux
 from ...implicit import ImplicitAdjoint, LevenbergMarquardt
-from ...solvers.pde import PDE1D, Grid, basis_derivatives
+from ...solvers.pde import PDE1D, Grid
 from ...solvers.pde.collocation import (
     Collocation,
     _check_weights,
@@ -153,7 +153,7 @@ class HardConstraintLayer(nn.Module):
         sd = basis.dtype if self.solve_dtype is None else self.solve_dtype
         b = basis.to(sd)
         colloc = self.sample(generator, basis.device) if collocation is None else collocation
-        rows = gather_rows(basis_derivatives(b, self.grid), u0.to(sd), colloc)
+        rows = gather_rows(b, u0.to(sd), colloc, self.grid)
         res = hard_constraint(self.pde, rows, w0=None if w0 is None else w0.to(sd).unsqueeze(1), ridge=self.ridge,
                               ic_weight=self.ic_weight, bc_weight=self.bc_weight, solver=self.solver, step=self.step,
                               hessian=self.hessian, adjoint=self.adjoint, throw=self.throw)

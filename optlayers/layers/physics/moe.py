@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..._result import Result, raise_if_failed
 from ...distributed import all_gather_with_sizes, is_distributed, rank, resolve_group, world_size
 from ...implicit import ImplicitAdjoint, LevenbergMarquardt
-from ...solvers.pde import PDE1D, Grid, basis_derivatives
+from ...solvers.pde import PDE1D, Grid, point_derivatives
 from ...solvers.pde.collocation import (
     Collocation,
     _check_weights,
@@ -192,21 +192,26 @@ class TileRouter:
                 if ix + 1 < kx:  # x-interface between index xh-1 and xh, over the tile's t range
                     for i in (xh - 1, xh):
                         for j in range(tl, th):
-                            a.append(k), b.append(k + kt), pts.append(i * grid.nt + j), axis.append(2)
+                            a.append(k)
+                            b.append(k + kt)
+                            pts.append(i * grid.nt + j)
+                            axis.append(2)
                             h.append(grid.dx)
                 if it + 1 < kt:  # t-interface between index th-1 and th, over the tile's x range
                     for j in (th - 1, th):
                         for i in range(xl, xh):
-                            a.append(k), b.append(k + 1), pts.append(i * grid.nt + j), axis.append(1)
+                            a.append(k)
+                            b.append(k + 1)
+                            pts.append(i * grid.nt + j)
+                            axis.append(1)
                             h.append(grid.dt)
         as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
         return Interfaces(as_long(a), as_long(b), as_long(pts), as_long(axis),
                           torch.tensor(h, dtype=torch.float64, device=device))
 
 
-def _interface_values(derivs: Tensor, w: Tensor, itf: Interfaces) -> tuple[Tensor, Tensor]:
-    """``(u_a − u_b, ∂u_a − ∂u_b)`` at the interface points, each ``(S, I)``."""
-    B = derivs.reshape(derivs.shape[0], -1, 4, derivs.shape[-1])[:, itf.point]  # (S, I, 4, N)
+def _interface_values(B: Tensor, w: Tensor, itf: Interfaces) -> tuple[Tensor, Tensor]:
+    """``(u_a − u_b, ∂u_a − ∂u_b)`` at the interface points, each ``(S, I)``; ``B (S, I, 4, N)``."""
     diff = w[:, itf.a] - w[:, itf.b]  # (S, I, N)
     f = torch.einsum("siqn,sin->siq", B, diff)
     d = f.gather(-1, itf.axis.expand(f.shape[0], -1).unsqueeze(-1)).squeeze(-1)
@@ -323,7 +328,6 @@ class PhysicsConstrainedMoE(nn.Module):
         S, K, N = basis.shape[0], self.num_experts, basis.shape[-1]
         sd = basis.dtype if self.solve_dtype is None else self.solve_dtype
         b = basis.to(sd)
-        derivs = basis_derivatives(b, self.grid)
         colloc = self.sample(generator, basis.device) if collocation is None else collocation
         if colloc.num_problems != K:
             raise ValueError(f"collocation has {colloc.num_problems} problems, the router {K} experts")
@@ -333,8 +337,9 @@ class PhysicsConstrainedMoE(nn.Module):
             world = world_size(self.process_group)
             lo, hi = expert_blocks(K, world)[rank(self.process_group)]
             colloc = colloc.select(lo, hi)
-        rows = gather_rows(derivs, u0.to(sd), colloc)
-        coupling = self._coupling(derivs, itf, K) if self.continuity_weight > 0 and itf.count else None
+        rows = gather_rows(b, u0.to(sd), colloc, self.grid)
+        at_itf = point_derivatives(b, self.grid, itf.point) if itf.count else None  # (S, I, 4, N)
+        coupling = self._coupling(at_itf, itf, K) if self.continuity_weight > 0 and at_itf is not None else None
         res = hard_constraint(self.pde, rows, w0=None if w0 is None else w0[:, lo:hi].to(sd), ridge=self.ridge,
                               ic_weight=self.ic_weight, bc_weight=self.bc_weight, coupling=coupling,
                               solver=self.solver, step=self.step, hessian=self.hessian, adjoint=self.adjoint,
@@ -357,7 +362,7 @@ class PhysicsConstrainedMoE(nn.Module):
         expert_u = torch.einsum("sxtn,skn->skxt", b, w)
         u = (expert_u * phi).sum(1)
         with torch.no_grad():
-            jump = (_interface_values(derivs.detach(), w.detach(), itf)[0].abs().amax(-1) if itf.count
+            jump = (_interface_values(at_itf.detach(), w.detach(), itf)[0].abs().amax(-1) if at_itf is not None
                     else torch.zeros(S, dtype=sd, device=basis.device))
         aux = PhysicsReport(u=u.to(basis.dtype), expert_u=expert_u.to(basis.dtype), stationarity=stats[4],
                             objective=stats[5], pde_rms=stats[6],
@@ -366,16 +371,16 @@ class PhysicsConstrainedMoE(nn.Module):
         return raise_if_failed(f"PhysicsConstrainedMoE(LevenbergMarquardt, {type(self.pde).__name__}, K={K})", out,
                                self.throw, tol=self.solver.tolerances(sd)[0], max_iter=self.solver.max_iter)
 
-    def _coupling(self, derivs: Tensor, itf: Interfaces, K: int) -> Tensor:
-        """Continuity rows ``C (S, 2I, K, N)``: ``s(u_a − u_b)`` and ``s·h(∂u_a − ∂u_b)``, ``s = √(λ_c / I)``."""
-        S, N = derivs.shape[0], derivs.shape[-1]
-        B = derivs.reshape(S, -1, 4, N)[:, itf.point]  # (S, I, 4, N)
+    def _coupling(self, B: Tensor, itf: Interfaces, K: int) -> Tensor:
+        """Continuity rows ``C (S, 2I, K, N)``: ``s(u_a − u_b)`` and ``s·h(∂u_a − ∂u_b)``, ``s = √(λ_c / I)``;
+        ``B (S, I, 4, N)`` holds the basis and its derivatives at the interface points."""
+        S, N = B.shape[0], B.shape[-1]
         value = B[:, :, 0]
         slope = B.gather(2, itf.axis.view(1, -1, 1, 1).expand(S, -1, 1, N)).squeeze(2)
-        slope = slope * itf.h.to(derivs.dtype)[None, :, None]
+        slope = slope * itf.h.to(B.dtype)[None, :, None]
         rows = torch.cat([value, slope], 1) * (self.continuity_weight / itf.count) ** 0.5  # (S, 2I, N)
-        sign = torch.zeros(2 * itf.count, K, dtype=derivs.dtype, device=derivs.device)
-        idx = torch.arange(2 * itf.count, device=derivs.device)
+        sign = torch.zeros(2 * itf.count, K, dtype=B.dtype, device=B.device)
+        idx = torch.arange(2 * itf.count, device=B.device)
         sign[idx, itf.a.repeat(2)] = 1.0
         sign[idx, itf.b.repeat(2)] = -1.0
         return rows[:, :, None, :] * sign[None, :, :, None]

@@ -13,7 +13,15 @@ from .collocation import (
     hard_constraint,
     sample_collocation,
 )
-from .finite_difference import Grid, basis_derivatives, diff1, diff2, space_time_derivatives
+from .finite_difference import (
+    Grid,
+    basis_derivatives,
+    diff1,
+    diff2,
+    point_derivatives,
+    space_time_derivatives,
+    stencils,
+)
 from .reference import (
     burgers_reference,
     diffusion_sorption_reference,
@@ -24,7 +32,7 @@ from .reference import (
 from .residuals import PDE1D, Burgers, DiffusionSorption, Fields, Heat, sample_coefficients
 
 __all__ = [
-    "Grid", "diff1", "diff2", "space_time_derivatives", "basis_derivatives",
+    "Grid", "diff1", "diff2", "space_time_derivatives", "basis_derivatives", "point_derivatives", "stencils",
     "Fields", "PDE1D", "Heat", "Burgers", "DiffusionSorption", "sample_coefficients",
     "heat_exact", "burgers_reference", "diffusion_sorption_reference", "reference_solution",
     "relative_l2_error",

@@ -58,7 +58,7 @@ from ..._result import Result, raise_if_failed, register_aux
 from ...implicit import ImplicitAdjoint, LevenbergMarquardt, OneStepAdjoint, custom_root
 from ...implicit.solvers._base import Tracker, masked
 from ...implicit.solvers._steps import solve_or_pinv
-from .finite_difference import Grid
+from .finite_difference import Grid, point_derivatives
 from .residuals import PDE1D, Fields
 
 __all__ = [
@@ -105,7 +105,7 @@ class Collocation:
     def select(self, lo: int, hi: int) -> Collocation:
         """The rows of problems ``lo..hi-1``."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Collocation(**{k: (v[lo:hi] if isinstance(v, Tensor) else v) for k, v in fields.items()})
+        return Collocation(**{k: (v[lo:hi] if isinstance(v, Tensor) else v) for k, v in fields.items()})  # type: ignore[arg-type]
 
 
 def _pad(lists: list[Tensor], device: torch.device | None) -> tuple[Tensor, Tensor]:
@@ -200,30 +200,35 @@ class ConstraintRows:
         return self.pde, self.ic, self.ic_target, self.left, self.right
 
 
-def gather_rows(derivs: Tensor, u0: Tensor, colloc: Collocation) -> ConstraintRows:
-    """Gather the basis at the rows of ``colloc``.
+def gather_rows(basis: Tensor, u0: Tensor, colloc: Collocation, grid: Grid) -> ConstraintRows:
+    """The basis and its finite-difference derivatives at the rows of ``colloc``.
+
+    Derivatives are evaluated from the stencils of the sampled points only
+    (:func:`~optlayers.solvers.pde.point_derivatives`), so cost and memory scale with the rows.
 
     Args:
-        derivs: ``(S, nx, nt, 4, N)`` from :func:`~optlayers.solvers.pde.basis_derivatives`.
+        basis: ``(S, nx, nt, N)``.
         u0: Initial condition ``(S, nx)``.
         colloc: The rows of ``K`` problems.
+        grid: The grid of the basis.
 
     Returns:
-        :class:`ConstraintRows` with batch shape ``(S, K)`` (differentiable in ``derivs`` and ``u0``).
+        :class:`ConstraintRows` with batch shape ``(S, K)`` (differentiable in ``basis`` and ``u0``).
     """
-    if derivs.dim() != 5 or derivs.shape[3] != 4:
-        raise ValueError(f"derivs must be (S, nx, nt, 4, N) (see basis_derivatives), got {tuple(derivs.shape)}")
-    S, nx, nt = derivs.shape[:3]
-    if tuple(u0.shape) != (S, nx):
-        raise ValueError(f"u0 must be (S, nx) = {(S, nx)}, got {tuple(u0.shape)}")
-    if colloc.nt != nt:
-        raise ValueError(f"collocation built for nt={colloc.nt}, basis has nt={nt}")
-    flat = derivs.reshape(S, nx * nt, 4, derivs.shape[-1])
-    ic_x = torch.div(colloc.ic, nt, rounding_mode="floor")
+    if basis.dim() != 4 or tuple(basis.shape[1:3]) != (grid.nx, grid.nt):
+        raise ValueError(f"basis must be (S, {grid.nx}, {grid.nt}, N), got {tuple(basis.shape)}")
+    S = basis.shape[0]
+    if tuple(u0.shape) != (S, grid.nx):
+        raise ValueError(f"u0 must be (S, nx) = {(S, grid.nx)}, got {tuple(u0.shape)}")
+    if colloc.nt != grid.nt:
+        raise ValueError(f"collocation built for nt={colloc.nt}, the grid has nt={grid.nt}")
+    flat = basis.reshape(S, grid.size, basis.shape[-1])
+    ic_x = torch.div(colloc.ic, grid.nt, rounding_mode="floor")
     return ConstraintRows(
-        pde=flat[:, colloc.pde], ic=flat[:, colloc.ic, 0], ic_target=u0[:, ic_x], left=flat[:, colloc.left],
-        right=flat[:, colloc.right], pde_mask=colloc.pde_mask, ic_mask=colloc.ic_mask,
-        left_mask=colloc.left_mask, right_mask=colloc.right_mask)
+        pde=point_derivatives(basis, grid, colloc.pde), ic=flat[:, colloc.ic], ic_target=u0[:, ic_x],
+        left=point_derivatives(basis, grid, colloc.left), right=point_derivatives(basis, grid, colloc.right),
+        pde_mask=colloc.pde_mask, ic_mask=colloc.ic_mask, left_mask=colloc.left_mask,
+        right_mask=colloc.right_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +437,7 @@ class _Structured:
             return cost, A[:, 0], g[:, 0]
         A = torch.einsum("bkij,kl->bkilj", A, torch.eye(K, dtype=z.dtype, device=z.device)).reshape(B, K * N, K * N)
         g = g.reshape(B, K * N)
-        if self.C is not None:
+        if self.C is not None and self.CtC is not None:
             rc = (self.C @ z.unsqueeze(-1)).squeeze(-1)
             A = A + self.CtC
             g = g + (self.C.transpose(-1, -2) @ rc.unsqueeze(-1)).squeeze(-1)
@@ -635,13 +640,13 @@ def hard_constraint(pde: PDE1D, rows: ConstraintRows, *, w0: Tensor | None = Non
 
     Example:
         >>> import torch
-        >>> from optlayers.solvers.pde import Burgers, basis_derivatives
+        >>> from optlayers.solvers.pde import Burgers
         >>> pde = Burgers(); grid = pde.grid(12, 8)
         >>> regions = torch.ones(1, 12, 8, dtype=torch.bool)
         >>> colloc = sample_collocation(grid, regions, 30, generator=torch.Generator().manual_seed(0))
         >>> basis = torch.randn(2, 12, 8, 5, dtype=torch.float64)
         >>> u0 = torch.zeros(2, 12, dtype=torch.float64)
-        >>> res = hard_constraint(pde, gather_rows(basis_derivatives(basis, grid), u0, colloc))
+        >>> res = hard_constraint(pde, gather_rows(basis, u0, colloc, grid))
         >>> res.solution.shape, bool(res.converged.all()), bool((res.aux.stationarity < 1e-9).all())
         (torch.Size([2, 1, 5]), True, True)
     """
@@ -728,7 +733,7 @@ def _optimality(residual: Callable[..., Tensor], hessian: Hessian) -> Callable[.
             return torch.func.grad(lambda v: 0.5 * (residual(v, *params) ** 2).sum())(z)
     else:
         def G(z: Tensor, *params: Any) -> Tensor:
-            _, pull = torch.func.vjp(lambda v: residual(v, *params), z.detach())
+            pull = torch.func.vjp(lambda v: residual(v, *params), z.detach())[1]
             return pull(residual(z, *params))[0]
     G.symmetric = True  # type: ignore[attr-defined]
     G.positive_definite = True  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ combination ``u = Σ wₙ bₙ`` (the physics-informed hard-constraint layers re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -88,7 +89,8 @@ class Grid:
              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinates on the grid, each ``(nx, nt)`` (``indexing="ij"``)."""
         x, t = self.coords(dtype, device)
-        return torch.meshgrid(x, t, indexing="ij")
+        X, T = torch.meshgrid(x, t, indexing="ij")
+        return X, T
 
 
 def _check(f: torch.Tensor, dim: int, need: int, what: str) -> int:
@@ -201,7 +203,7 @@ def _axis_stencil(i: torch.Tensor, n: int, h: float, order: int, dtype: torch.dt
         hi_o, hi_w = [0, -1, -2, -3], [2.0, -5.0, 4.0, -1.0]
         scale = 1 / h ** 2
 
-    def pick(a: list[float], b: list[float], c: list[float], dt: torch.dtype) -> torch.Tensor:
+    def pick(a: Sequence[float], b: Sequence[float], c: Sequence[float], dt: torch.dtype) -> torch.Tensor:
         A, B, C = (torch.tensor(v, dtype=dt, device=i.device) for v in (a, b, c))
         return torch.where(lo[..., None], B, torch.where(hi[..., None], C, A))
 
@@ -254,6 +256,11 @@ def point_derivatives(basis: torch.Tensor, grid: Grid, idx: torch.Tensor) -> tor
     if basis.dim() != 4 or tuple(basis.shape[1:3]) != (grid.nx, grid.nt):
         raise ValueError(f"basis must be (S, {grid.nx}, {grid.nt}, N), got {tuple(basis.shape)}")
     index, weight = stencils(idx, grid, basis.dtype)
-    flat = basis.reshape(basis.shape[0], grid.size, basis.shape[-1])
-    vals = flat[:, index.reshape(-1)].reshape(basis.shape[0], *index.shape, basis.shape[-1])
-    return (vals * weight[..., None]).sum(-2)
+    S, N = basis.shape[0], basis.shape[-1]
+    flat = basis.reshape(S, grid.size, N)
+    out = []
+    for q, width in enumerate((1, 3, 3, 4)):  # entries actually used by u, u_t, u_x, u_xx
+        ix, w = index[..., q, :width], weight[..., q, :width]
+        vals = flat.index_select(1, ix.reshape(-1)).reshape(S, *ix.shape, N)
+        out.append(vals[..., 0, :] if width == 1 else (vals * w[..., None]).sum(-2))
+    return torch.stack(out, -2)

@@ -4,6 +4,12 @@ Both minimise ``f(z) = −D(z)`` through an *oracle* ``z (B, d) -> (f (B,), ∇f
 violation (B,), binding (B,))`` that evaluates value and gradient in closed form (no autograd:
 the gradient of the dual is the marginal residual of the plan, by Danskin's theorem).
 
+Line search (:func:`convex_line_search`): ``f`` is convex, so ``f(z + t d) <= f(z) + t ∇f(z + t d)·d``
+and a step whose directional derivative is still ``<= c₁ ∇f(z)·d`` satisfies the Armijo condition
+without comparing function values — which near the optimum differ by less than their round-off
+(a sum over ``m k`` plan entries). Weak-Wolfe steps are found by expansion/bisection on the
+derivative alone (Lewis & Overton 2013), with the usual value test as a second way to accept.
+
 Stopping test, per problem: the L1 marginal violation ``‖∇f‖₁ <= tol``; or, where the
 cardinality constraint binds (the plan of some column has ``k`` nonzeros), the dual has stopped
 improving — ``f`` decreased by at most ``ftol · max(|f|, scale)`` over the last ``window``
@@ -22,10 +28,13 @@ import torch
 
 from ..._result import Result, Status, status_from
 from ...implicit.solvers._base import Tracker, masked
-from ...implicit.solvers._steps import line_search
 from ...implicit.solvers.lbfgs import _two_loop
 
-__all__ = ["DualLBFGS", "DualAdam", "Oracle", "run_lbfgs", "run_adam"]
+__all__ = ["DualLBFGS", "DualAdam", "Oracle", "run_lbfgs", "run_adam", "convex_line_search"]
+
+ARMIJO_C1 = 1e-4
+WOLFE_C2 = 0.9
+MAX_TRIALS = 30
 
 Oracle = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 Callback = Callable[[int, torch.Tensor], None]
@@ -108,6 +117,41 @@ class DualAdam:
             raise ValueError(f"DualAdam: betas must be a pair of floats in [0, 1), got {b!r}")
 
 
+def convex_line_search(oracle: Oracle, z: torch.Tensor, d: torch.Tensor, current: tuple[torch.Tensor, ...],
+                       slope: torch.Tensor, active: torch.Tensor, t0: torch.Tensor, sync: bool,
+                       ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """Weak-Wolfe search along ``d`` for a convex ``f`` (see the module docstring).
+
+    Returns:
+        ``(t, z_new, oracle(z_new), ok, t_retry)``; where no step was accepted, ``z_new = z``,
+        the values are ``current`` and ``t_retry`` is the next trial step.
+    """
+    f0 = current[0]
+    t = t0.clone()
+    lo, hi = torch.zeros_like(t), torch.full_like(t, float("inf"))
+    searching, ok = active.clone(), torch.zeros_like(active)
+    t_acc, z_acc, vals_acc = torch.zeros_like(t), z, tuple(current)
+    for _ in range(MAX_TRIALS if sync else 1):
+        z_try = z + t.unsqueeze(-1) * d
+        vals = tuple(oracle(z_try))
+        f, g = vals[0], vals[1]
+        dphi = (g * d).sum(-1)
+        finite = torch.isfinite(f) & torch.isfinite(dphi)
+        armijo = finite & ((dphi <= ARMIJO_C1 * slope) | (f <= f0 + ARMIJO_C1 * t * slope))
+        good = armijo & (dphi >= WOLFE_C2 * slope)
+        upd = searching & armijo
+        t_acc, z_acc = torch.where(upd, t, t_acc), masked(upd, z_try, z_acc)
+        vals_acc = tuple(masked(upd, v, a) for v, a in zip(vals, vals_acc, strict=True))
+        ok = ok | upd
+        searching = searching & ~good
+        hi = torch.where(searching & ~armijo, t, hi)
+        lo = torch.where(searching & armijo, t, lo)
+        t = torch.where(searching, torch.where(torch.isinf(hi), 2 * t, (lo + hi) / 2), t)
+        if sync and not bool(searching.any()):
+            break
+    return t_acc, z_acc, vals_acc, ok, t
+
+
 def run_lbfgs(oracle: Oracle, z0: torch.Tensor, cfg: DualLBFGS, *, tol: float, ftol: float,
               fscale: torch.Tensor, callback: Callback | None = None) -> Result:
     """Minimise through ``oracle`` from ``z0 (B, d)``; returns a flat :class:`Result`."""
@@ -134,10 +178,9 @@ def run_lbfgs(oracle: Oracle, z0: torch.Tensor, cfg: DualLBFGS, *, tol: float, f
         gg = (g * g).sum(-1)
         slope = torch.where(descent, slope, -gg)
         t0 = torch.where(has_pair, 1.0, 1.0 / gg.sqrt().clamp_min(tiny)).clamp_max(1.0)
-        step = line_search(oracle, z, d, fz, slope, (fz, g, viol, binding), tr.active,
-                           t0=torch.where(retry, t_retry, t0), wolfe=True, has_grad=True, sync=tr.sync)
-        z_new, (f_new, g_new, v_new, b_new), ok = step.z, step.values, step.ok
-        exhausted = ~ok if tr.sync else ~ok & (step.t_retry < 2.0**-10)
+        _, z_new, (f_new, g_new, v_new, b_new), ok, t_next = convex_line_search(
+            oracle, z, d, (fz, g, viol, binding), slope, tr.active, torch.where(retry, t_retry, t0), tr.sync)
+        exhausted = ~ok if tr.sync else ~ok & (t_next < 2.0**-10)
         # stall test where the cardinality constraint binds (nonsmooth maximum)
         f_ref = hist[-cfg.window] if len(hist) >= cfg.window else None
         solved = exhausted & binding
@@ -148,7 +191,7 @@ def run_lbfgs(oracle: Oracle, z0: torch.Tensor, cfg: DualLBFGS, *, tol: float, f
                           nonfinite=~torch.isfinite(z_new).all(-1) | ~torch.isfinite(f_new),
                           solved=solved)
         reset = tr.active & exhausted & has_pair
-        retry, t_retry = ~ok & ~reset, step.t_retry
+        retry, t_retry = ~ok & ~reset, t_next
         s, y = z_new - z, g_new - g
         sy, yy = (s * y).sum(-1), (y * y).sum(-1)
         valid = take & ok & (sy > eps * torch.linalg.vector_norm(s, dim=-1)

@@ -61,9 +61,10 @@ class DualOracle:
             Kg = torch.gather(self.K, 2, I)
             inner = (Rv * (Kg + 0.5 * Rv)).sum((1, 2))
         else:
-            R = X.clamp_min(0)
+            R = X.clamp_min_(0)
             P1, Pt1 = R.sum(1), R.sum(2)
-            inner = (R * (self.K + 0.5 * R)).sum((1, 2))
+            Rf, Kf = R.reshape(self.B, 1, -1), self.K.reshape(self.B, -1, 1)
+            inner = (torch.bmm(Rf, Kf) + 0.5 * torch.bmm(Rf, Rf.transpose(1, 2))).reshape(self.B)
         P1 = P1 / gam[:, None]
         Pt1 = Pt1 / gam[:, None]
         g = torch.cat([P1 - self.a, Pt1 - self.b], dim=-1)

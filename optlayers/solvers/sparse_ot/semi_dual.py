@@ -56,6 +56,7 @@ class SemiDualOracle:
         self.s = b.reshape(-1)
         self.Kg = K / gamma[:, None, None]
         self.calls = 0
+        self._buf: torch.Tensor | None = None
 
     def project(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, indices)`` ``(B, m, w)`` of the ``k``-sparse projections of the rows of ``X``."""
@@ -79,7 +80,9 @@ class SemiDualOracle:
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         gam = self.gamma
         self.calls += 1
-        X = (z / gam[:, None])[:, None, :] - self.Kg
+        if self._buf is None:
+            self._buf = torch.empty_like(self.Kg)
+        X = torch.sub((z / gam[:, None])[:, None, :], self.Kg, out=self._buf)
         V, I = self.project(X)
         Bf = self.B
         P1 = torch.zeros_like(z).scatter_add_(1, I.reshape(Bf, -1), V.reshape(Bf, -1))
