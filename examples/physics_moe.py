@@ -148,27 +148,35 @@ def plot(path: str, grid: Grid, ref: torch.Tensor, fields: dict[str, torch.Tenso
     import matplotlib.pyplot as plt
 
     names = list(fields)
-    fig, axes = plt.subplots(2, len(names) + 1, figsize=(3.2 * (len(names) + 1), 5.6), squeeze=False)
-    ext = (grid.t_min, grid.t_max, grid.x_min, grid.x_max)
-    kw = dict(origin="lower", aspect="auto", extent=ext)
+    cols = len(names) + 1
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols + 1, 5.2), squeeze=False, constrained_layout=True)
+    kw = dict(origin="lower", aspect="auto", extent=(grid.t_min, grid.t_max, grid.x_min, grid.x_max))
     vmin, vmax = float(ref.min()), float(ref.max())
-    axes[0, 0].imshow(ref.numpy(), vmin=vmin, vmax=vmax, **kw)
-    axes[0, 0].set_title("reference")
-    axes[1, 0].axis("off")
+    sol = axes[0, 0].imshow(ref.numpy(), vmin=vmin, vmax=vmax, **kw)
+    axes[0, 0].set_title("reference (FD)")
+    axes[1, 0].plot(ref[:, 0].numpy(), torch.linspace(grid.x_min, grid.x_max, grid.nx).numpy(), "k-", label="t = 0")
+    axes[1, 0].plot(ref[:, -1].numpy(), torch.linspace(grid.x_min, grid.x_max, grid.nx).numpy(), "k--",
+                    label=f"t = {grid.t_max:g}")
+    axes[1, 0].set_title("reference profiles")
+    axes[1, 0].legend(fontsize=7)
     emax = max(float((f - ref).abs().max()) for f in fields.values())
     for j, name in enumerate(names, start=1):
         axes[0, j].imshow(fields[name].numpy(), vmin=vmin, vmax=vmax, **kw)
-        axes[0, j].set_title(f"{name}: rel. L2 {100 * errors[name]:.1f}%")
-        im = axes[1, j].imshow((fields[name] - ref).abs().numpy(), vmin=0, vmax=emax, cmap="magma", **kw)
-        axes[1, j].set_title(f"|error| {name}")
+        axes[0, j].set_title(f"{name}: {100 * errors[name]:.1f}%", fontsize=9)
+        err = axes[1, j].imshow((fields[name] - ref).abs().numpy(), vmin=0, vmax=emax, cmap="magma", **kw)
+        axes[1, j].set_title(f"|error| {name}", fontsize=9)
         if name.startswith("moe"):
             for k in range(1, experts):
                 xk = grid.x_min + (grid.x_max - grid.x_min) * k / experts
                 axes[1, j].axhline(xk, color="w", lw=0.6, ls="--")
-    for ax in axes.flat:
-        ax.set_xlabel("t")
-        ax.set_ylabel("x")
-    fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8)
+    for ax in axes[:, 1:].flat:
+        ax.set_xlabel("t", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("x", fontsize=8)
+    fig.colorbar(sol, ax=axes[0, :].tolist(), shrink=0.9, label="u")
+    fig.colorbar(err, ax=axes[1, 1:].tolist(), shrink=0.9, label="|u − u_ref|")
+    fig.suptitle("solution and error per model (first held-out initial condition); dashed: expert interfaces",
+                 fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

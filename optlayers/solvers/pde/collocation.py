@@ -34,10 +34,13 @@ experts) join ``K`` problems into one with ``K·N`` unknowns.
 .. math:: \frac{\partial w^*}{\partial b} = -\Big(J^\top J + \textstyle\sum_i r_i \nabla^2_w r_i\Big)^{-1}
           \frac{\partial G}{\partial b},
 
-used exactly (``hessian="exact"``, Hessian-vector products) or with the Gauss–Newton operator
-``JᵀJ`` (``hessian="gauss_newton"``: the condition ``J(\bar w)ᵀ r(w)`` with ``\bar w`` held
-fixed, so ``∂G/∂b`` stays exact; the gradient is exact only when ``r`` is linear in ``w`` — the
-heat equation — or zero at ``w*``).
+used exactly (``hessian="exact"``) or with the Gauss–Newton operator ``JᵀJ`` in place of the
+Hessian (``hessian="gauss_newton"``: ``∂G/∂b`` stays exact, and the gradient is exact only when
+``r`` is linear in ``w`` — the heat equation — or zero at ``w*``). By default the ``N × N``
+operator is formed from the structure at ``w*`` and inverted in the forward pass, so that the
+backward pass is a single vector–Jacobian product (see :func:`hard_constraint`); with an
+:class:`~optlayers.implicit.ImplicitAdjoint` the adjoint system is solved matrix-free with
+Hessian-vector products instead. The layers are not ``vmap``-able (they batch natively).
 
 The constraint is a least-squares *projection*: with ``N`` unknowns and many rows the residual is
 not zero. Every solve reports its inner optimality ``‖Jᵀr(w*)‖ / ‖Jᵀr(w₀)‖`` and the RMS of the
@@ -471,7 +474,7 @@ def _levenberg_marquardt(problem: _Structured, z0: Tensor, solver: LevenbergMarq
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
     work, sub = None, problem  # working set (None: all problems)
 
-    def on_work(fn, zz: Tensor, *fallback: Tensor):  # evaluate fn on the working set, keep fallback elsewhere
+    def on_work(fn: Callable[[Tensor], Any], zz: Tensor, *fallback: Tensor) -> Any:  # fallback off the working set
         if work is None:
             return fn(zz)
         out = fn(zz[work])
