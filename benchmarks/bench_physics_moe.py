@@ -94,7 +94,7 @@ def run(full: bool = False) -> list[dict[str, Any]]:
     times: dict[tuple[int, int], float] = {}
     for m in ms:
         for k in ks:
-            res = isolated(HERE, "step", repeats=5 if m <= 1000 else 3, experts=k, n_points=m)
+            res = isolated(HERE, "step", repeats=7 if m <= 1000 else 5, experts=k, n_points=m)
             times[(k, m)] = res["median_s"]
             rows.append({"problem": f"diffusion_sorption {NX}x{NT}, m={m}", "library": f"optlayers K={k}",
                          "median_s": res["median_s"], "ratio": res["median_s"] / times[(1, m)],

@@ -158,6 +158,7 @@ def plot(path: str, grid: Grid, ref: torch.Tensor, fields: dict[str, torch.Tenso
     axes[1, 0].plot(ref[:, -1].numpy(), torch.linspace(grid.x_min, grid.x_max, grid.nx).numpy(), "k--",
                     label=f"t = {grid.t_max:g}")
     axes[1, 0].set_title("reference profiles")
+    axes[1, 0].set_xlabel("u", fontsize=8)
     axes[1, 0].legend(fontsize=7)
     emax = max(float((f - ref).abs().max()) for f in fields.values())
     for j, name in enumerate(names, start=1):

@@ -161,7 +161,7 @@ def isolated(path: str, case: str, *, repeats: int = 5, timeout: float = 1200, *
         f"run = mod.CASES[{case!r}](**json.loads(sys.argv[1]))\n"
         "import gc; gc.collect()\n"
         "from optlayers.bench import reset_peak_rss, rss_kb\n"
-        "run(); gc.collect()  # warm-up outside the measurement (lazy imports, caches)\n"
+        "import torch; torch.func.vjp(torch.func.grad(lambda x: (x * x).sum()), torch.ones(2))  # lazy imports\n"
         "reset_peak_rss(); base = rss_kb('VmRSS')\n"
         f"t, out = time_median(run, repeats={repeats}, warmup=0)\n"
         "peak = rss_kb('VmHWM')\n"

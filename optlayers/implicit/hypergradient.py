@@ -21,7 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .._result import AdjointSolveError, Result, Status, failure_message, register_aux
+from .._result import AdjointSolveError, ConvergenceError, Result, Status, failure_message, register_aux
 from ._tree import Layout
 from .adjoints import ImplicitAdjoint, UnrollAdjoint
 from .linear_solvers import CG, LinearOperator
@@ -137,9 +137,16 @@ def hypergradient(outer_loss: Loss, inner_loss: Loss, params: Any, hparams: Any,
         hg, iters = _unroll(method, f_out, f_in, w_flat, lam_flat)
     else:
         raise ValueError(f"method must be ImplicitAdjoint, PenaltyMethod or UnrollAdjoint, got {method!r}")
-    ok = torch.isfinite(hg).all()
-    status = torch.where(ok, torch.tensor(int(Status.SUCCESS)), torch.tensor(int(Status.NONFINITE)))
-    return Result(ll.from_flat(hg), ok, torch.tensor(iters), torch.zeros((), dtype=hg.dtype), status, info)
+    finite = torch.isfinite(hg).all()
+    solved = iters >= 0  # the penalty method's perturbed solve reports failure as negative iterations
+    ok = finite & solved
+    code = Status.SUCCESS if bool(ok) else (Status.NONFINITE if not bool(finite) else Status.MAX_ITER)
+    result = Result(ll.from_flat(hg), ok, torch.tensor(abs(iters)), torch.zeros((), dtype=hg.dtype),
+                    torch.tensor(int(code)), info)
+    if throw and not bool(ok):
+        raise ConvergenceError(failure_message(f"hypergradient({type(method).__name__})", result) +
+                               " For PenaltyMethod raise steps or loosen rtol.", result)
+    return result
 
 
 def _implicit(method: ImplicitAdjoint, f_out: Callable, f_in: Callable, w: torch.Tensor,
@@ -173,12 +180,13 @@ def _penalty(method: PenaltyMethod, f_out: Callable, f_in: Callable, w_star: tor
              lam: torch.Tensor) -> tuple[torch.Tensor, int]:
     s = method.sigma
     pen = lambda ww: (s * f_out(ww, lam) + f_in(ww, lam)).reshape(1)  # noqa: E731
-    res = LBFGS(max_iter=method.steps, rtol=method.rtol, atol=0.0).run_minimize(pen, w_star.detach())
+    res = LBFGS(max_iter=method.steps, rtol=method.rtol).run_minimize(pen, w_star.detach())
     w, it = res.solution, int(res.iterations.max())
+    converged = bool(res.converged.all())
     gl_out = torch.func.grad(f_out, argnums=1)(w, lam)
     gl_in_s = torch.func.grad(f_in, argnums=1)(w, lam)
     gl_in_star = torch.func.grad(f_in, argnums=1)(w_star, lam)
-    return (gl_out + (gl_in_s - gl_in_star) / s).detach(), it
+    return (gl_out + (gl_in_s - gl_in_star) / s).detach(), (it if converged else -it)
 
 
 def _unroll(method: UnrollAdjoint, f_out: Callable, f_in: Callable, w0: torch.Tensor,

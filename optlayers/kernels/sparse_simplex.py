@@ -14,8 +14,12 @@ threshold ``τ`` of those entries (Held et al. 1974; Michelot 1986).
 
 Signature shared by every backend (the reference below is the specification)::
 
-    fn(x: Tensor (R, n) floating, k: int >= 1, s: Tensor (R,) >= 0)
+    fn(x: Tensor (R, n) floating, k: int >= 1, s: Tensor (R,) >= 0, offset: Tensor (G, n) | None = None)
         -> (values (R, kk) x.dtype, indices (R, kk) int64)
+
+With ``offset`` (``G`` dividing ``R``) the rows projected are ``offset[r // (R/G)] − x[r]``
+instead of ``x[r]``, computed on the fly: this is the semi-dual of optimal transport, whose rows
+are ``(α − C_{:,j})/γ`` (``offset = α/γ``, ``x = Cᵀ/γ``), without materializing them.
 
 * ``indices`` of a row are distinct and contain the row's ``kk`` largest entries (ties broken
   arbitrarily); ``values`` are ``max(x_i − τ, 0)`` there (zero outside the simplex support),
@@ -55,13 +59,19 @@ __all__ = ["KERNEL_NAME", "sparse_simplex_reference", "sparse_simplex_to_dense",
 KERNEL_NAME = "sparse_simplex_projection"
 
 
-def check_kernel_args(x: torch.Tensor, k: int, s: torch.Tensor) -> int:
+def check_kernel_args(x: torch.Tensor, k: int, s: torch.Tensor, offset: torch.Tensor | None = None) -> int:
     """Validate the kernel arguments; returns ``kk = min(k, n)``.
 
     Raises:
         ValueError: ``x`` not a floating ``(R, n)`` tensor with ``n >= 1``, ``k`` not an int
-            ``>= 1``, or ``s`` not of shape ``(R,)``.
+            ``>= 1``, ``s`` not of shape ``(R,)``, or ``offset`` not ``(G, n)`` with ``G``
+            dividing ``R``.
     """
+    if offset is not None:
+        if (not isinstance(offset, torch.Tensor) or offset.dim() != 2 or not isinstance(x, torch.Tensor)
+                or x.dim() != 2 or offset.shape[1] != x.shape[1] or offset.shape[0] < 1
+                or x.shape[0] % offset.shape[0] != 0):
+            raise ValueError("offset must be a tensor of shape (G, n) with G dividing the number of rows of x")
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point() or x.shape[1] < 1:
         raise ValueError(f"x must be a floating tensor of shape (R, n) with n >= 1, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -73,7 +83,8 @@ def check_kernel_args(x: torch.Tensor, k: int, s: torch.Tensor) -> int:
     return min(k, x.shape[1])
 
 
-def sparse_simplex_reference(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_simplex_reference(x: torch.Tensor, k: int, s: torch.Tensor,
+                             offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of the ``k``-sparse simplex projection (the specification).
 
     ``torch.topk`` (sorted) selects the ``kk`` largest entries; the threshold is
@@ -84,14 +95,18 @@ def sparse_simplex_reference(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[
         x: ``(R, n)`` floating tensor.
         k: Maximum number of nonzeros per row (``>= 1``; clipped to ``n``).
         s: ``(R,)`` nonnegative masses.
+        offset: ``(G, n)`` or None; if given, the rows ``offset[r // (R/G)] − x[r]`` are projected.
 
     Returns:
-        ``(values, indices)``, each ``(R, min(k, n))``; slots sorted by decreasing ``x``.
+        ``(values, indices)``, each ``(R, min(k, n))``; slots sorted by decreasing entry.
     """
-    kk = check_kernel_args(x, k, s)
+    kk = check_kernel_args(x, k, s, offset)
     if x.dtype in (torch.float16, torch.bfloat16):
-        v, i = sparse_simplex_reference(x.float(), k, s.float())
+        v, i = sparse_simplex_reference(x.float(), k, s.float(), None if offset is None else offset.float())
         return v.to(x.dtype), i
+    if offset is not None:
+        G = offset.shape[0]
+        x = (offset.to(x.dtype).unsqueeze(1) - x.reshape(G, -1, x.shape[1])).reshape(x.shape)
     s = s.to(x.dtype)
     u, idx = torch.topk(x, kk, dim=-1, largest=True, sorted=True)
     css = torch.cumsum(u, dim=-1) - s[:, None]

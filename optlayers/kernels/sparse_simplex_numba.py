@@ -28,9 +28,10 @@ __all__ = ["sparse_simplex_numba", "HEAP_MAX", "PARALLEL_MIN"]
 
 #: Largest ``kk`` handled by the bounded-heap selection.
 HEAP_MAX = 64
-#: Entries ``R * n`` from which rows are split over Numba's threads (below, the thread
-#: start-up costs more than it saves).
-PARALLEL_MIN = 1 << 21
+#: Entries ``R * n`` from which rows are split over Numba's threads. Below, the fork/join costs
+#: more than it saves — on a shared 2-core machine even a 4-million-entry problem ran several
+#: times slower in parallel than serially — so only very large problems go parallel.
+PARALLEL_MIN = 1 << 24
 
 
 @numba.njit(cache=True, inline="always")
@@ -150,22 +151,40 @@ def _project_row(row, kk, sr, hv, hi):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _project_rows(x, kk, s, out_v, out_i):  # pragma: no cover - compiled
-    for r in range(x.shape[0]):
-        _project_row(x[r], kk, s[r], out_v[r], out_i[r])
+def _project_range(x, kk, s, out_v, out_i, offset, r0, r1):  # pragma: no cover - compiled
+    """Rows ``r0 <= r < r1``; with ``offset`` (``G >= 1`` rows) project ``offset[g(r)] − x[r]``."""
+    G = offset.shape[0]
+    if G == 0:
+        for r in range(r0, r1):
+            _project_row(x[r], kk, s[r], out_v[r], out_i[r])
+        return
+    n = x.shape[1]
+    per = x.shape[0] // G
+    buf = np.empty(n, dtype=x.dtype)
+    for r in range(r0, r1):
+        off = offset[r // per]
+        xr = x[r]
+        for i in range(n):
+            buf[i] = off[i] - xr[i]
+        _project_row(buf, kk, s[r], out_v[r], out_i[r])
+
+
+@numba.njit(cache=True)
+def _project_rows(x, kk, s, out_v, out_i, offset):  # pragma: no cover - compiled
+    _project_range(x, kk, s, out_v, out_i, offset, 0, x.shape[0])
 
 
 @numba.njit(cache=True, parallel=True)
-def _project_rows_parallel(x, kk, s, out_v, out_i, chunks):  # pragma: no cover - compiled
+def _project_rows_parallel(x, kk, s, out_v, out_i, offset, chunks):  # pragma: no cover - compiled
     R = x.shape[0]
     for c in numba.prange(chunks):
-        for r in range(c * R // chunks, (c + 1) * R // chunks):
-            _project_row(x[r], kk, s[r], out_v[r], out_i[r])
+        _project_range(x, kk, s, out_v, out_i, offset, c * R // chunks, (c + 1) * R // chunks)
 
 
-def sparse_simplex_numba(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_simplex_numba(x: torch.Tensor, k: int, s: torch.Tensor,
+                         offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``k``-sparse simplex projection of the rows of a CPU tensor (Numba)."""
-    kk = check_kernel_args(x, k, s)
+    kk = check_kernel_args(x, k, s, offset)
     if x.device.type != "cpu":
         raise ValueError(f"the numba kernel needs CPU tensors, got {x.device}")
     dtype = x.dtype
@@ -174,12 +193,16 @@ def sparse_simplex_numba(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[torc
         work = work.float()
     a = np.ascontiguousarray(work.numpy())
     ss = np.ascontiguousarray(s.detach().to(work.dtype).cpu().numpy())
+    if offset is None:
+        off = np.empty((0, a.shape[1]), dtype=a.dtype)
+    else:
+        off = np.ascontiguousarray(offset.detach().to(work.dtype).cpu().numpy())
     R = a.shape[0]
     values = np.empty((R, kk), dtype=a.dtype)
     indices = np.empty((R, kk), dtype=np.int64)
     threads = numba.get_num_threads()
     if R * a.shape[1] >= PARALLEL_MIN and threads > 1 and R > 1:
-        _project_rows_parallel(a, kk, ss, values, indices, min(R, 4 * threads))
+        _project_rows_parallel(a, kk, ss, values, indices, off, min(R, 4 * threads))
     elif R:
-        _project_rows(a, kk, ss, values, indices)
+        _project_rows(a, kk, ss, values, indices, off)
     return torch.from_numpy(values).to(dtype), torch.from_numpy(indices)

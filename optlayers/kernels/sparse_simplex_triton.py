@@ -34,8 +34,9 @@ MAX_N = 1 << 15
 
 
 @triton.jit
-def _sparse_simplex_kernel(x_ptr, s_ptr, v_ptr, i_ptr, n, kk, stride_x, stride_o,
-                           BLOCK: tl.constexpr, SELECT: tl.constexpr, WIDE: tl.constexpr):
+def _sparse_simplex_kernel(x_ptr, s_ptr, o_ptr, v_ptr, i_ptr, n, kk, per, stride_x, stride_o, stride_off,
+                           BLOCK: tl.constexpr, SELECT: tl.constexpr, WIDE: tl.constexpr,
+                           OFFSET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < n
@@ -43,6 +44,9 @@ def _sparse_simplex_kernel(x_ptr, s_ptr, v_ptr, i_ptr, n, kk, stride_x, stride_o
         x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0).to(tl.float64)
     else:
         x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
+    if OFFSET:
+        grp = row // per
+        x = tl.load(o_ptr + grp * stride_off + offs, mask=valid, other=0.0).to(x.dtype) - x
     s = tl.load(s_ptr + row).to(x.dtype)
 
     if SELECT:
@@ -96,13 +100,14 @@ def _sparse_simplex_kernel(x_ptr, s_ptr, v_ptr, i_ptr, n, kk, stride_x, stride_o
     tl.store(i_ptr + out, offs.to(tl.int64), mask=keep)
 
 
-def sparse_simplex_triton(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_simplex_triton(x: torch.Tensor, k: int, s: torch.Tensor,
+                          offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``k``-sparse simplex projection of the rows of ``x`` (Triton, one program per row).
 
     Raises:
         ValueError: invalid arguments (see :func:`check_kernel_args`) or ``n > MAX_N``.
     """
-    kk = check_kernel_args(x, k, s)
+    kk = check_kernel_args(x, k, s, offset)
     R, n = x.shape
     if n > MAX_N:
         raise ValueError(f"the triton sparse-simplex kernel handles rows of at most {MAX_N} entries, got {n}; "
@@ -114,8 +119,11 @@ def sparse_simplex_triton(x: torch.Tensor, k: int, s: torch.Tensor) -> tuple[tor
     indices = torch.empty(R, kk, dtype=torch.int64, device=x.device)
     if R == 0:
         return values, indices
+    oc = xc if offset is None else offset.detach().to(x.dtype).contiguous()
+    per = 1 if offset is None else R // offset.shape[0]
     block = max(16, triton.next_power_of_2(n))
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _sparse_simplex_kernel[(R,)](xc, sc, values, indices, n, kk, xc.stride(0), values.stride(0),
-                                 BLOCK=block, SELECT=kk < n, WIDE=wide, num_warps=warps)
+    _sparse_simplex_kernel[(R,)](xc, sc, oc, values, indices, n, kk, per, xc.stride(0), values.stride(0),
+                                 oc.stride(0), BLOCK=block, SELECT=kk < n, WIDE=wide,
+                                 OFFSET=offset is not None, num_warps=warps)
     return values, indices

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .._result import Result, register_aux
-from ..implicit import Anderson, ImplicitAdjoint, OneStepAdjoint, Picard, UnrollAdjoint, fixed_point
+from ..implicit import GMRES, Anderson, ImplicitAdjoint, OneStepAdjoint, Picard, UnrollAdjoint, fixed_point
 from ..implicit.adjoints import resolve_adjoint
 
 __all__ = ["DEQ", "DEQInfo", "PhantomGradient"]
@@ -57,7 +57,7 @@ class DEQ(nn.Module):
     dimension of ``z`` indexes independent problems) by ``solver``; gradients with respect to
     ``x`` and every parameter of ``f`` use ``adjoint``:
 
-    * ``ImplicitAdjoint(...)`` (default): exact implicit gradient, solving
+    * ``ImplicitAdjoint(...)`` (default ``ImplicitAdjoint(GMRES())``): exact implicit gradient, solving
       ``(I − ∂_z f)ᵀ u = ḡ`` matrix-free;
     * :class:`OneStepAdjoint`: Jacobian-free backprop (one differentiable step at ``z*``);
     * :class:`PhantomGradient`: ``k`` damped differentiable steps;
@@ -95,6 +95,8 @@ class DEQ(nn.Module):
             raise ValueError(f"jacobian_samples must be >= 0, got {jacobian_samples}")
         self.f = f
         self.solver = solver if solver is not None else Anderson()
+        if adjoint is None:  # matrix-free: a dense per-sample Jacobian is wasteful at DEQ widths
+            adjoint = ImplicitAdjoint(linear_solver=GMRES())
         self.adjoint = adjoint if isinstance(adjoint, PhantomGradient) else resolve_adjoint(adjoint)
         self.throw = throw
         self.warm_start = warm_start

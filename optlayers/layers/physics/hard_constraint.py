@@ -38,6 +38,7 @@ from ...solvers.pde.collocation import (
     hard_constraint,
     sample_collocation,
 )
+from .baselines import soft_constraint_loss
 
 __all__ = ["HardConstraintLayer", "PhysicsReport"]
 
@@ -170,8 +171,6 @@ class HardConstraintLayer(nn.Module):
     def physics_loss(self, result: Result[PhysicsReport], u0: Tensor, *, ic_weight: float = 1.0,
                      bc_weight: float = 1.0, reduction: str = "mean") -> Tensor:
         """The physics loss of the constrained field (:func:`~optlayers.layers.physics.soft_constraint_loss`)."""
-        from .baselines import soft_constraint_loss
-
         return soft_constraint_loss(self.pde, result.aux.u, self.grid, u0, ic_weight=ic_weight,
                                     bc_weight=bc_weight, reduction=reduction)
 

@@ -70,7 +70,7 @@ class DualLBFGS:
             iterations with no synchronisation (one line-search trial per iteration, fixed kernel
             width ``k``).
         ftol: Relative dual-improvement threshold of the stall test used where ``k`` binds
-            (None: ``1e-12`` in float64, ``1e-6`` in float32).
+            (None: ``1e-8`` in float64, ``1e-5`` in float32).
         window: Iterations over which that improvement is measured.
     """
 

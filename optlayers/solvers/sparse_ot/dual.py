@@ -23,53 +23,35 @@ from __future__ import annotations
 
 import torch
 
+from ...kernels import Backend, dispatch
+from ...kernels.sparse_ot_dual import DUAL_KERNEL_NAME
+
 __all__ = ["DualOracle", "dual_optimality", "dual_support", "dual_plan", "dual_value"]
 
 
 class DualOracle:
     """Value and gradient of ``f = −D`` on flat tensors ``z = (α, β)`` of shape ``(B, n + m)``.
 
-    Args:
-        sync: May synchronise with the host to skip the top-k selection when no column has more
-            than ``k`` positive entries (then it cannot bind).
+    The sums run in the fused ``"sparse_ot_dual_grad"`` kernel (one pass over ``K``; Numba on
+    CPU, else PyTorch), which selects the top ``k`` only in columns with more than ``k`` positive
+    entries.
     """
 
     def __init__(self, K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, kk: int, *,
-                 sync: bool) -> None:
+                 backend: Backend | str | None = None) -> None:
         self.K, self.a, self.b, self.gamma = K, a, b, gamma
         self.B, self.m, self.n = K.shape
         self.kk = kk
-        self.sync = sync
+        self.fn = dispatch(DUAL_KERNEL_NAME, backend=backend, device=K.device, size=K.numel())
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.n
         alpha, beta = z[:, :n], z[:, n:]
-        gam = self.gamma
-        X = alpha[:, None, :] + beta[:, :, None] - self.K
-        binding = torch.zeros(self.B, dtype=torch.bool, device=z.device)
-        topk = self.kk < n
-        if topk:
-            cnt = (X > 0).sum(-1)
-            binding = (cnt > self.kk).any(-1)
-            if self.sync and not bool(binding.any()):
-                topk = False
-        if topk:
-            V, I = torch.topk(X, self.kk, dim=-1)
-            Rv = V.clamp_min(0)
-            P1 = torch.zeros_like(alpha).scatter_add_(1, I.reshape(self.B, -1), Rv.reshape(self.B, -1))
-            Pt1 = Rv.sum(-1)
-            Kg = torch.gather(self.K, 2, I)
-            inner = (Rv * (Kg + 0.5 * Rv)).sum((1, 2))
-        else:
-            R = X.clamp_min_(0)
-            P1, Pt1 = R.sum(1), R.sum(2)
-            Rf, Kf = R.reshape(self.B, 1, -1), self.K.reshape(self.B, -1, 1)
-            inner = (torch.bmm(Rf, Kf) + 0.5 * torch.bmm(Rf, Rf.transpose(1, 2))).reshape(self.B)
-        P1 = P1 / gam[:, None]
-        Pt1 = Pt1 / gam[:, None]
-        g = torch.cat([P1 - self.a, Pt1 - self.b], dim=-1)
+        gam = self.gamma[:, None]
+        r_n, r_m, inner, binding = self.fn(alpha, beta, self.K, self.kk)
+        g = torch.cat([r_n / gam - self.a, r_m / gam - self.b], dim=-1)
         # D = ⟨α, a − P1⟩ + ⟨β, b − Pᵀ1⟩ + ⟨P, K⟩ + (γ/2)‖P‖² (no cancellation near the optimum)
-        D = -(z * g).sum(-1) + inner / gam
+        D = -(z * g).sum(-1) + inner / self.gamma
         return -D, g, g.abs().sum(-1), binding
 
 

@@ -54,15 +54,13 @@ class SemiDualOracle:
         self.w = min(kk, width) if adaptive else kk
         self.fn = dispatch(KERNEL_NAME, backend=backend, device=K.device, size=K.numel())
         self.s = b.reshape(-1)
-        self.Kg = K / gamma[:, None, None]
-        self.calls = 0
-        self._buf: torch.Tensor | None = None
+        self.Kg = (K / gamma[:, None, None]).reshape(-1, self.n)  # rows K_j/γ; offset α/γ
 
-    def project(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, indices)`` ``(B, m, w)`` of the ``k``-sparse projections of the rows of ``X``."""
-        flat = X.reshape(-1, self.n)
+    def project(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, indices)`` ``(B, m, w)`` of the ``k``-sparse projections of ``(α − K_j)/γ``."""
+        off = z / self.gamma[:, None]
         while True:
-            V, I = self.fn(flat, self.w, self.s)
+            V, I = self.fn(self.Kg, self.w, self.s, off)
             if not self.adaptive or self.w >= self.kk:
                 break
             full = (V > 0).sum(-1) >= self.w
@@ -78,19 +76,14 @@ class SemiDualOracle:
         return ((V > 0).sum(-1) >= self.kk).any(-1)
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        gam = self.gamma
-        self.calls += 1
-        if self._buf is None:
-            self._buf = torch.empty_like(self.Kg)
-        X = torch.sub((z / gam[:, None])[:, None, :], self.Kg, out=self._buf)
-        V, I = self.project(X)
+        V, I = self.project(z)
         Bf = self.B
         P1 = torch.zeros_like(z).scatter_add_(1, I.reshape(Bf, -1), V.reshape(Bf, -1))
         g = P1 - self.a
         # S = ⟨α, a − P1⟩ + ⟨P, K⟩ + (γ/2)‖P‖²: the same value as ⟨α, a⟩ − Σ_j[⟨t_j, α − K_j⟩ − (γ/2)‖t_j‖²]
         # without its cancellation, so that line searches resolve decreases near the optimum
         Kg = torch.gather(self.K, 2, I)
-        S = -(z * g).sum(-1) + (V * (Kg + 0.5 * gam[:, None, None] * V)).sum((1, 2))
+        S = -(z * g).sum(-1) + (V * (Kg + 0.5 * self.gamma[:, None, None] * V)).sum((1, 2))
         return -S, g, g.abs().sum(-1), self.binding(V)
 
 

@@ -49,6 +49,7 @@ from ...kernels import Backend
 from ._optim import DualAdam, DualLBFGS, run_adam, run_lbfgs
 from .dual import DualOracle, dual_optimality, dual_plan, dual_support, dual_value
 from .plan import SparseTransportPlan
+from .projection import project_topk_simplex
 from .semi_dual import SemiDualOracle, semi_dual_optimality, semi_dual_plan, semi_dual_value
 
 __all__ = ["sparse_ot", "quadratic_ot", "SparseOTAux", "DualLBFGS", "DualAdam"]
@@ -220,13 +221,15 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
     semi = formulation == "semi_dual"
     sync = isinstance(cfg, DualLBFGS) and cfg.check_every is not None and not _transforms_active()
     d = nc if semi else nc + mc
+    # the fused dual kernel has no Triton version: a forced "triton" leaves it on automatic
+    dual_backend = None if backend is None or Backend.parse(backend) is Backend.TRITON else Backend.parse(backend)
     state: dict[str, Any] = {"k_work": None}  # projection width of the optimality condition
 
     def make_oracle(Kx: torch.Tensor, ax: torch.Tensor, bx: torch.Tensor, gx: torch.Tensor,
                     adaptive: bool) -> SemiDualOracle | DualOracle:
         if semi:
             return SemiDualOracle(Kx, ax, bx, gx, kk, backend=backend, adaptive=adaptive)
-        return DualOracle(Kx, ax, bx, gx, kk, sync=adaptive)
+        return DualOracle(Kx, ax, bx, gx, kk, backend=dual_backend)
 
     def opt_fn(z: torch.Tensor, Kx: torch.Tensor, ax: torch.Tensor, bx: torch.Tensor,
                gx: torch.Tensor) -> torch.Tensor:
@@ -245,7 +248,7 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
         scale = Kx.abs().flatten(1).amax(-1).clamp_min(torch.finfo(Kx.dtype).tiny)
         mass = ax.sum(-1)
         if isinstance(cfg, DualLBFGS):
-            ftol = cfg.ftol if cfg.ftol is not None else (1e-12 if Kx.dtype == torch.float64 else 1e-6)
+            ftol = cfg.ftol if cfg.ftol is not None else (1e-8 if Kx.dtype == torch.float64 else 1e-5)
             r = run_lbfgs(oracle, z0, cfg, tol=tol_, ftol=ftol, fscale=scale * mass, callback=callback)
         else:
             r = run_adam(oracle, z0, cfg, tol=tol_, lr=cfg.lr * scale, gscale=mass, callback=callback)
@@ -253,8 +256,7 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
         if semi:
             z = z - z.mean(-1, keepdim=True)
             if isinstance(oracle, SemiDualOracle) and sync:
-                X = (z[:, None, :] - Kx) / gx[:, None, None]
-                V, _ = oracle.project(X)
+                V, _ = oracle.project(z)
                 kw = min(kk, int((V > 0).sum(-1).max()) + 1)
                 state["k_work"] = kw if state["k_work"] is None else max(state["k_work"], kw)
         else:
@@ -276,14 +278,12 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
     with torch.no_grad():
         zd, Kd, gd = z.detach(), K.detach(), gam.detach()
         if semi:
-            X = (zd[:, None, :] - Kd) / gd[:, None, None]
             if _transforms_active():
-                from .projection import project_topk_simplex
-                V, I = project_topk_simplex(X, kk, b_c.detach())
+                V, I = project_topk_simplex((zd[:, None, :] - Kd) / gd[:, None, None], kk, b_c.detach())
             else:
                 post = SemiDualOracle(Kd.contiguous(), a_c.detach(), b_c.detach(), gd, kk, backend=backend,
                                       adaptive=sync)
-                V, I = post.project(X)
+                V, I = post.project(zd)
             if sync:  # compact: support first, width = largest support
                 V, order = torch.sort(V, dim=-1, descending=True)
                 I = torch.gather(I, -1, order)
