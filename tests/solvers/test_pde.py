@@ -29,7 +29,8 @@ from optlayers.solvers.pde import (
     sample_collocation,
     space_time_derivatives,
 )
-from optlayers.solvers.pde.collocation import _partials, collocation_residual
+from optlayers.solvers.pde._structured_lm import _partials
+from optlayers.solvers.pde.collocation import collocation_residual
 
 F64 = torch.float64
 # the default inner tolerance: ‖Jᵀr‖ <= atol + rtol ‖Jᵀr₀‖ with rtol = 1e-9, atol = 1e-12 (float64)

@@ -29,11 +29,11 @@ from .reference import (
     reference_solution,
     relative_l2_error,
 )
-from .residuals import PDE1D, Burgers, DiffusionSorption, Fields, Heat, sample_coefficients
+from .residuals import PDE1D, Burgers, DiffusionSorption, Fields, Heat, Partials, sample_coefficients
 
 __all__ = [
     "Grid", "diff1", "diff2", "space_time_derivatives", "basis_derivatives", "point_derivatives", "stencils",
-    "Fields", "PDE1D", "Heat", "Burgers", "DiffusionSorption", "sample_coefficients",
+    "Fields", "Partials", "PDE1D", "Heat", "Burgers", "DiffusionSorption", "sample_coefficients",
     "heat_exact", "burgers_reference", "diffusion_sorption_reference", "reference_solution",
     "relative_l2_error",
     "Collocation", "ConstraintRows", "ConstraintReport", "sample_collocation", "gather_rows",
