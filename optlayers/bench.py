@@ -162,6 +162,7 @@ def isolated(path: str, case: str, *, repeats: int = 5, timeout: float = 1200, *
         "import gc; gc.collect()\n"
         "from optlayers.bench import reset_peak_rss, rss_kb\n"
         "import torch; torch.func.vjp(torch.func.grad(lambda x: (x * x).sum()), torch.ones(2))  # lazy imports\n"
+        "import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)  # return freed set-up memory to the OS\n"
         "reset_peak_rss(); base = rss_kb('VmRSS')\n"
         f"t, out = time_median(run, repeats={repeats}, warmup=0)\n"
         "peak = rss_kb('VmHWM')\n"
