@@ -65,6 +65,12 @@ from .qp import (
     lp,
     qp,
 )
+from .sparse_ot import (
+    RoutingAux,
+    SparseOTRouter,
+    sparse_ot_route,
+    topk_gating,
+)
 
 __all__ = [
     "DEQ",
@@ -110,6 +116,10 @@ __all__ = [
     "lp",
     "LPLayer",
     "CvxpyLayer",
+    "SparseOTRouter",
+    "sparse_ot_route",
+    "topk_gating",
+    "RoutingAux",
     "HardConstraintLayer",
     "PhysicsConstrainedMoE",
     "TileRouter",

@@ -85,7 +85,7 @@ def _subproblem(S: np.ndarray, a: np.ndarray, lam_c: np.ndarray, t: float, eq: n
 
     def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
         d = z[:m] - lam_c
-        return -z[m] + float(d @ d) / (2 * t), np.append(d / t, -1.0)
+        return float(-z[m] + float(d @ d) / (2 * t)), np.append(d / t, -1.0)
 
     cons = {"type": "ineq", "fun": lambda z: a + S @ z[:m] - z[m],
             "jac": lambda z: np.hstack([S, -np.ones((S.shape[0], 1))])}

@@ -68,6 +68,8 @@ class GroupDualAscent(nn.Module):
         self.lr = float(lr)
         self.register_buffer("targets", torch.as_tensor(targets, dtype=torch.get_default_dtype()).reshape(-1))
         self.register_buffer("multiplier", torch.zeros_like(self.targets))
+        self.targets: Tensor
+        self.multiplier: Tensor
 
     @torch.no_grad()
     def update(self, constraint_values: Tensor) -> Tensor:

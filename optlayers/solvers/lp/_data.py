@@ -169,7 +169,9 @@ def prepare_lp(c: Any, A_ub: Any = None, b_ub: Any = None, A_eq: Any = None, b_e
         raise ValueError("A_ub and b_ub must be given together")
     if (A_eq is None) != (b_eq is None):
         raise ValueError("A_eq and b_eq must be given together")
-    mats, vecs, batch_shapes = [], [], [c.shape[:-1]]
+    mats: list[Any] = []
+    vecs: list[Any] = []
+    batch_shapes: list[Any] = [c.shape[:-1]]
     sparse = False
     for A, b, sign, name in ((A_eq, b_eq, 1.0, "A_eq"), (A_ub, b_ub, -1.0, "A_ub")):
         if A is None:

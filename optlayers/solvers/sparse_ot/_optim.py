@@ -13,10 +13,11 @@ derivative alone (Lewis & Overton 2013), with the usual value test as a second w
 Stopping test, per problem: the L1 marginal violation ``‖∇f‖₁ <= tol``; or, where the
 cardinality constraint binds (the plan of some column has ``k`` nonzeros), the dual has stopped
 improving — ``f`` decreased by at most ``ftol · max(|f|, scale)`` over the last ``window``
-iterations, or the line search cannot decrease it any more. The second test exists because a
-binding ``k`` makes the (semi-)dual nonsmooth at its maximum (ties between the ``k``-th and
-``(k+1)``-th entries of a column), where the gradient — the marginal violation — need not
-vanish: that violation is the duality gap of the nonconvex primal, reported by the caller.
+iterations while the violation did not halve, or the line search cannot decrease it any more.
+The second test exists because a binding ``k`` makes the (semi-)dual nonsmooth at its maximum
+(ties between the ``k``-th and ``(k+1)``-th entries of a column), where the gradient — the
+marginal violation — need not vanish: that violation is the duality gap of the nonconvex primal,
+reported by the caller.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def run_lbfgs(oracle: Oracle, z0: torch.Tensor, cfg: DualLBFGS, *, tol: float, f
     S: list[torch.Tensor] = []
     Y: list[torch.Tensor] = []
     R: list[torch.Tensor] = []
-    hist: list[torch.Tensor] = [fz]
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = [(fz, viol)]
     gamma = torch.ones_like(fz)
     has_pair = torch.zeros_like(tr.active)
     retry = torch.zeros_like(tr.active)
@@ -182,11 +183,14 @@ def run_lbfgs(oracle: Oracle, z0: torch.Tensor, cfg: DualLBFGS, *, tol: float, f
             oracle, z, d, (fz, g, viol, binding), slope, tr.active, torch.where(retry, t_retry, t0), tr.sync)
         exhausted = ~ok if tr.sync else ~ok & (t_next < 2.0**-10)
         # stall test where the cardinality constraint binds (nonsmooth maximum)
-        f_ref = hist[-cfg.window] if len(hist) >= cfg.window else None
         solved = exhausted & binding
-        if f_ref is not None:
+        if len(hist) >= cfg.window:
+            f_ref, v_ref = hist[-cfg.window]
             gain = f_ref - f_new
-            solved = solved | (b_new & ok & (gain <= ftol * torch.maximum(f_new.abs(), fscale)))
+            # the dual stopped improving and the violation stopped shrinking (a nonsmooth maximum;
+            # a smooth one is still approached at a steady rate and keeps going)
+            solved = solved | (b_new & ok & (gain <= ftol * torch.maximum(f_new.abs(), fscale))
+                               & (v_new > 0.5 * v_ref))
         take = tr.advance(v_new, stalled=exhausted & ~has_pair & ~binding if tr.sync else None,
                           nonfinite=~torch.isfinite(z_new).all(-1) | ~torch.isfinite(f_new),
                           solved=solved)
@@ -207,7 +211,7 @@ def run_lbfgs(oracle: Oracle, z0: torch.Tensor, cfg: DualLBFGS, *, tol: float, f
         has_pair = (has_pair | valid) & ~reset
         z, fz, g = masked(take, z_new, z), masked(take, f_new, fz), masked(take, g_new, g)
         viol, binding = masked(take, v_new, viol), masked(take, b_new, binding)
-        hist.append(fz)
+        hist.append((fz, viol))
         hist = hist[-cfg.window:]
     return tr.finish(z)
 

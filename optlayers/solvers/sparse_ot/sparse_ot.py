@@ -264,7 +264,7 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
             z = torch.cat([z[:, :nc] + c[:, None], z[:, nc:] - c[:, None]], dim=-1)
         r = r.replace(solution=z, aux=())
         if throw:  # raised here, on concrete tensors, so that it also works under vmap
-            shaped = Result(z, r.converged.reshape(-1), r.iterations.reshape(-1), r.residual.reshape(-1),
+            shaped: Result = Result(z, r.converged.reshape(-1), r.iterations.reshape(-1), r.residual.reshape(-1),
                             r.status.reshape(-1))
             raise_if_failed(f"sparse_ot ({formulation}, {type(cfg).__name__})", shaped, True, tol=tol_,
                             max_iter=cfg.max_iter)

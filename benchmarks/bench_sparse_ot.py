@@ -1,0 +1,212 @@
+"""Sparsity-constrained and quadratically regularized OT: optlayers against POT's ``ot.smooth``.
+
+Problems: uniform weights on two point clouds of ``n = m`` points in the unit square, squared
+Euclidean cost scaled to ``max C = 1``, ``γ = 0.1`` (POT's ``reg`` with ``reg_type="l2"``), and
+``k = 2`` nonzeros per column for the sparsity-constrained case (POT's ``max_nz``); both the
+semi-dual and the dual formulation. Sizes ``n = 500`` (default) and ``n = 500, 2000``
+(``--full``).
+
+Rows per problem:
+
+* ``POT ot.smooth`` — ``smooth_ot_semi_dual``/``smooth_ot_dual`` with their default
+  ``stopThr=1e-9`` (SciPy's L-BFGS-B, whose ``ftol`` then stops it on the relative decrease of
+  the objective);
+* ``optlayers`` — :func:`optlayers.solvers.sparse_ot.sparse_ot` with the same nominal tolerance
+  ``tol=1e-9`` (its default: the L1 marginal violation for quadratic OT; for a binding ``k`` the
+  stall test of :class:`DualLBFGS`);
+* ``optlayers, stop at POT's accuracy`` (quadratic OT only) — ``tol`` set to the marginal
+  violation POT reached: the time to the same accuracy.
+
+Columns: ``median_s``; ``ratio`` = time / time of the ``optlayers`` row (so POT's ratio is the
+speed-up); ``peak_mem_mb`` (fresh subprocess, growth of the peak resident set after set-up);
+``accuracy`` = relative dual suboptimality ``(D* − D)/D*`` against the best dual value of any row
+(for quadratic OT, D* is certified: the optlayers plan meets the marginals to 1e-9 with primal =
+dual); ``violation`` = ``‖P1 − a‖₁ + ‖Pᵀ1 − b‖₁`` of the returned plan; ``objective`` =
+``⟨C, P⟩ + γ/2‖P‖²`` of that plan.
+
+Also: the projection kernel alone (``R = n = 2000``, ``k = 8``: Numba, the PyTorch reference,
+POT's ``projection_sparse_simplex``) and the MoE router — one routing call for 4,096 tokens × 64
+experts in 16 groups of 256 (float32), :class:`SparseOTRouter` against top-1 gating, with the
+dropped-token fraction as accuracy and the coefficient of variation of the expert loads.
+
+Run: ``python -m optlayers bench sparse_ot`` or ``python benchmarks/bench_sparse_ot.py [--full]``.
+Numba kernels are compiled (or loaded from cache) during set-up, outside the timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from optlayers.bench import format_table, isolated
+
+HERE = os.path.abspath(__file__)
+GAMMA = 0.1
+K_SPARSE = 2
+
+
+def make_problem(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x, y = rng.random((n, 2)), rng.random((n, 2))
+    C = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    return np.full(n, 1.0 / n), C / C.max()
+
+
+def _stats(P: np.ndarray, a: np.ndarray, C: np.ndarray, dual: float, iters: int) -> dict[str, Any]:
+    viol = float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - a).sum())
+    return {"dual": float(dual), "objective": float((C * P).sum() + 0.5 * GAMMA * (P * P).sum()),
+            "violation": viol, "iters": int(iters), "max_nnz": int((P > 0).sum(0).max())}
+
+
+def _warm_up() -> None:
+    from optlayers.solvers.sparse_ot import sparse_ot
+
+    C = torch.rand(40, 30, dtype=torch.float64)
+    for form in ("semi_dual", "dual"):
+        for k in (2, None):
+            sparse_ot(None, None, C, k=k, gamma=0.1, formulation=form, throw=False)
+            sparse_ot(None, None, C.float(), k=k, gamma=0.1, formulation=form, throw=False)
+
+
+def case_pot(n: int, formulation: str, k: int | None) -> Any:
+    import ot
+
+    a, C = make_problem(n)
+    fn = ot.smooth.smooth_ot_semi_dual if formulation == "semi_dual" else ot.smooth.smooth_ot_dual
+
+    def run() -> dict[str, Any]:
+        with contextlib.redirect_stdout(io.StringIO()):  # POT's sparse projection prints shapes
+            P, log = fn(a, a, C, GAMMA, reg_type="l2" if k is None else "sparsity_constrained", max_nz=k,
+                        stopThr=1e-9, log=True)
+        return _stats(P, a, C, -log["res"].fun, log["res"].nit)
+
+    return run
+
+
+def case_optlayers(n: int, formulation: str, k: int | None, tol: float = 1e-9) -> Any:
+    from optlayers.solvers.sparse_ot import sparse_ot
+
+    _warm_up()
+    a, C = make_problem(n)
+    Ct = torch.from_numpy(C)
+
+    def run() -> dict[str, Any]:
+        r = sparse_ot(None, None, Ct, k=k, gamma=GAMMA, formulation=formulation, tol=tol, throw=False)
+        P = r.aux.plan.to_dense().numpy()
+        out = _stats(P, a, C, float(r.aux.value), int(r.iterations))
+        out["status"] = int(r.status)
+        return out
+
+    return run
+
+
+def case_kernel(impl: str, n: int = 2000, k: int = 8) -> Any:
+    from optlayers.kernels import dispatch
+    from optlayers.kernels.sparse_simplex import KERNEL_NAME, sparse_simplex_reference, sparse_simplex_to_dense
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, n, generator=g, dtype=torch.float64)
+    s = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    ref = sparse_simplex_to_dense(*sparse_simplex_reference(x, k, s), n).numpy()
+    if impl == "pot":
+        import ot
+
+        xn = x.numpy()
+
+        def proj() -> np.ndarray:
+            with contextlib.redirect_stdout(io.StringIO()):
+                return ot.utils.projection_sparse_simplex(xn, k, 1.0 / n, axis=1)
+    else:
+        fn = dispatch(KERNEL_NAME, backend=impl)
+        fn(x[:4], k, s[:4])  # compile / load the cache
+
+        def proj() -> np.ndarray:
+            return sparse_simplex_to_dense(*fn(x, k, s), n).numpy()
+
+    def run() -> dict[str, Any]:
+        return {"accuracy": float(np.abs(proj() - ref).max())}
+
+    return run
+
+
+def case_router(kind: str, tokens: int = 4096, experts: int = 64, groups: int = 16) -> Any:
+    from optlayers.layers.sparse_ot import sparse_ot_route, topk_gating
+
+    _warm_up()
+    g = torch.Generator().manual_seed(0)
+    S = tokens // groups
+    logits = torch.randn(groups, S, experts, generator=g) + torch.linspace(0, 1, experts)  # skewed experts
+    sparse_ot_route(logits[:2, :32, :8], throw=False)
+
+    def run() -> dict[str, Any]:
+        if kind == "topk":
+            dispatch, _ = topk_gating(logits, 1, capacity_factor=1.25)
+            extra: dict[str, Any] = {}
+        else:
+            res = sparse_ot_route(logits, capacity_factor=1.25, throw=False,
+                                  sparsity="token" if kind == "ot_token" else "expert")
+            dispatch, _ = res.solution
+            extra = {"iters": int(res.iterations.max()), "violation": float(res.aux.marginal_violation.mean())}
+        load = dispatch.sum((1, 3))
+        dropped = float((dispatch.sum((2, 3)) == 0).float().mean())
+        return {"accuracy": dropped, "load_cv": float((load.std() / load.mean()).mean()), **extra}
+
+    return run
+
+
+CASES = {"pot": case_pot, "optlayers": case_optlayers, "kernel": case_kernel, "router": case_router}
+
+
+def run(full: bool = False) -> list[dict[str, Any]]:
+    """Run every configuration in its own subprocess; returns the table rows."""
+    rows: list[dict[str, Any]] = []
+    keep = ("median_s", "peak_mem_mb", "violation", "objective", "iters", "max_nnz", "load_cv")
+    sizes = [500, 2000] if full else [500]
+    for n in sizes:
+        for formulation in ("semi_dual", "dual"):
+            for k in (None, K_SPARSE):
+                problem = (f"{'quadratic' if k is None else f'k={k}'} OT {formulation} n={n}")
+                block: list[dict[str, Any]] = []
+                iso = functools.partial(isolated, HERE, timeout=3600)
+                pot = iso("pot", repeats=1, n=n, formulation=formulation, k=k)
+                ours = iso("optlayers", repeats=3, n=n, formulation=formulation, k=k)
+                block.append({"problem": problem, "library": "optlayers (tol=1e-9)", **ours})
+                block.append({"problem": problem, "library": "POT ot.smooth (stopThr=1e-9)", **pot})
+                if k is None:
+                    same = iso("optlayers", repeats=3, n=n, formulation=formulation, k=k,
+                               tol=max(pot["violation"], 1e-9))
+                    block.append({"problem": problem, "library": "optlayers, stop at POT's accuracy", **same})
+                best = max(r["dual"] for r in block)
+                base = ours["median_s"]
+                for r in block:
+                    r["accuracy"] = (best - r["dual"]) / abs(best)
+                    r["ratio"] = r["median_s"] / base
+                    rows.append({c: r[c] for c in ("problem", "library", "ratio", "accuracy", *keep) if c in r})
+    problem = "projection kernel R=n=2000 k=8"
+    kern = [("optlayers numba", "numba"), ("optlayers torch reference", "reference"),
+            ("POT projection_sparse_simplex", "pot")]
+    block = [{"problem": problem, "library": label, **isolated(HERE, "kernel", repeats=5, impl=impl)}
+             for label, impl in kern]
+    for r in block:
+        r["ratio"] = r["median_s"] / block[0]["median_s"]
+    rows += block
+    problem = "router 4096 tokens x 64 experts (16 groups)"
+    routers = [("optlayers SparseOTRouter (expert capacity)", "ot"),
+               ("optlayers SparseOTRouter (token k=1)", "ot_token"), ("top-1 gating", "topk")]
+    block = [{"problem": problem, "library": label, **isolated(HERE, "router", repeats=5, kind=kind)}
+             for label, kind in routers]
+    for r in block:
+        r["ratio"] = r["median_s"] / block[0]["median_s"]
+    rows += [{c: r[c] for c in ("problem", "library", "ratio", "accuracy", *keep) if c in r} for r in block]
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(print(format_table(run(full="--full" in sys.argv))))
