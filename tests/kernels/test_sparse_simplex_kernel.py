@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,8 +177,8 @@ def test_forced_backends_recorded_and_never_fall_back(monkeypatch: pytest.Monkey
 @needs_triton
 def test_triton_interpreter_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    mod = sys.modules.get("optlayers.kernels.sparse_simplex_triton")
-    mod = importlib.reload(mod) if mod is not None else importlib.import_module("optlayers.kernels.sparse_simplex_triton")
+    name = "optlayers.kernels.sparse_simplex_triton"
+    mod = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
     g = torch.Generator().manual_seed(11)
     cases = [(torch.float64, 5, 7, 3, None), (torch.float32, 4, 30, 45, None), (torch.float32, 3, 40, 1, None),
              (torch.float16, 3, 17, 4, None), (torch.float64, 6, 20, 5, 2)]

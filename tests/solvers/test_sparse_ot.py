@@ -332,3 +332,15 @@ def test_sparsemax_and_projection_match_reference() -> None:
     g2, = torch.autograd.grad((project_sparse_simplex(x, 3) * w).sum(), x)
     torch.testing.assert_close(g1, g2)
     assert torch.autograd.gradcheck(lambda t: sparsemax(t, k=4), (x[0].detach().requires_grad_(),))
+
+
+def test_torch_func_vmap_and_grad() -> None:
+    C = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(14), dtype=F64)
+
+    def f(c: torch.Tensor) -> torch.Tensor:
+        return sparse_ot(None, None, c, k=3, gamma=0.2).aux.transport_cost
+
+    torch.testing.assert_close(torch.func.vmap(f)(C), torch.stack([f(c) for c in C]))
+    c0 = C[0].clone().requires_grad_(True)
+    expected, = torch.autograd.grad(f(c0), c0)
+    torch.testing.assert_close(torch.func.grad(f)(C[0]), expected)
