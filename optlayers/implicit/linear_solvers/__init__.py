@@ -81,7 +81,7 @@ def resolve_linear_solver(solver: LinearSolver | str) -> LinearSolver:
 
     Example:
         >>> resolve_linear_solver("GMRES")
-        GMRES(rtol=None, atol=0.0, max_iter=None, restart=20, ridge=0.0, callback=None)
+        GMRES(rtol=None, atol=0.0, max_iter=None, ridge=0.0, callback=None, restart=20)
     """
     if isinstance(solver, LinearSolver):
         return solver

@@ -20,10 +20,13 @@ from ..._result import Result, Status
 __all__ = [
     "Callback",
     "LinearOperator",
+    "KrylovSolver",
     "LinearSolver",
+    "Monitor",
     "Prepared",
     "check_fields",
     "conclude",
+    "confirm",
     "default_max_iter",
     "default_rtol",
     "dot",
@@ -116,6 +119,28 @@ class LinearSolver(abc.ABC):
     def __call__(self, op: LinearOperator, b: torch.Tensor,
                  x0: torch.Tensor | None = None) -> Result:
         """Solve ``(A + ridge I) x = b`` for a batch; returns a flat :class:`Result`."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KrylovSolver(LinearSolver):
+    """The common configuration of the Krylov solvers (CG, MINRES, BiCGStab, NormalCG, GMRES).
+
+    Attributes:
+        rtol: Relative tolerance; None means 1e-12 in float64 and 1e-6 in float32.
+        atol: Absolute tolerance; an element stops when ``‖A x − b‖ ≤ max(atol, rtol ‖b‖)``.
+        max_iter: Iteration limit; None means ``max(10 n, 50)``.
+        ridge: Tikhonov shift added to ``A``.
+        callback: Called after every iteration with ``(k, ‖r‖)``, ``‖r‖`` of shape ``(B,)``.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    max_iter: int | None = None
+    ridge: float = 0.0
+    callback: Callback | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
 
 
 def finish(x: torch.Tensor, op: LinearOperator, b: torch.Tensor, iterations: torch.Tensor,
@@ -278,3 +303,66 @@ def keep_best(op: LinearOperator, b: torch.Tensor, x: torch.Tensor, x_best: torc
     last = torch.linalg.vector_norm(op.matvec(x) - b, dim=-1)
     best = torch.linalg.vector_norm(op.matvec(x_best) - b, dim=-1)
     return torch.where((rows & (best < last)).unsqueeze(-1), x_best, x)
+
+
+def confirm(op: LinearOperator, b: torch.Tensor, x: torch.Tensor, candidates: torch.Tensor,
+            tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Check claimed convergence against the true residual ``b − A x`` on ``candidates``.
+
+    Recurrence residuals drift from the true one through round-off; a loop confirms every claim
+    before it stops an element. Returns None when there is nothing to check (no host work beyond
+    one ``any``), else ``(ok, r_true, ‖r_true‖)`` with ``ok = candidates & (‖r_true‖ ≤ tol)``.
+    """
+    if not bool(candidates.any()):
+        return None
+    r_true = b - op.matvec(x)
+    tnorm = torch.linalg.vector_norm(r_true, dim=-1)
+    return candidates & (tnorm <= tol), r_true, tnorm
+
+
+class Monitor:
+    """Per-element bookkeeping shared by the batched Krylov loops.
+
+    Holds the status flag and iteration count of each system, detects stagnation (no
+    :data:`STALL_FACTOR` improvement of the best residual during :func:`stall_window` iterations)
+    and, when built with ``x``, remembers the iterate of smallest recurrence residual so that an
+    element stopping unconverged returns its best iterate (see :func:`keep_best`).
+
+    Args:
+        rnorm: Initial residual norms ``(B,)``.
+        n: System size (sets the stagnation window).
+        x: Initial iterate ``(B, n)`` when the best iterate must be kept (non-monotone methods).
+    """
+
+    def __init__(self, rnorm: torch.Tensor, n: int, x: torch.Tensor | None = None) -> None:
+        self.flag = torch.zeros_like(rnorm, dtype=torch.int64)
+        self.iters = torch.zeros_like(self.flag)
+        self.best, self.count = rnorm, torch.zeros_like(self.flag)
+        self.window = stall_window(n)
+        self.x_best, self.r_best = x, rnorm
+
+    def fail(self, mask: torch.Tensor, status: Status) -> torch.Tensor:
+        """Record ``status`` on ``mask`` (leaving earlier flags alone); returns ``mask``."""
+        self.flag = torch.where(mask & (self.flag == 0), torch.full_like(self.flag, int(status)), self.flag)
+        return mask
+
+    def count_step(self, active: torch.Tensor, steps: int | torch.Tensor = 1) -> None:
+        """Add ``steps`` iterations to the active elements' counts."""
+        self.iters = self.iters + active.to(self.iters.dtype) * steps
+
+    def track(self, rnorm: torch.Tensor, active: torch.Tensor, x: torch.Tensor | None = None,
+              steps: int | torch.Tensor = 1) -> torch.Tensor:
+        """End of an iteration: keep the best iterate, flag stagnation; returns the new ``active``."""
+        if self.x_best is not None and x is not None:
+            better = active & (rnorm < self.r_best)
+            self.x_best = torch.where(better.unsqueeze(-1), x, self.x_best)
+            self.r_best = torch.where(better, rnorm, self.r_best)
+        self.best, self.count = stall_update(rnorm, self.best, self.count, active, steps)
+        stalled = self.fail(active & (self.count >= self.window), Status.STAGNATION)
+        return active & ~stalled
+
+    def result(self, prep: Prepared, x: torch.Tensor, active: torch.Tensor) -> Result:
+        """The :class:`Result` (best iterate on elements that stopped unconverged, if kept)."""
+        if self.x_best is not None:
+            x = keep_best(prep.op, prep.b, x, self.x_best, (self.flag != 0) | active)
+        return conclude(prep, x, self.iters, self.flag)

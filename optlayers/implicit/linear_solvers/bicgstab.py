@@ -8,17 +8,13 @@ import torch
 
 from ..._result import Result, Status
 from ._base import (
-    Callback,
+    KrylovSolver,
     LinearOperator,
-    LinearSolver,
-    check_fields,
-    conclude,
+    Monitor,
+    confirm,
     default_max_iter,
     dot,
-    keep_best,
     prepare,
-    stall_update,
-    stall_window,
 )
 
 __all__ = ["BiCGStab"]
@@ -43,7 +39,7 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BiCGStab(LinearSolver):
+class BiCGStab(KrylovSolver):
     r"""BiCGStab (van der Vorst) for general square ``A``; needs no transpose.
 
     Combines the BiCG recurrences (shadow residual ``r̂ = r_0``) with a local residual
@@ -84,15 +80,6 @@ class BiCGStab(LinearSolver):
         solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput., 1992.
     """
 
-    rtol: float | None = None
-    atol: float = 0.0
-    max_iter: int | None = None
-    ridge: float = 0.0
-    callback: Callback | None = None
-
-    def __post_init__(self) -> None:
-        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
-
     def __call__(self, op: LinearOperator, b: torch.Tensor,
                  x0: torch.Tensor | None = None) -> Result:
         """Solve ``(A + ridge I) x = b``; see the class docstring."""
@@ -100,17 +87,12 @@ class BiCGStab(LinearSolver):
         A, b, x, tol = prep.op, prep.b, prep.x, prep.tol
         max_iter = default_max_iter(A.n, self.max_iter)
         eps = torch.finfo(b.dtype).eps
-        window = stall_window(A.n)
 
         st = _init(b - A.matvec(x))
         rnorm = _norm(st["r"])
         active = ~prep.done & ~(rnorm <= tol)
-        flag = torch.zeros_like(active, dtype=torch.int64)
-        brk = torch.full_like(flag, int(Status.BREAKDOWN))
-        iters = torch.zeros_like(flag)
-        best, count = rnorm, torch.zeros_like(flag)
+        mon = Monitor(rnorm, A.n, x)
         one = torch.ones_like(rnorm)
-        x_best, r_best = x, rnorm
         k = 0
         while k < max_iter and bool(active.any()):
             r, rhat = st["r"], st["rhat"]
@@ -124,8 +106,7 @@ class BiCGStab(LinearSolver):
             bad = bad | (active & ~(den.abs() > eps * _norm(rhat) * _norm(v)))
             # A near-breakdown right after a (re)start is genuine; later ones restart with a
             # fresh shadow residual r̂ = r.
-            genuine = bad & st["fresh"]
-            flag = torch.where(genuine, brk, flag)
+            genuine = mon.fail(bad & st["fresh"], Status.BREAKDOWN)
             active = active & ~genuine
             soft = bad & ~genuine
             go = active & ~soft
@@ -146,27 +127,18 @@ class BiCGStab(LinearSolver):
                    "v": v, "p": p, "fresh": torch.zeros_like(go)}
             st = _merge(go, new, st)
             rnorm = torch.where(go, _norm(st["r"]), rnorm)
-            iters = iters + active.to(iters.dtype)
+            mon.count_step(active)
             k += 1
 
-            claimed = go & (rnorm <= tol)
-            again = soft | tiny_omega
-            if bool((claimed | again).any()):  # confirm with the true residual / restart
-                r_true = b - A.matvec(x)
-                tnorm = _norm(r_true)
-                ok = (claimed | again) & (tnorm <= tol)
+            check = (go & (rnorm <= tol)) | soft | tiny_omega
+            checked = confirm(A, b, x, check, tol)
+            if checked is not None:  # confirm with the true residual, or restart from it
+                ok, r_true, tnorm = checked
                 active = active & ~ok
-                restart = (claimed | again) & ~ok
+                restart = check & ~ok
                 st = _merge(restart, _init(r_true), st)
                 rnorm = torch.where(restart, tnorm, rnorm)
-            better = active & (rnorm < r_best)
-            x_best = torch.where(better.unsqueeze(-1), x, x_best)
-            r_best = torch.where(better, rnorm, r_best)
-            best, count = stall_update(rnorm, best, count, active)
-            stalled = active & (count >= window)
-            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
-            active = active & ~stalled
+            active = mon.track(rnorm, active, x)
             if self.callback is not None:
                 self.callback(k, rnorm)
-        x = keep_best(A, b, x, x_best, (flag != 0) | active)
-        return conclude(prep, x, iters, flag)
+        return mon.result(prep, x, active)

@@ -8,24 +8,20 @@ import torch
 
 from ..._result import Result, Status
 from ._base import (
-    Callback,
+    KrylovSolver,
     LinearOperator,
-    LinearSolver,
-    check_fields,
-    conclude,
+    Monitor,
+    confirm,
     default_max_iter,
     dot,
-    keep_best,
     prepare,
-    stall_update,
-    stall_window,
 )
 
 __all__ = ["CG"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CG(LinearSolver):
+class CG(KrylovSolver):
     r"""Conjugate gradients (Hestenes–Stiefel) for symmetric positive definite ``A``.
 
     Solves ``(A + ridge I) x = b`` for each batch element by minimizing the energy norm of the
@@ -67,15 +63,6 @@ class CG(LinearSolver):
         Hestenes & Stiefel, "Methods of conjugate gradients for solving linear systems", 1952.
     """
 
-    rtol: float | None = None
-    atol: float = 0.0
-    max_iter: int | None = None
-    ridge: float = 0.0
-    callback: Callback | None = None
-
-    def __post_init__(self) -> None:
-        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
-
     def __call__(self, op: LinearOperator, b: torch.Tensor,
                  x0: torch.Tensor | None = None) -> Result:
         """Solve ``(A + ridge I) x = b``; see the class docstring."""
@@ -83,44 +70,36 @@ class CG(LinearSolver):
         A, b, x, tol = prep.op, prep.b, prep.x, prep.tol
         max_iter = default_max_iter(A.n, self.max_iter)
         eps = torch.finfo(b.dtype).eps
-        window = stall_window(A.n)
 
         r = b - A.matvec(x)
         rs = dot(r, r)
         rnorm = rs.sqrt()
         active = ~prep.done & ~(rnorm <= tol)
         p = r
-        flag = torch.zeros_like(active, dtype=torch.int64)
-        iters = torch.zeros_like(flag)
-        best, count = rnorm, torch.zeros_like(flag)
+        mon = Monitor(rnorm, A.n, x)
         scale = torch.zeros_like(rnorm)
-        x_best, r_best = x, rnorm
         k = 0
         while k < max_iter and bool(active.any()):
             Ap = A.matvec(p)
             pAp, pp = dot(p, Ap), dot(p, p)
             ray = pAp / pp.clamp_min(torch.finfo(b.dtype).tiny)
             scale = torch.where(active & torch.isfinite(ray), torch.maximum(scale, ray.abs()), scale)
-            broke = active & ~(pAp > eps * pp * scale)  # also catches NaN
-            flag = torch.where(broke, torch.full_like(flag, int(Status.BREAKDOWN)), flag)
-            active = active & ~broke
+            active = active & ~mon.fail(active & ~(pAp > eps * pp * scale), Status.BREAKDOWN)  # also NaN
             alpha = rs / torch.where(active, pAp, torch.ones_like(pAp))
             step = active.unsqueeze(-1)
             x = torch.where(step, x + alpha.unsqueeze(-1) * p, x)
             r = torch.where(step, r - alpha.unsqueeze(-1) * Ap, r)
             rs_new = torch.where(active, dot(r, r), rs)
             rnorm = rs_new.sqrt()
-            iters = iters + active.to(iters.dtype)
+            mon.count_step(active)
             k += 1
 
             restart = torch.zeros_like(active)
-            claimed = active & (rnorm <= tol)
-            if bool(claimed.any()):  # confirm with the true residual (round-off drift)
-                r_true = b - A.matvec(x)
-                tnorm = torch.linalg.vector_norm(r_true, dim=-1)
-                ok = claimed & (tnorm <= tol)
+            checked = confirm(A, b, x, active & (rnorm <= tol), tol)
+            if checked is not None:  # round-off drift: restart from the true residual
+                ok, r_true, tnorm = checked
+                restart = active & (rnorm <= tol) & ~ok
                 active = active & ~ok
-                restart = claimed & ~ok
                 r = torch.where(restart.unsqueeze(-1), r_true, r)
                 rs_new = torch.where(restart, tnorm.square(), rs_new)
                 rnorm = torch.where(restart, tnorm, rnorm)
@@ -129,14 +108,7 @@ class CG(LinearSolver):
                                torch.zeros_like(rs))
             p = torch.where(active.unsqueeze(-1), r + beta.unsqueeze(-1) * p, p)
             rs = rs_new
-            better = active & (rnorm < r_best)
-            x_best = torch.where(better.unsqueeze(-1), x, x_best)
-            r_best = torch.where(better, rnorm, r_best)
-            best, count = stall_update(rnorm, best, count, active)
-            stalled = active & (count >= window)
-            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
-            active = active & ~stalled
+            active = mon.track(rnorm, active, x)
             if self.callback is not None:
                 self.callback(k, rnorm)
-        x = keep_best(A, b, x, x_best, (flag != 0) | active)
-        return conclude(prep, x, iters, flag)
+        return mon.result(prep, x, active)

@@ -27,7 +27,7 @@ def _well_posed(pivots: torch.Tensor, eps: float) -> torch.Tensor:
 class Dense(LinearSolver):
     r"""Materialize ``A + ridge I`` (``n`` vmapped matvecs) and solve by a batched factorization.
 
-    Methods:
+    Factorizations (``method``):
         * ``"lu"``: ``P A = L U`` with partial pivoting (``torch.linalg.lu_factor_ex``).
         * ``"cholesky"``: ``A = L Lᵀ`` for symmetric positive definite ``A``; a failed
           factorization (``A`` not positive definite) gives ``BREAKDOWN``.

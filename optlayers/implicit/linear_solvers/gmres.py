@@ -8,23 +8,19 @@ import torch
 
 from ..._result import Result, Status
 from ._base import (
-    Callback,
+    KrylovSolver,
     LinearOperator,
-    LinearSolver,
-    check_fields,
-    conclude,
+    Monitor,
     default_max_iter,
     dot,
     prepare,
-    stall_update,
-    stall_window,
 )
 
 __all__ = ["GMRES"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GMRES(LinearSolver):
+class GMRES(KrylovSolver):
     r"""Restarted GMRES(m) (Saad–Schultz) for general square ``A``.
 
     Each cycle builds an orthonormal Krylov basis ``V_{k+1}`` with the Arnoldi process
@@ -67,15 +63,10 @@ class GMRES(LinearSolver):
         nonsymmetric linear systems", SIAM J. Sci. Stat. Comput., 1986.
     """
 
-    rtol: float | None = None
-    atol: float = 0.0
-    max_iter: int | None = None
     restart: int = 20
-    ridge: float = 0.0
-    callback: Callback | None = None
 
     def __post_init__(self) -> None:
-        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
+        super().__post_init__()
         if not isinstance(self.restart, int) or isinstance(self.restart, bool) or self.restart < 1:
             raise ValueError(f"GMRES: restart must be a positive int, got {self.restart!r}")
 
@@ -88,37 +79,30 @@ class GMRES(LinearSolver):
         max_iter = default_max_iter(n, self.max_iter)
         m = min(self.restart, n)
         eps = torch.finfo(b.dtype).eps
-        window = stall_window(n)
 
         r = b - A.matvec(x)
         rnorm = torch.linalg.vector_norm(r, dim=-1)
         active = ~prep.done & ~(rnorm <= tol)
-        flag = torch.zeros_like(active, dtype=torch.int64)
-        iters = torch.zeros_like(flag)
-        best, count = rnorm, torch.zeros_like(flag)
+        mon = Monitor(rnorm, n)
         one, zero = torch.ones_like(rnorm), torch.zeros_like(rnorm)
         k = 0
         while k < max_iter and bool(active.any()):
-            x_new, flag, steps, k = self._cycle(A, r, rnorm, x, tol, active, flag, iters, m,
-                                            min(m, max_iter - k), k, eps, one, zero)
-            iters = iters + steps
+            x_new, mon.flag, steps, k = self._cycle(A, r, rnorm, x, tol, active, mon.flag, mon.iters, m,
+                                                    min(m, max_iter - k), k, eps, one, zero)
+            mon.count_step(active, steps)
             r_new = b - A.matvec(x_new)
             rnorm_new = torch.linalg.vector_norm(r_new, dim=-1)
             # GMRES never increases the residual: a cycle that did was wrecked by round-off (an
             # ill-conditioned or numerically singular system); keep the previous iterate.
             worse = active & ~(rnorm_new <= rnorm * (1 + 1e-3) + tol)
-            flag = torch.where(worse & (flag == 0), torch.full_like(flag, int(Status.STAGNATION)), flag)
+            mon.fail(worse, Status.STAGNATION)
             keep = worse.unsqueeze(-1)
             x = torch.where(keep, x, x_new)
             r = torch.where(keep, r, r_new)
             rnorm = torch.where(worse, rnorm, rnorm_new)
-            active = active & (flag == 0)
-            active = active & ~(rnorm <= tol)
-            best, count = stall_update(rnorm, best, count, active, steps=steps)
-            stalled = active & (count >= window)
-            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
-            active = active & ~stalled
-        return conclude(prep, x, iters, flag)
+            active = active & (mon.flag == 0) & ~(rnorm <= tol)
+            active = mon.track(rnorm, active, steps=steps)
+        return mon.result(prep, x, active)
 
     def _cycle(self, A: LinearOperator, r: torch.Tensor, rnorm: torch.Tensor, x: torch.Tensor,
                tol: torch.Tensor, active: torch.Tensor, flag: torch.Tensor, iters: torch.Tensor,

@@ -8,16 +8,13 @@ import torch
 
 from ..._result import Result, Status
 from ._base import (
-    Callback,
+    KrylovSolver,
     LinearOperator,
-    LinearSolver,
-    check_fields,
-    conclude,
+    Monitor,
+    confirm,
     default_max_iter,
     dot,
     prepare,
-    stall_update,
-    stall_window,
 )
 
 __all__ = ["MINRES"]
@@ -43,7 +40,7 @@ def _merge(mask: torch.Tensor, new: _State, old: _State) -> _State:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MINRES(LinearSolver):
+class MINRES(KrylovSolver):
     r"""MINRES (Paige–Saunders) for symmetric, possibly indefinite ``A``.
 
     Minimizes the residual norm over the Krylov spaces built by the Lanczos process,
@@ -86,15 +83,6 @@ class MINRES(LinearSolver):
         Paige & Saunders, "Solution of sparse indefinite systems of linear equations", 1975.
     """
 
-    rtol: float | None = None
-    atol: float = 0.0
-    max_iter: int | None = None
-    ridge: float = 0.0
-    callback: Callback | None = None
-
-    def __post_init__(self) -> None:
-        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
-
     def __call__(self, op: LinearOperator, b: torch.Tensor,
                  x0: torch.Tensor | None = None) -> Result:
         """Solve ``(A + ridge I) x = b``; see the class docstring."""
@@ -104,14 +92,11 @@ class MINRES(LinearSolver):
         max_iter = default_max_iter(n, self.max_iter)
         eps = torch.finfo(b.dtype).eps
         sqrt_eps = eps**0.5
-        window = stall_window(n)
 
         st = _init(b - A.matvec(x))
         rnorm = st["beta"]
         active = ~prep.done & ~(rnorm <= tol)
-        flag = torch.zeros_like(active, dtype=torch.int64)
-        iters = torch.zeros_like(flag)
-        best, count = rnorm, torch.zeros_like(flag)
+        mon = Monitor(rnorm, n)
         tnorm2 = torch.zeros_like(rnorm)
         gmax, gmin = torch.zeros_like(rnorm), torch.full_like(rnorm, float("inf"))
         one = torch.ones_like(rnorm)
@@ -144,8 +129,7 @@ class MINRES(LinearSolver):
             singular = active & ~((gamma > n * eps * anorm) & (gmax < 0.1 / eps * gmin))  # also NaN
             noisy = exhausted & ((beta > 0.5 * gamma) | (gamma <= sqrt_eps * anorm))  # T_k singular
             singular = singular | (noisy & st["first"])  # ... unless just restarted
-            flag = torch.where(singular, torch.full_like(flag, int(Status.SINGULAR)), flag)
-            active = active & ~singular
+            active = active & ~mon.fail(singular, Status.SINGULAR)
             go = active & ~noisy
             gamma = torch.where(go, gamma, one)
             cs_new, sn_new = gbar / gamma, beta / gamma
@@ -163,25 +147,21 @@ class MINRES(LinearSolver):
             # ‖A r‖ / ‖r‖ ≈ hypot(γ̄, δ̄): r has (numerically) reached the null space of A,
             # i.e. x solves the least-squares problem but b is not in the range.
             lsq = go & (torch.hypot(gbar, dbar_new) <= n * eps * anorm) & ~(rnorm <= tol)
-            iters = iters + active.to(iters.dtype)
+            mon.count_step(active)
             k += 1
 
             claimed = go & (rnorm <= tol)
             exhausted = exhausted & active
-            if bool((claimed | exhausted).any()):  # confirm with the true residual / restart
-                r_true = b - A.matvec(x)
-                tnorm = torch.linalg.vector_norm(r_true, dim=-1)
-                ok = (claimed | exhausted) & (tnorm <= tol)
+            checked = confirm(A, b, x, claimed | exhausted, tol)
+            if checked is not None:  # confirm with the true residual, or restart from it
+                ok, r_true, tnorm = checked
                 active = active & ~ok
                 restart = (claimed | (exhausted & ~lsq)) & ~ok
                 st = _merge(restart, _init(r_true), st)
                 rnorm = torch.where(restart, tnorm, rnorm)
-            flag = torch.where(lsq, torch.full_like(flag, int(Status.SINGULAR)), flag)
-            active = active & ~lsq
-            best, count = stall_update(rnorm, best, count, active)
-            stalled = active & (count >= window)
-            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
-            active = active & ~stalled
+            lsq = lsq & active
+            active = active & ~mon.fail(lsq, Status.SINGULAR)
+            active = mon.track(rnorm, active)
             if self.callback is not None:
                 self.callback(k, rnorm)
-        return conclude(prep, x, iters, flag)
+        return mon.result(prep, x, active)

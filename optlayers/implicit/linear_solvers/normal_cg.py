@@ -8,16 +8,13 @@ import torch
 
 from ..._result import Result, Status
 from ._base import (
-    Callback,
+    KrylovSolver,
     LinearOperator,
-    LinearSolver,
-    check_fields,
-    conclude,
+    Monitor,
+    confirm,
     default_max_iter,
     dot,
     prepare,
-    stall_update,
-    stall_window,
 )
 
 __all__ = ["NormalCG"]
@@ -28,7 +25,7 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NormalCG(LinearSolver):
+class NormalCG(KrylovSolver):
     r"""Conjugate gradients on the normal equations ``AᵀA x = Aᵀb`` (CGLS form).
 
     Works for any square ``A`` (nonsymmetric, indefinite) at the price of squaring the
@@ -71,15 +68,6 @@ class NormalCG(LinearSolver):
         SIAM, 1996, §7.4 (CGLS).
     """
 
-    rtol: float | None = None
-    atol: float = 0.0
-    max_iter: int | None = None
-    ridge: float = 0.0
-    callback: Callback | None = None
-
-    def __post_init__(self) -> None:
-        check_fields(self, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, ridge=self.ridge)
-
     def __call__(self, op: LinearOperator, b: torch.Tensor,
                  x0: torch.Tensor | None = None) -> Result:
         """Solve ``(A + ridge I) x = b``; see the class docstring."""
@@ -92,7 +80,6 @@ class NormalCG(LinearSolver):
         n = A.n
         max_iter = default_max_iter(n, self.max_iter)
         eps = torch.finfo(b.dtype).eps
-        window = stall_window(n)
 
         r = b - A.matvec(x)
         s = At.matvec(r)
@@ -100,9 +87,7 @@ class NormalCG(LinearSolver):
         rnorm = _norm(r)
         active = ~prep.done & ~(rnorm <= tol)
         p = s
-        flag = torch.zeros_like(active, dtype=torch.int64)
-        iters = torch.zeros_like(flag)
-        best, count = rnorm, torch.zeros_like(flag)
+        mon = Monitor(rnorm, n)
         anorm = torch.zeros_like(rnorm)
         one = torch.ones_like(rnorm)
         k = 0
@@ -111,40 +96,31 @@ class NormalCG(LinearSolver):
             qq, pp = dot(q, q), dot(p, p)
             est = (qq / pp.clamp_min(torch.finfo(b.dtype).tiny)).sqrt()
             anorm = torch.where(active & torch.isfinite(est), torch.maximum(anorm, est), anorm)
-            broke = active & ~(qq > 0)  # also catches NaN
-            flag = torch.where(broke, torch.full_like(flag, int(Status.BREAKDOWN)), flag)
-            active = active & ~broke
+            active = active & ~mon.fail(active & ~(qq > 0), Status.BREAKDOWN)  # also catches NaN
             alpha = gamma / torch.where(active, qq, one)
             step = active.unsqueeze(-1)
             x = torch.where(step, x + alpha.unsqueeze(-1) * p, x)
             r = torch.where(step, r - alpha.unsqueeze(-1) * q, r)
             rnorm = torch.where(active, _norm(r), rnorm)
-            iters = iters + active.to(iters.dtype)
+            mon.count_step(active)
             k += 1
 
             restart = torch.zeros_like(active)
-            claimed = active & (rnorm <= tol)
-            if bool(claimed.any()):  # confirm with the true residual (round-off drift)
-                r_true = b - A.matvec(x)
-                tnorm = _norm(r_true)
-                ok = claimed & (tnorm <= tol)
+            checked = confirm(A, b, x, active & (rnorm <= tol), tol)
+            if checked is not None:  # round-off drift: restart from the true residual
+                ok, r_true, tnorm = checked
+                restart = active & (rnorm <= tol) & ~ok
                 active = active & ~ok
-                restart = claimed & ~ok
                 r = torch.where(restart.unsqueeze(-1), r_true, r)
                 rnorm = torch.where(restart, tnorm, rnorm)
             s = At.matvec(r)
             gamma_new = dot(s, s)
-            lsq = active & (gamma_new.sqrt() <= n * eps * anorm * rnorm)
-            flag = torch.where(lsq, torch.full_like(flag, int(Status.SINGULAR)), flag)
-            active = active & ~lsq
+            active = active & ~mon.fail(active & (gamma_new.sqrt() <= n * eps * anorm * rnorm), Status.SINGULAR)
             beta = torch.where(active & ~restart, gamma_new / torch.where(active, gamma, one),
                                torch.zeros_like(gamma))
             p = torch.where(active.unsqueeze(-1), s + beta.unsqueeze(-1) * p, p)
             gamma = torch.where(active, gamma_new, gamma)
-            best, count = stall_update(rnorm, best, count, active)
-            stalled = active & (count >= window)
-            flag = torch.where(stalled, torch.full_like(flag, int(Status.STAGNATION)), flag)
-            active = active & ~stalled
+            active = mon.track(rnorm, active)
             if self.callback is not None:
                 self.callback(k, rnorm)
-        return conclude(prep, x, iters, flag)
+        return mon.result(prep, x, active)
