@@ -17,6 +17,7 @@ tests and examples (fine grids of a few hundred points), not fast PDE solvers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import scipy.integrate
@@ -73,6 +74,33 @@ def _to_coarse(x_fine: np.ndarray, u_fine: np.ndarray, grid: Grid, u0: np.ndarra
     return out
 
 
+def _method_of_lines(pde: Burgers | DiffusionSorption, a: torch.Tensor, grid: Grid, nx_fine: int, rtol: float,
+                     what: str, rhs: Callable[[float], Callable[[float, np.ndarray], np.ndarray]],
+                     edges: Callable[[float, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """Shared driver of the reference solvers: one BDF integration per sample on a fine grid.
+
+    ``rhs(h)`` is the semi-discrete right-hand side of the interior values, ``edges(h, y)`` the
+    boundary rows ``(nt,)`` given the interior solution ``y (n_interior, nt)``; the full fine
+    solution is interpolated onto the coarse grid.
+    """
+    squeeze = a.dim() == 1
+    a2 = a.reshape(1, -1) if squeeze else a
+    x_f = _check_fine(grid, nx_fine)
+    h = float(x_f[1] - x_f[0])
+    xt = torch.as_tensor(x_f, dtype=torch.float64)
+    u0_coarse = pde.initial_condition(a2.detach().to(torch.float64).cpu(), grid.coords()[0]).numpy()
+    f = rhs(h)
+    outs = []
+    for s in range(a2.shape[0]):
+        u0 = pde.initial_condition(a2[s].detach().to(torch.float64).cpu(), xt).numpy()
+        y = _integrate(f, u0[1:-1], grid, nx_fine - 2, rtol, what)
+        left, right = edges(h, y)
+        full = np.concatenate([left[None, :], y, right[None, :]], axis=0)
+        outs.append(_to_coarse(x_f, full, grid, u0_coarse[s]))
+    out = torch.as_tensor(np.stack(outs), dtype=a.dtype, device=a.device)
+    return out[0] if squeeze else out
+
+
 def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int = 513,
                       rtol: float = 1e-8) -> torch.Tensor:
     """Finite-difference reference for :class:`Burgers` with ``u₀ = Σₖ aₖ sin(kπx)``.
@@ -90,26 +118,18 @@ def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int
     Raises:
         RuntimeError: The time integration failed.
     """
-    squeeze = a.dim() == 1
-    a2 = a.reshape(1, -1) if squeeze else a
-    x_f = _check_fine(grid, nx_fine)
-    h = x_f[1] - x_f[0]
-    xt = torch.as_tensor(x_f, dtype=torch.float64)
-    u0_coarse = pde.initial_condition(a2.detach().to(torch.float64).cpu(), grid.coords()[0]).numpy()
-    outs = []
-    for s in range(a2.shape[0]):
-        u0 = pde.initial_condition(a2[s].detach().to(torch.float64).cpu(), xt).numpy()
-
-        def rhs(_t: float, v: np.ndarray) -> np.ndarray:
+    def rhs(h: float) -> Callable[[float, np.ndarray], np.ndarray]:
+        def f(_t: float, v: np.ndarray) -> np.ndarray:
             u = np.concatenate([[0.0], v, [0.0]])
             flux = 0.5 * u * u
-            return (-(flux[2:] - flux[:-2]) / (2 * h) + pde.nu * (u[2:] - 2 * u[1:-1] + u[:-2]) / h ** 2)
+            return -(flux[2:] - flux[:-2]) / (2 * h) + pde.nu * (u[2:] - 2 * u[1:-1] + u[:-2]) / h ** 2
 
-        y = _integrate(rhs, u0[1:-1], grid, nx_fine - 2, rtol, "burgers_reference")
-        full = np.concatenate([np.zeros((1, grid.nt)), y, np.zeros((1, grid.nt))], axis=0)
-        outs.append(_to_coarse(x_f, full, grid, u0_coarse[s]))
-    out = torch.as_tensor(np.stack(outs), dtype=a.dtype, device=a.device)
-    return out[0] if squeeze else out
+        return f
+
+    def edges(_h: float, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(y.shape[1]), np.zeros(y.shape[1])
+
+    return _method_of_lines(pde, a, grid, nx_fine, rtol, "burgers_reference", rhs, edges)
 
 
 def diffusion_sorption_reference(pde: DiffusionSorption, a: torch.Tensor, grid: Grid, *,
@@ -132,36 +152,25 @@ def diffusion_sorption_reference(pde: DiffusionSorption, a: torch.Tensor, grid: 
     Raises:
         RuntimeError: The time integration failed.
     """
-    squeeze = a.dim() == 1
-    a2 = a.reshape(1, -1) if squeeze else a
-    x_f = _check_fine(grid, nx_fine)
-    h = x_f[1] - x_f[0]
-    xt = torch.as_tensor(x_f, dtype=torch.float64)
-    u0_coarse = pde.initial_condition(a2.detach().to(torch.float64).cpu(), grid.coords()[0]).numpy()
     c = (1 - pde.porosity) / pde.porosity * pde.rho_s * pde.k_f * pde.n_f
-    denom = 1 - 3 * pde.D / (2 * h)
 
-    def right_value(v: np.ndarray) -> float:
+    def right_value(h: float, v: np.ndarray) -> np.ndarray:
         # u_N = D (3 u_N - 4 u_{N-1} + u_{N-2}) / (2h)  =>  u_N (1 - 3D/2h) = D (u_{N-2} - 4 u_{N-1}) / (2h)
-        return pde.D * (v[-2] - 4 * v[-1]) / (2 * h) / denom
+        return pde.D * (v[-2] - 4 * v[-1]) / (2 * h) / (1 - 3 * pde.D / (2 * h))
 
-    outs = []
-    for s in range(a2.shape[0]):
-        u0 = pde.initial_condition(a2[s].detach().to(torch.float64).cpu(), xt).numpy()
-
-        def rhs(_t: float, v: np.ndarray) -> np.ndarray:
-            u = np.concatenate([[1.0], v, [right_value(v)]])
+    def rhs(h: float) -> Callable[[float, np.ndarray], np.ndarray]:
+        def f(_t: float, v: np.ndarray) -> np.ndarray:
+            u = np.concatenate([[1.0], v, [right_value(h, v)]])
             ui = u[1:-1]
             R = 1 + c * (0.5 * (ui + np.sqrt(ui * ui + pde.u_smooth ** 2))) ** (pde.n_f - 1)
             return pde.D * (u[2:] - 2 * u[1:-1] + u[:-2]) / h ** 2 / R
 
-        y = _integrate(rhs, u0[1:-1], grid, nx_fine - 2, rtol, "diffusion_sorption_reference")
-        left = np.ones((1, grid.nt))
-        right = np.array([right_value(y[:, j]) for j in range(grid.nt)])[None, :]
-        full = np.concatenate([left, y, right], axis=0)
-        outs.append(_to_coarse(x_f, full, grid, u0_coarse[s]))
-    out = torch.as_tensor(np.stack(outs), dtype=a.dtype, device=a.device)
-    return out[0] if squeeze else out
+        return f
+
+    def edges(h: float, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones(y.shape[1]), right_value(h, y)
+
+    return _method_of_lines(pde, a, grid, nx_fine, rtol, "diffusion_sorption_reference", rhs, edges)
 
 
 def reference_solution(pde: PDE1D, a: torch.Tensor, grid: Grid, **kwargs: float | int) -> torch.Tensor:
