@@ -36,6 +36,7 @@ from .dual import (
 )
 from .lp import (
     PDHG,
+    AdaptivePDHG,
     LinOp,
     LinprogInfo,
     LinprogResult,
@@ -148,6 +149,7 @@ __all__ = [
     "prox_l1",
     "prox_l2",
     "PDHG",
+    "AdaptivePDHG",
     "LPGradient",
     "LinprogInfo",
     "LinprogResult",

@@ -299,7 +299,8 @@ def linprog(c: Any, A_ub: Any = None, b_ub: Any = None, A_eq: Any = None, b_eq: 
             ``n`` pairs, ``None`` for free variables, or a pair of tensors ``(l, u)``.
         x0, y0: Warm start: primal ``(*batch, n)`` and dual ``(*batch, m_eq + m_ub)`` in the
             internal sign convention (``y = [eqlin, −ineqlin]``).
-        solver: A :class:`PDHG` config (default ``PDHG()``: ``rtol=1e-8``).
+        solver: A :class:`PDHG` config (default ``PDHG()``: ``rtol=1e-8``) or its
+            prediction–correction variant :class:`~optlayers.solvers.lp.AdaptivePDHG`.
         gradient: An :class:`LPGradient` (default: exact LP gradient, ``gamma=0``).
         callback: Called at every check with ``(iteration, residual)``.
         throw: Raise :class:`~optlayers.ConvergenceError` when an element fails (including
@@ -325,7 +326,8 @@ def linprog(c: Any, A_ub: Any = None, b_ub: Any = None, A_eq: Any = None, b_eq: 
         -2.0
     """
     data = prepare_lp(c, A_ub, b_ub, A_eq, b_eq, bounds)
-    return _solve(data, solver or PDHG(), gradient or LPGradient(), x0, y0, callback, "linprog(PDHG)", throw)
+    solver = solver or PDHG()
+    return _solve(data, solver, gradient or LPGradient(), x0, y0, callback, f"linprog({type(solver).__name__})", throw)
 
 
 def diag_qp(q: Any, c: Any, A_ub: Any = None, b_ub: Any = None, A_eq: Any = None, b_eq: Any = None,
@@ -352,4 +354,5 @@ def diag_qp(q: Any, c: Any, A_ub: Any = None, b_ub: Any = None, A_eq: Any = None
     data = prepare_lp(c, A_ub, b_ub, A_eq, b_eq, bounds, q=q)
     if bool((data.q < 0).any()):
         raise ValueError("q must be >= 0 (a convex diagonal quadratic term)")
-    return _solve(data, solver or PDHG(), gradient or LPGradient(), x0, y0, callback, "diag_qp(PDHG)", throw)
+    solver = solver or PDHG()
+    return _solve(data, solver, gradient or LPGradient(), x0, y0, callback, f"diag_qp({type(solver).__name__})", throw)

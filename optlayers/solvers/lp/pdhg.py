@@ -140,6 +140,10 @@ class PDHG:
         if not isinstance(self.polish_max_iter, int) or self.polish_max_iter < 1:
             raise ValueError(f"polish_max_iter must be a positive int, got {self.polish_max_iter!r}")
 
+    def _prediction_correction(self) -> tuple[float, float] | None:
+        """``(ν, α)`` of the prediction–correction variant; ``None`` for PDHG itself."""
+        return None
+
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
@@ -249,10 +253,18 @@ def run_pdhg(data: LPData, cfg: PDHG, x0: Tensor | None = None, y0: Tensor | Non
 def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor, *, mode: str,
           callback: Callable[[int, Tensor], None] | None, finite_in: Tensor,
           max_iter: int | None = None, feas_tol: Tensor | None = None) -> PDHGState:
+    """The iteration shared by :class:`PDHG` and the prediction–correction variant.
+
+    Per iteration only the step itself runs (a handful of fused tensor ops and two or three
+    products with ``K``); termination, restarts, the ``K``-products of the average and the
+    infeasibility tests run every ``check_every`` iterations. On the CPU one host read per
+    iteration (did every element accept its step?) selects a branch without ``torch.where``.
+    """
     K = sc.K
     B = x.shape[0]
     dtype = x.dtype
     max_iter = cfg.max_iter if max_iter is None else max_iter
+    pc = cfg._prediction_correction()
     c, q, rhs, lo, hi = sc.c, sc.q, sc.rhs, sc.lower, sc.upper
     qpos = q.clamp_min(0)
     Kx, KTy = K.mv(x), K.rmv(y)
@@ -264,9 +276,17 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
         qpos = q
     bnorm, cnorm = _norm(orhs), _norm(oc)
     kmax = K.max_abs().to(dtype)
-    eta = (1.0 / kmax.clamp_min(1e-12)).expand(B).clone()
-    if cfg.step == "constant":
-        eta = 0.998 / _power_norm(K, B, x)
+    if pc is None:
+        eta = (1.0 / kmax.clamp_min(1e-12)).expand(B).clone()
+        if cfg.step == "constant":
+            eta = 0.998 / _power_norm(K, B, x)
+    else:
+        nu = pc[0]
+        if cfg.step == "constant":  # the classical (full-spectrum) step: τσ‖K̃‖² = ν
+            eta = math.sqrt(nu) / _power_norm(K, B, x)
+        else:  # the average spectrum: τσ · ‖K̃‖²_F / min(m, n) = ν
+            avg = K.fro2().to(dtype) / max(1, min(K.m, K.n))
+            eta = (math.sqrt(nu) / avg.clamp_min(1e-24).sqrt()).expand(B).clone()
     cn, bn = _norm(c), _norm(rhs)
     omega = torch.where((cn > 1e-10) & (bn > 1e-10), cn / bn.clamp_min(1e-300), torch.ones_like(cn))
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
@@ -277,8 +297,10 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
     converged = torch.zeros(B, dtype=torch.bool, device=x.device)
     # outputs (scaled)
     x_out, y_out = x.clone(), y.clone()
-    # averages
-    sx, sy, sKx, sKTy = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(Kx), torch.zeros_like(KTy)
+    # the point that is evaluated, averaged and returned: the iterate (PDHG) or the prediction (PC)
+    xe, ye, Kxe, KTye = x, y, Kx, KTy
+    # weighted sums of the evaluated points (their K-products are formed at checks)
+    sx, sy = torch.zeros_like(x), torch.zeros_like(y)
     sw = torch.zeros(B, dtype=dtype, device=x.device)
     # restart bookkeeping
     x_r, y_r = x.clone(), y.clone()
@@ -287,6 +309,7 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
     since = torch.zeros(B, dtype=dtype, device=x.device)
     total = torch.zeros(B, dtype=dtype, device=x.device)
     restarts = torch.zeros(B, dtype=torch.int64, device=x.device)
+    pending = 0  # accepted steps of the all-accepted fast path not yet added to the counters
     # windows for infeasibility detection
     x_c, y_c, Kx_c, KTy_c = x.clone(), y.clone(), Kx.clone(), KTy.clone()
     res_out = torch.full((B,), float("inf"), dtype=dtype, device=x.device)
@@ -298,66 +321,163 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
     ylow = torch.where(eq, torch.full_like(rhs[:1], float("-inf")), torch.zeros_like(rhs[:1]))
     cpu = x.device.type == "cpu"
     adaptive = cfg.step == "adaptive"
-    dx = dy = dKx = dKTy = None
+    rays: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
     upd = active
+    neg_c = -c
+    # one problem on the CPU: the step-size logic runs on Python floats (one host read per
+    # iteration, which the acceptance test needs anyway) instead of ~15 tiny tensor ops
+    scalar = B == 1 and cpu and adaptive and bool(active.all())
+    eta_f = float(eta[0]) if scalar else 0.0
+    omega_f = float(omega[0]) if scalar else 0.0
+    sw_f, acc_f = 0.0, 0
     for it in range(max_iter):
-        tau = (eta / omega).unsqueeze(-1)
-        sigma = (eta * omega).unsqueeze(-1)
-        xn = torch.addcmul(x, tau, KTy - c)
-        if has_q:
-            xn = xn / (1 + tau * qpos)
-        xn = torch.clamp(xn, lo, hi)
-        Kxn = K.mv(xn)
-        yn = torch.addcmul(y, sigma, torch.add(rhs + Kx, Kxn, alpha=-2.0))
-        yn = torch.maximum(yn, ylow)
-        KTyn = K.rmv(yn)
-        dx, dy, dKx = xn - x, yn - y, Kxn - Kx
-        dKTy = KTyn - KTy
-        if adaptive:
-            inter = torch.linalg.vecdot(dy, dKx).abs_()
-            move = 0.5 * (omega * torch.linalg.vecdot(dx, dx) + torch.linalg.vecdot(dy, dy) / omega)
-            limit = move / inter  # inf where inter = 0; NaN (a fixed point) counts as accepted
-            accept = ~(eta > limit)
-            kk = it + 2.0
-            eta_new = torch.fmin((1 - kk ** -0.3) * limit, (1 + kk ** -0.6) * eta)
-            upd = accept & active
-        all_upd = cpu and bool(upd.all())
-        if all_upd:
-            x, y, Kx, KTy = xn, yn, Kxn, KTyn
-            w = eta.unsqueeze(-1)
-            sw = sw + eta
-            if adaptive:
-                eta = eta_new
-            iters += 1
-            since += 1
-            total += 1
-        else:
-            u1 = upd.unsqueeze(-1)
-            w = torch.where(u1, eta.unsqueeze(-1), 0.0)
-            sw = sw + w.squeeze(-1)
-            x, y = torch.where(u1, xn, x), torch.where(u1, yn, y)
-            Kx, KTy = torch.where(u1, Kxn, Kx), torch.where(u1, KTyn, KTy)
-            if adaptive:
-                eta = torch.where(active, eta_new, eta)
-            iters = iters + active.to(torch.int64)
-            since = since + upd.to(dtype)
-            total = total + upd.to(dtype)
-        sx.addcmul_(w, xn)
-        sy.addcmul_(w, yn)
-        sKx.addcmul_(w, Kxn)
-        sKTy.addcmul_(w, KTyn)
         last = it == max_iter - 1
-        if not last and (check is None or (it + 1) % check != 0):
-            continue
+        is_check = last or (check is not None and (it + 1) % check == 0)
+        if scalar:
+            kk = it + 2.0
+            tau_f, sigma_f = eta_f / omega_f, eta_f * omega_f
+            xn = torch.add(x, KTy + neg_c, alpha=tau_f)
+            if has_q:
+                xn = xn / (1 + tau_f * qpos)
+            xn = torch.clamp(xn, lo, hi)
+            Kxn = K.mv(xn)
+            if pc is None:
+                dKx = Kxn - Kx
+                yn = torch.maximum(torch.add(y, (rhs - Kxn) - dKx, alpha=sigma_f), ylow)
+                KTyn = K.rmv(yn)
+                dx, dy = xn - x, yn - y
+                nx2, ny2, inter = torch.stack([torch.linalg.vecdot(dx, dx), torch.linalg.vecdot(dy, dy),
+                                               torch.linalg.vecdot(dy, dKx)]).view(-1).tolist()
+                move = 0.5 * (omega_f * nx2 + ny2 / omega_f)
+                inter = abs(inter)
+                limit = move / inter if inter > 0 else math.inf
+                if is_check:
+                    rays = (dx, dKx, dy, KTyn - KTy)
+            else:
+                yn = torch.maximum(torch.add(y, rhs - Kxn, alpha=sigma_f), ylow)
+                KTyn = K.rmv(yn)
+                dy, dKTy = yn - y, KTyn - KTy
+                ny2, nk2 = torch.stack([torch.linalg.vecdot(dy, dy), torch.linalg.vecdot(dKTy, dKTy)]).view(-1).tolist()
+                limit = math.sqrt(pc[0] * ny2 / nk2) if nk2 > 0 else math.inf
+                if is_check:
+                    rays = (xn - xe, Kxn - Kxe, dy, KTyn - KTye)
+            ok_step = not eta_f > limit
+            eta_next = min((1 - kk ** -0.3) * limit, (1 + kk ** -0.6) * eta_f)
+            if ok_step:
+                if pc is None:
+                    x, y, Kx, KTy = xn, yn, Kxn, KTyn
+                    xe, ye, Kxe, KTye = x, y, Kx, KTy
+                else:
+                    alpha = pc[1]
+                    xe, ye, Kxe, KTye = xn, yn, Kxn, KTyn
+                    if alpha == 1.0:
+                        x, y, KTy = torch.add(xn, dKTy, alpha=tau_f), yn, KTyn
+                    else:
+                        x = torch.add(torch.lerp(x, xn, alpha), dKTy, alpha=alpha * tau_f)
+                        y, KTy = torch.lerp(y, yn, alpha), torch.lerp(KTy, KTyn, alpha)
+                    Kx = K.mv(x)
+                sx.add_(xn, alpha=eta_f)
+                sy.add_(yn, alpha=eta_f)
+                sw_f += eta_f
+                acc_f += 1
+            pending += 1
+            eta_f = eta_next if math.isfinite(eta_next) else eta_f
+            if not is_check:
+                continue
+            eta = torch.full_like(eta, eta_f)
+            iters = iters + pending
+            since, total, sw = since + acc_f, total + acc_f, sw + sw_f
+            pending, acc_f, sw_f = 0, 0, 0.0
+        else:
+            tau = (eta / omega).unsqueeze(-1)
+            sigma = (eta * omega).unsqueeze(-1)
+            kk = it + 2.0
+            # prediction (PC) or the step (PDHG): x⁺ = Π_X((x − τ(c − Kᵀy)) / (1 + τq))
+            xn = torch.addcmul(x, tau, KTy + neg_c)
+            if has_q:
+                xn = xn / (1 + tau * qpos)
+            xn = torch.clamp(xn, lo, hi)
+            Kxn = K.mv(xn)
+            if pc is None:  # y⁺ = Π_Y(y + σ(b − K(2x⁺ − x)))
+                yn = torch.addcmul(y, sigma, torch.add(rhs + Kx, Kxn, alpha=-2.0))
+            else:  # Arrow–Hurwicz prediction: ỹ = Π_Y(y + σ(b − K x̃))
+                yn = torch.addcmul(y, sigma, rhs - Kxn)
+            yn = torch.maximum(yn, ylow)
+            KTyn = K.rmv(yn)
+            eta_new = eta
+            if pc is None:
+                if adaptive:
+                    dy, dKx, dx = yn - y, Kxn - Kx, xn - x
+                    inter = torch.linalg.vecdot(dy, dKx).abs_()
+                    move = 0.5 * (omega * torch.linalg.vecdot(dx, dx) + torch.linalg.vecdot(dy, dy) / omega)
+                    limit = move / inter  # inf where inter = 0; NaN (a fixed point) counts as accepted
+                    accept = ~(eta > limit)
+                    eta_new = torch.fmin((1 - kk ** -0.3) * limit, (1 + kk ** -0.6) * eta)
+                    upd = accept & active
+            else:
+                dy, dKTy = yn - y, KTyn - KTy
+                if adaptive:  # accept iff τσ‖Kᵀ(ỹ − y)‖² ≤ ν‖ỹ − y‖²  (the G-norm of the correction is positive)
+                    limit = torch.sqrt(nu * torch.linalg.vecdot(dy, dy) / torch.linalg.vecdot(dKTy, dKTy))
+                    accept = ~(eta > limit)
+                    eta_new = torch.fmin((1 - kk ** -0.3) * limit, (1 + kk ** -0.6) * eta)
+                    upd = accept & active
+            all_upd = cpu and bool(upd.all())
+            if pc is None:
+                if is_check:
+                    rays = (xn - x, Kxn - Kx, yn - y, KTyn - KTy)
+                nx, ny, nKx, nKTy = xn, yn, Kxn, KTyn
+                exn, eyn, eKxn, eKTyn = xn, yn, Kxn, KTyn
+            else:
+                if is_check:
+                    rays = (xn - xe, Kxn - Kxe, yn - ye, KTyn - KTye)
+                # correction: x⁺ = x + α(x̃ − x) + ατKᵀ(ỹ − y),  y⁺ = y + α(ỹ − y)
+                alpha = pc[1]
+                if alpha == 1.0:
+                    nx = torch.addcmul(xn, tau, dKTy)
+                    ny, nKTy = yn, KTyn
+                else:
+                    nx = torch.addcmul(torch.lerp(x, xn, alpha), tau, dKTy, value=alpha)
+                    ny, nKTy = torch.lerp(y, yn, alpha), torch.lerp(KTy, KTyn, alpha)
+                nKx = K.mv(nx)
+                exn, eyn, eKxn, eKTyn = xn, yn, Kxn, KTyn
+            if all_upd:
+                x, y, Kx, KTy = nx, ny, nKx, nKTy
+                xe, ye, Kxe, KTye = exn, eyn, eKxn, eKTyn
+                w = eta.unsqueeze(-1)
+                sw = sw + eta
+                eta = eta_new
+                pending += 1
+            else:
+                u1 = upd.unsqueeze(-1)
+                w = torch.where(u1, eta.unsqueeze(-1), 0.0)
+                sw = sw + w.squeeze(-1)
+                x, y = torch.where(u1, nx, x), torch.where(u1, ny, y)
+                Kx, KTy = torch.where(u1, nKx, Kx), torch.where(u1, nKTy, KTy)
+                if pc is None:
+                    xe, ye, Kxe, KTye = x, y, Kx, KTy
+                else:
+                    xe, ye = torch.where(u1, exn, xe), torch.where(u1, eyn, ye)
+                    Kxe, KTye = torch.where(u1, eKxn, Kxe), torch.where(u1, eKTyn, KTye)
+                eta = torch.where(active, eta_new, eta)
+                iters = iters + active.to(torch.int64)
+                since = since + upd.to(dtype)
+                total = total + upd.to(dtype)
+            sx.addcmul_(w, exn)
+            sy.addcmul_(w, eyn)
+            if not is_check:
+                continue
         # ---------------------------------------------------------------- checks
+        if pending:
+            iters, since, total = iters + pending, since + pending, total + pending
+            pending = 0
         has_avg = (sw > 0).unsqueeze(-1)
         swc = sw.clamp_min(1e-300).unsqueeze(-1)
-        xa = torch.where(has_avg, sx / swc, x)
-        ya = torch.where(has_avg, sy / swc, y)
-        Kxa = torch.where(has_avg, sKx / swc, Kx)
-        KTya = torch.where(has_avg, sKTy / swc, KTy)
+        xa = torch.where(has_avg, sx / swc, xe)
+        ya = torch.where(has_avg, sy / swc, ye)
+        Kxa = K.mv(xa)
+        KTya = K.rmv(ya)
         cand = []
-        for (xx, yy, kx, kty) in ((x, y, Kx, KTy), (xa, ya, Kxa, KTya)):
+        for (xx, yy, kx, kty) in ((xe, ye, Kxe, KTye), (xa, ya, Kxa, KTya)):
             rp, rd, po, do = kkt_parts(xx * sc.dc, yy * sc.dr, kx / sc.dr, kty / sc.dc, oc, oq, orhs, olo, ohi, eq)
             nrp, nrd, gap = _norm(rp), _norm(rd), (po - do).abs()
             if mode == "optimize":
@@ -379,11 +499,11 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
         use_avg = (ok_a & ~ok_c) | ((ok_a == ok_c) & (phi_a < phi_c) & has_avg.squeeze(-1))
         newly = active & (ok_c | ok_a)
         ua = use_avg.unsqueeze(-1)
-        bx, by = torch.where(ua, xa, x), torch.where(ua, ya, y)
+        bx, by = torch.where(ua, xa, xe), torch.where(ua, ya, ye)
         brel = torch.where(use_avg, rel_a, rel_c)
         # record the best point for every still-active element (final answer if max_iter hits)
-        nu = active.unsqueeze(-1)
-        x_out, y_out = torch.where(nu, bx, x_out), torch.where(nu, by, y_out)
+        nu1 = active.unsqueeze(-1)
+        x_out, y_out = torch.where(nu1, bx, x_out), torch.where(nu1, by, y_out)
         res_out = torch.where(active, brel, res_out)
         for i, name in enumerate(("nrp", "nrd", "gap", "po", "do")):
             v = torch.where(use_avg, st_a[i], st_c[i])
@@ -394,14 +514,16 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
         done_status = torch.where(nonfin, torch.full_like(done_status, int(Status.NONFINITE)), done_status)
         active = active & ~newly & ~nonfin
         if mode == "optimize" and not first_check:
-            assert dx is not None and dy is not None and dKx is not None and dKTy is not None
-            inf_p, inf_d = _infeasibility(sc, data, cfg, eq, [(dy, dKTy), (y - y_c, KTy - KTy_c)],
-                                          [(dx, dKx), (x - x_c, Kx - Kx_c)])
+            assert rays is not None
+            rdx, rdKx, rdy, rdKTy = rays
+            inf_p, inf_d = _infeasibility(sc, data, cfg, eq, [(rdy, rdKTy), (ye - y_c, KTye - KTy_c)],
+                                          [(rdx, rdKx), (xe - x_c, Kxe - Kx_c)])
             inf_p, inf_d = inf_p & active, inf_d & active & ~inf_p
             done_status = torch.where(inf_p, torch.full_like(done_status, int(Status.INFEASIBLE)), done_status)
             done_status = torch.where(inf_d, torch.full_like(done_status, int(Status.UNBOUNDED)), done_status)
             active = active & ~inf_p & ~inf_d
         first_check = False
+        rays = None
         if callback is not None:
             callback(it + 1, res_out)
         if check is not None and cfg.restart == "adaptive" and not last:
@@ -415,8 +537,8 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
                    (since >= cfg.beta_artificial * total)
             do_r = do_r & active
             pa = pick_avg.unsqueeze(-1)
-            rx, ry = torch.where(pa, xa, x), torch.where(pa, ya, y)
-            rKx, rKTy = torch.where(pa, Kxa, Kx), torch.where(pa, KTya, KTy)
+            rx, ry = torch.where(pa, xa, xe), torch.where(pa, ya, ye)
+            rKx, rKTy = torch.where(pa, Kxa, Kxe), torch.where(pa, KTya, KTye)
             if cfg.primal_weight_update:
                 ddx, ddy = _norm(rx - x_r), _norm(ry - y_r)
                 okw = do_r & (ddx > 1e-10) & (ddy > 1e-10)
@@ -427,20 +549,25 @@ def _loop(sc: _Scaled, data: LPData, cfg: PDHG, x: Tensor, y: Tensor, eq: Tensor
             r1 = do_r.unsqueeze(-1)
             x, y = torch.where(r1, rx, x), torch.where(r1, ry, y)
             Kx, KTy = torch.where(r1, rKx, Kx), torch.where(r1, rKTy, KTy)
+            xe, ye = torch.where(r1, rx, xe), torch.where(r1, ry, ye)
+            Kxe, KTye = torch.where(r1, rKx, Kxe), torch.where(r1, rKTy, KTye)
             x_r, y_r = torch.where(r1, rx, x_r), torch.where(r1, ry, y_r)
-            zero = torch.zeros_like
-            sx, sy = torch.where(r1, zero(sx), sx), torch.where(r1, zero(sy), sy)
-            sKx, sKTy = torch.where(r1, zero(sKx), sKx), torch.where(r1, zero(sKTy), sKTy)
-            sw = torch.where(do_r, zero(sw), sw)
-            since = torch.where(do_r, zero(since), since)
+            sx, sy = torch.where(r1, 0.0, sx), torch.where(r1, 0.0, sy)
+            sw = torch.where(do_r, 0.0, sw)
+            since = torch.where(do_r, 0.0, since)
             phi_last = torch.where(do_r, phi_cand, phi_last)
             phi_prev = torch.where(do_r, phi_cand, phi_prev)
             phi_prev = torch.where(~do_r & active, phi_cand, phi_prev)
             restarts = restarts + do_r.to(torch.int64)
-        x_c, y_c, Kx_c, KTy_c = x.clone(), y.clone(), Kx.clone(), KTy.clone()
+        x_c, y_c, Kx_c, KTy_c = xe.clone(), ye.clone(), Kxe.clone(), KTye.clone()
         if check is not None and not bool(active.any()):
             break
+        if scalar:
+            omega_f = float(omega[0])
+            scalar = bool(active.all())
 
+    if pending:
+        iters = iters + pending
     zeros = torch.zeros(B, dtype=dtype, device=x.device)
     return PDHGState(
         x=x_out * sc.dc, y=y_out * sc.dr, converged=converged, status=done_status, iterations=iters,
