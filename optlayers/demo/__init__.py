@@ -12,11 +12,18 @@ import importlib
 import time
 from pathlib import Path
 
+import torch
+
 __all__ = ["StageResult", "run_demo", "STAGES"]
 
 # stage name -> module (each module defines ``run(quick: bool, out: Path) -> StageResult``)
 STAGES: dict[str, str] = {
     "hypergradients": "optlayers.demo.hypergradients",
+    "qp": "optlayers.demo.qp",
+    "ot": "optlayers.demo.ot",
+    "dro": "optlayers.demo.dro",
+    "constrained": "optlayers.demo.constrained",
+    "physics": "optlayers.demo.physics",
 }
 
 
@@ -44,16 +51,15 @@ def run_demo(*, quick: bool = False, out: str = "optlayers-demo", stages: list[s
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []
-    for name in names:
-        print(f"\n=== stage: {name} ===", flush=True)
-        start = time.perf_counter()
-        try:
-            res = importlib.import_module(STAGES[name]).run(quick=quick, out=folder)
-        except Exception as err:  # noqa: BLE001 - a crashing stage is a failed check, reported as such
-            res = StageResult(name, "(crashed)", f"{type(err).__name__}: {err}", "stage ran to completion", False)
-        res.seconds = time.perf_counter() - start
-        results.append(res)
-        print(f"{'PASS' if res.passed else 'FAIL'}: {res.check}  ({res.seconds:.1f} s)", flush=True)
+    threads = torch.get_num_threads()
+    # every stage solves many small problems: intra-op threads only add overhead (and thrash a
+    # busy machine), so the tour runs on one thread and restores the setting afterwards
+    torch.set_num_threads(1)
+    try:
+        for name in names:
+            results.append(_run_stage(name, quick, folder))
+    finally:
+        torch.set_num_threads(threads)
     summary = _summary(results)
     print("\n" + summary)
     _write_report(folder, results, summary, quick)
@@ -63,6 +69,18 @@ def run_demo(*, quick: bool = False, out: str = "optlayers-demo", stages: list[s
         print(f"\nFAILED checks in stage(s): {', '.join(failed)}")
         return 1
     return 0
+
+
+def _run_stage(name: str, quick: bool, folder: Path) -> StageResult:
+    print(f"\n=== stage: {name} ===", flush=True)
+    start = time.perf_counter()
+    try:
+        res: StageResult = importlib.import_module(STAGES[name]).run(quick=quick, out=folder)
+    except Exception as err:  # noqa: BLE001 - a crashing stage is a failed check, reported as such
+        res = StageResult(name, "(crashed)", f"{type(err).__name__}: {err}", "stage ran to completion", False)
+    res.seconds = time.perf_counter() - start
+    print(f"{'PASS' if res.passed else 'FAIL'}: {res.check}  ({res.seconds:.1f} s)", flush=True)
+    return res
 
 
 def _summary(results: list[StageResult]) -> str:
