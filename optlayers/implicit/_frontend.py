@@ -131,8 +131,15 @@ def solve(*, name: str, z0: Any, params: Sequence[Any], batch_ndim: int,
     return out
 
 
-def _tol(solver: Any, dtype: torch.dtype) -> float | None:
-    """The solver's relative tolerance as resolved for ``dtype`` (for messages)."""
+def _tol(solver: Any, dtype: torch.dtype) -> float | str | None:
+    """The solver's stopping tolerance as resolved for ``dtype`` (for messages).
+
+    The generic solvers stop at ``residual ≤ atol + rtol · residual(z0)``: the message states
+    both parts, since a warm start near the solution makes the relative part tiny.
+    """
+    if hasattr(solver, "tolerances"):
+        rtol, atol = solver.tolerances(dtype)
+        return f"atol + rtol·r(z0) = {atol:.1e} + {rtol:.1e}·r(z0) (warm-started near a solution? raise atol)"
     rtol = getattr(solver, "rtol", None)
     if rtol is None and hasattr(solver, "rtol"):
         rtol = 1e-10 if dtype == torch.float64 else 1e-5

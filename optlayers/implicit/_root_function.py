@@ -209,8 +209,12 @@ class ImplicitRoot(torch.autograd.Function):
     def forward(spec: RootSpec, z0: torch.Tensor, *inputs: Any) -> tuple[torch.Tensor, ...]:
         result = spec.solve(z0, inputs)
         aux = tuple(result.aux) if isinstance(result.aux, tuple) else ()
-        z = result.solution
-        return (z, result.converged, result.iterations, result.residual, result.status, *aux)
+        outs = (result.solution, result.converged, result.iterations, result.residual, result.status, *aux)
+        # A solver may hand back an input unchanged (z0 already a solution, an aux that is a
+        # parameter): autograd cannot save an input returned as-is, so such outputs are copied.
+        given = [t for t in (z0, *inputs) if isinstance(t, torch.Tensor)]
+        return tuple(o.clone() if isinstance(o, torch.Tensor) and any(o is t for t in given) else o
+                     for o in outs)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:

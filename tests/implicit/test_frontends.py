@@ -237,3 +237,18 @@ def test_torch_compile_smoke():
     fn = torch.compile(lambda a: sqrt_root(a, solver=Newton()), backend="eager")
     a = torch.tensor(4.0, dtype=DT)
     torch.testing.assert_close(fn(a), torch.tensor(2.0, dtype=DT))
+
+
+def test_start_already_at_the_solution_returns_it_with_correct_gradients():
+    """A solver that returns z0 unchanged must not trip autograd (input returned as-is)."""
+    from optlayers.implicit import fixed_point, minimize, root_solve
+
+    a = torch.zeros(2, dtype=torch.float64)
+    z0 = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(fixed_point(lambda z, a: 0.5 * z + a, z0, a).solution, z0)
+    assert torch.equal(root_solve(lambda z, a: z - a, z0, a).solution, z0)
+    assert torch.equal(minimize(lambda z, a: ((z - a) ** 2).sum(), z0, a).solution, z0)
+    a = a.clone().requires_grad_()
+    z = fixed_point(lambda z, a: 0.5 * z + a, z0, a).solution  # z* = 2a
+    (g,) = torch.autograd.grad(z.sum(), a)
+    torch.testing.assert_close(g, torch.full_like(g, 2.0))
