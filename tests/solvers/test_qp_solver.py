@@ -181,6 +181,33 @@ def test_warm_start_and_no_sync_mode():
     assert bool(fixed.converged.all())
 
 
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_batch_compaction_matches_uncompacted_solves(check_every):
+    """Elements leave the working set as they finish (different iteration counts, an infeasible
+    element, shared and batched data, down to one element): every output row must equal the
+    solve of that element alone, and the callback must see full-batch residuals."""
+    Q, q, G, h = _infeasible_batch()  # element 2 infeasible
+    Qb, qb, Gb, hb, _, _ = random_qp(4, 3, 4, 0, seed=5)
+    q = q.clone()
+    q[3] = 40.0 * q[3]  # a badly scaled element needs more iterations than the others
+    Gs = torch.cat([G, Gb], 1)[0]  # shared G (no batch dimension) with batched h
+    hs = torch.cat([h, hb + 10.0], 1)
+    seen = []
+    cfg = InteriorPoint(check_every=check_every, callback=lambda it, r: seen.append(r.shape))
+    for data in ((Q, q, G, h), (Q[0], q, Gs, hs)):
+        res = solve_qp(*data, solver=cfg, throw=False)
+        assert len(set(res.iterations.tolist())) > 1  # elements finished at different iterations
+        assert set(seen) == {torch.Size([4])}
+        for i in range(4):
+            one = solve_qp(*(t[i] if t.dim() > (2 if t is data[0] or t is data[2] else 1) else t for t in data),
+                           solver=InteriorPoint(check_every=None, max_iter=int(res.iterations[i]) + 1), throw=False)
+            assert int(one.status) == int(res.status[i])
+            if int(res.status[i]) == 0:
+                torch.testing.assert_close(res.solution[i], one.solution, atol=1e-9, rtol=0)
+                torch.testing.assert_close(res.aux.ineq_dual[i], one.aux.ineq_dual, atol=1e-8, rtol=0)
+        assert res.status.tolist() == [0, 0, int(Status.INFEASIBLE), 0]
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="max_iter"):
         InteriorPoint(max_iter=0)

@@ -31,7 +31,6 @@ from ...implicit import ImplicitAdjoint, custom_root
 from ...solvers.qp._data import prepare_qp
 from ...solvers.qp.adjoint import KKTCache, KKTSolve, qp_optimality
 from ...solvers.qp.interior_point import InteriorPoint, QPAux, warm_start_tensors
-from ...solvers.qp.kkt import static_delta
 
 __all__ = ["qp", "QPLayer"]
 
@@ -100,14 +99,16 @@ def qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch
                A: torch.Tensor, b: torch.Tensor, *warm: torch.Tensor | None) -> Result:
         d = prepare_qp(Q, p, G, h, A, b)
         start = tuple(warm) if warm[0] is not None else None
-        raw = cfg._run(d, start)
+        kept: list = []
+        raw = cfg._run(d, start, factor_out=kept)
         # Checked here, on real tensors, so that throw=True also works under torch.func.vmap.
         raise_if_failed("qp (InteriorPoint)", raw, throw, tol=cfg.tolerance(d.Q.dtype), max_iter=cfg.max_iter)
         aux = raw.aux
         B = d.B
         valid = torch.isfinite(raw.solution).reshape(B, -1).all(-1)
-        cache.add(d.Q, d.A, d.G, aux.slack.reshape(B, m), aux.ineq_dual.reshape(B, m),
-                  static_delta(d.Q, d.A, d.G, B, cfg.regularization_for(d.Q.dtype)), valid)
+        H0, C, delta = kept[0]
+        cache.add(d.Q, d.A, d.G, aux.slack.reshape(B, m), aux.ineq_dual.reshape(B, m), delta, valid,
+                  H0=H0, C=C)
         return Result(solution=(raw.solution, aux.eq_dual, aux.ineq_dual), converged=raw.converged,
                       iterations=raw.iterations, residual=raw.residual, status=raw.status, aux=())
 

@@ -18,13 +18,22 @@ at a tiny complementarity ``μ``, so strictly these are the derivatives of the c
 
 :class:`KKTSolve` is the :class:`~optlayers.implicit.LinearSolver` that solves those systems
 with the batched factorization of the KKT matrix at the returned solution, computed once per
-:func:`~optlayers.layers.qp` call (on the first gradient request) and reused by every adjoint,
-tangent and second-order solve of that call: the regularized Cholesky form of :mod:`.kkt`, with
+:func:`~optlayers.layers.qp` call (on the first gradient request, from the constant part
+``Q + δI + AᵀA/δ`` and the stacked constraints the interior point already built) and reused by
+every adjoint, tangent and second-order solve of that call: the regularized Cholesky form of :mod:`.kkt`, with
 iterative refinement against the exact operator, and, for the elements it leaves above the
 tolerance, a batched LU of the symmetrically scaled full KKT matrix. A system that cannot be
 matched to the cached factorizations (an unusual nesting of ``torch.func`` transforms) goes to
 :class:`~optlayers.implicit.Dense`. The residual of every solve is checked, so a singular KKT
 matrix (a non-unique solution, a degenerate vertex) is reported, never hidden.
+
+The interior point's own last factorization is *not* reused as the solve's factor: it was made
+at the previous iterate, whose weights ``W = s/λ`` differ from the solution's by the last step's
+reduction of ``μ`` (about ×100), and rows with ``W`` near the regularization ``δ`` change the
+factor a lot (on the benchmark problems of ``benchmarks/bench_qp.py`` the spectral radius of
+``I − H_prev⁻¹ H`` was 0.14 at the median and up to ~96, so refinement with it needs many more
+steps or diverges). One ``Gᵀ D G`` product and Cholesky factorization at the solution, starting
+from the interior point's constant part, is cheaper than those extra refinement steps.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import torch
 from ..._result import Result, Status
 from ...implicit.linear_solvers import Dense, LinearOperator, LinearSolver
 from ...implicit.linear_solvers._base import finish
-from .kkt import KKTFactor, chol_solve, factor_kkt
+from .kkt import KKTFactor, factor_kkt, solve_regularized
 
 __all__ = ["qp_optimality", "KKTSolve", "KKTCache"]
 
@@ -84,6 +93,8 @@ class _Entry:
     w: torch.Tensor
     delta: torch.Tensor
     valid: torch.Tensor
+    H0: torch.Tensor | None = None
+    C: torch.Tensor | None = None
     factor: KKTFactor | None = None
     lu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -97,7 +108,8 @@ class _Entry:
 
     def cholesky(self) -> KKTFactor:
         if self.factor is None:
-            self.factor = factor_kkt(self.Q, self.A, self.G, self.w, self.delta)
+            self.factor = factor_kkt(self.Q, self.A, self.G, self.w, self.delta, H0=self.H0, C=self.C)
+            self.H0 = None  # no longer needed
         return self.factor
 
     def scaled_lu(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,21 +143,28 @@ class KKTCache:
         self.entries: list[_Entry] = []
 
     def add(self, Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, slack: torch.Tensor,
-            ineq_dual: torch.Tensor, delta: torch.Tensor, valid: torch.Tensor) -> None:
-        """Record one solve (flat tensors: ``(B|1, ...)`` data, ``(B, m)`` slack and dual)."""
+            ineq_dual: torch.Tensor, delta: torch.Tensor, valid: torch.Tensor, *,
+            H0: torch.Tensor | None = None, C: torch.Tensor | None = None) -> None:
+        """Record one solve (flat tensors: ``(B|1, ...)`` data, ``(B, m)`` slack and dual).
+
+        ``H0`` and ``C`` are the constant part of the reduced KKT matrix and the stacked
+        constraints ``[A; G]`` as the interior point computed them (:func:`.kkt.kkt_constant`,
+        :func:`.kkt.stack_constraints`), so the gradient's factorization only adds ``Gᵀ D G``
+        at the solution's weights to ``H0`` and factors the sum.
+        """
         tiny = torch.finfo(slack.dtype).tiny
         ok = valid.unsqueeze(-1) & torch.isfinite(slack) & torch.isfinite(ineq_dual)
         w = torch.where(ok, slack.clamp_min(tiny) / ineq_dual.clamp_min(tiny), torch.ones_like(slack))
-        self.entries.append(_Entry(Q=Q, A=A, G=G, w=w, delta=delta, valid=valid))
+        self.entries.append(_Entry(Q=Q, A=A, G=G, w=w, delta=delta, valid=valid, H0=H0, C=C))
 
 
 def _solve_cholesky(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
     """Regularized KKT solve of one entry for ``rhs (V, B, N)`` (V broadcasts)."""
     f = e.cholesky()
     n = e.sizes[0]
-    rx, rc = rhs[..., :n], rhs[..., n:]
-    dx = chol_solve(f.L, (rx + _mtv(f.C, f.d * rc)).unsqueeze(-1)).squeeze(-1)
-    return torch.cat([dx, f.d * (_mv(f.C, dx) - rc)], dim=-1)
+    r = rhs.expand(rhs.shape[0], e.B, rhs.shape[-1]).permute(1, 2, 0)  # (B, N, V): V right-hand sides
+    dx, dc = solve_regularized(f, r[:, :n], r[:, n:])
+    return torch.cat([dx, dc], dim=-2).permute(2, 0, 1)
 
 
 def _solve_lu(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:

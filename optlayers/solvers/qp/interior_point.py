@@ -26,7 +26,10 @@ When :math:`\tau > 0` at the limit, :math:`(x, \nu, \lambda, s)/\tau` solves the
 Both tests run per batch element every iteration, so an infeasible element is reported
 (``Status.INFEASIBLE`` / ``Status.UNBOUNDED``) without holding back the others. Each
 iteration makes **one** batched factorization of the KKT system (:mod:`.kkt`) and three
-batched solves (two for the predictor, one for the corrector).
+batched solves (two for the predictor, one for the corrector). With the convergence check on
+(``check_every``), finished elements leave the working set at each check (the batch is
+compacted), so the cost is proportional to the total number of element-iterations rather than
+to ``batch × slowest element``; the check is one host synchronisation per iteration.
 
 ``Q`` need only be positive semidefinite (LPs have ``Q = 0``): the factorization carries a
 small static regularization removed by iterative refinement, so a PSD ``Q`` with constraints
@@ -121,7 +124,6 @@ class InteriorPoint:
             and stop when every element is done; ``None`` runs exactly ``max_iter`` iterations
             without host synchronisation (elements still freeze once done).
         callback: Called as ``callback(iteration, residual)`` with the ``(B,)`` residuals.
-
     Example:
         >>> import torch
         >>> from optlayers.solvers import solve_qp
@@ -185,7 +187,22 @@ class InteriorPoint:
         with torch.no_grad():
             return self._run(data, init)
 
-    def _run(self, d: QPData, init: Result | torch.Tensor | tuple | None) -> Result[QPAux]:
+    def _run(self, d: QPData, init: Result | torch.Tensor | tuple | None,
+             factor_out: list | None = None) -> Result[QPAux]:
+        """The solve on flat-batched data (see :meth:`run`).
+
+        With host synchronisation on (``check_every`` not None) the batch is *compacted*: at each
+        convergence check the elements that are done leave the working set, so every later
+        factorization and solve runs on the unfinished elements only.
+
+        Args:
+            d: The data.
+            init: Warm start.
+            factor_out: When a list, ``(H0, C, delta)`` is appended: the constant part of the
+                reduced KKT matrix (:func:`.kkt.kkt_constant`), the stacked constraints and the
+                static regularization, which the gradient's factorization reuses
+                (:class:`.adjoint.KKTCache`).
+        """
         dtype, device = d.Q.dtype, d.Q.device
         Bn, n, k, m = d.B, d.n, d.n_eq, d.n_ineq
         rtol = self.tolerance(dtype)
@@ -210,10 +227,12 @@ class InteriorPoint:
         finite = finite_rows(Q) & finite_rows(p) & finite_rows(C) & finite_rows(bh)
         delta = static_delta(Q, d.A, d.G, Bn, self.regularization_for(dtype))  # (B, 1)
         H0 = kkt_constant(Q, d.A, delta)
+        A, G = d.A, d.G
+        Gt = G.transpose(-1, -2)
         norm_p = _amax(p).expand(Bn)
         norm_bh = _amax(bh).expand(Bn)
 
-        x, yc, s, tau, kappa = self._initial_point(Q, p, C, bh, d.A, d.G, k, Bn, delta, H0, init)
+        x, yc, s, tau, kappa = self._initial_point(Q, p, C, bh, A, G, k, Bn, delta, H0, init)
 
         done = ~finite
         status = torch.where(finite, torch.full((Bn,), int(Status.MAX_ITER), dtype=torch.int64, device=device),
@@ -221,19 +240,28 @@ class InteriorPoint:
         iterations = torch.zeros(Bn, dtype=torch.int64, device=device)
         residual = torch.full((Bn,), float("inf"), dtype=dtype, device=device)
         small_steps = torch.zeros(Bn, dtype=torch.int64, device=device)
-        zeros_k = torch.zeros(Bn, k, dtype=dtype, device=device)
+        # Full-batch copies of the state; the loop works on the rows `idx` (all rows until the
+        # first compaction) and writes rows back when they leave the working set.
+        full = {"x": x, "yc": yc, "s": s, "tau": tau, "kappa": kappa, "status": status,
+                "iterations": iterations, "residual": residual}
+        idx: torch.Tensor | None = None  # None: the working set is the whole batch
+        if factor_out is not None:
+            factor_out.append((H0, C, delta))
+        flushed = False
 
-        def pad(v: torch.Tensor) -> torch.Tensor:
-            """Inequality vector (B, m) -> stacked constraint vector (B, k+m) with zeros first."""
-            return torch.cat([zeros_k, v], -1) if k else v
+        def rows(t: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+            """Working rows of batched data (shared data, leading dimension 1, is kept)."""
+            return t if t.shape[0] == 1 else t[sel]
 
         for it in range(self.max_iter + 1):
+            Bw = x.shape[0]
             z = yc[:, k:]
             # ---- residuals of the embedding -------------------------------------------------
             Qx, Cty, Cx = bmv(Q, x), bmtv(C, yc), bmv(C, x)
             tc = tau.unsqueeze(-1)
             rx = Qx + Cty + p * tc
-            rc = Cx + pad(s) - bh * tc
+            rc = Cx - bh * tc
+            rc[:, k:] += s
             xQx = _dot(x, Qx)
             px, bhy = _dot(p, x), _dot(bh, yc)
             rtau = kappa + px + bhy + xQx / tau
@@ -272,23 +300,52 @@ class InteriorPoint:
             status = torch.where(now_done, new, status)
             done = done | now_done
             if self.callback is not None:
-                self.callback(it, residual)
-            if it == self.max_iter:
-                break
-            if self.check_every is not None and it % self.check_every == 0 and bool(done.all()):
+                self.callback(it, residual if idx is None else full["residual"].index_copy(0, idx, residual))
+            last = it == self.max_iter
+            if sync and (it % self.check_every == 0 or last):  # type: ignore[operator]
+                n_active = Bw - int(done.sum())  # the one host synchronisation of the iteration
+                if n_active < Bw or last:
+                    # Compaction: rows that are done leave the working set.
+                    leave = done if not last else torch.ones_like(done)
+                    sel = torch.nonzero(leave).squeeze(-1)
+                    gidx = sel if idx is None else idx[sel]
+                    for key, v in (("x", x), ("yc", yc), ("s", s), ("tau", tau), ("kappa", kappa),
+                                   ("status", status), ("iterations", iterations), ("residual", residual)):
+                        full[key] = full[key].index_copy(0, gidx, v[sel])
+                    if n_active == 0 or last:
+                        flushed = True
+                        break
+                    kp = torch.nonzero(~done).squeeze(-1)
+                    idx = kp if idx is None else idx[kp]
+                    x, yc, s, tau, kappa = x[kp], yc[kp], s[kp], tau[kp], kappa[kp]
+                    status, iterations, residual = status[kp], iterations[kp], residual[kp]
+                    small_steps, done = small_steps[kp], done[kp]
+                    c_batched = C.shape[0] != 1
+                    Q, p, C, bh = (rows(t, kp) for t in (Q, p, C, bh))
+                    if c_batched:  # A and G as views of the gathered C: no further copies
+                        A, G = C[:, :k], C[:, k:]
+                        Gt = G.transpose(-1, -2)
+                    delta, H0 = rows(delta, kp), rows(H0, kp)
+                    norm_p, norm_bh = norm_p[kp], norm_bh[kp]
+                    Bw = n_active
+                    z = yc[:, k:]
+                    Qx, Cty, Cx, rx, rc = Qx[kp], Cty[kp], Cx[kp], rx[kp], rc[kp]
+                    tc, xQx, t2, rtau = tc[kp], xQx[kp], t2[kp], rtau[kp]
+            elif last:
                 break
             active = ~done
             iterations = iterations + active.to(torch.int64)
 
             # ---- Newton step (Mehrotra predictor-corrector) ---------------------------------
             mu = (_dot(s, z) + tau * kappa) / (m + 1)
-            f = factor_kkt(Q, d.A, d.G, s / z, delta, retry=sync, H0=H0, C=C)
+            f = factor_kkt(Q, A, G, s / z, delta, retry=sync, H0=H0, C=C, Gt=Gt)
             c_x = p + (2.0 / tc) * Qx
             xiQxi = xQx / t2
             k_t = kappa / tau
             # Two right-hand sides in one solve: [-p; b; h] and the affine direction.
-            ux, uc = solve_kkt_c(f, torch.stack([-p.expand(Bn, n), -rx], -1),
-                                 torch.stack([bh.expand(Bn, k + m), -rc + pad(s)], -1), refine=self.refine)
+            rhs_c = torch.stack([bh.expand(Bw, k + m), -rc], -1)
+            rhs_c[:, k:, 1] += s
+            ux, uc = solve_kkt_c(f, torch.stack([-p.expand(Bw, n), -rx], -1), rhs_c, refine=self.refine)
             u1x, u1c = ux[..., 0], uc[..., 0]
             denom = _dot(c_x, u1x) + _dot(bh, u1c) - xiQxi - k_t
             denom = torch.where(denom < 0, denom, -torch.ones_like(denom))  # < 0 in exact arithmetic
@@ -313,8 +370,9 @@ class InteriorPoint:
             smu = sigma * mu
             d_s = d_s + smu.unsqueeze(-1) - dsa * dyca[:, k:]
             d_k = -tau * kappa + smu - dta * dka
-            cx, cc = solve_kkt_c(f, (-eta.unsqueeze(-1) * rx).unsqueeze(-1),
-                                 (-eta.unsqueeze(-1) * rc - pad(d_s / z)).unsqueeze(-1), refine=self.refine)
+            rc2 = -eta.unsqueeze(-1) * rc
+            rc2[:, k:] -= d_s / z
+            cx, cc = solve_kkt_c(f, (-eta.unsqueeze(-1) * rx).unsqueeze(-1), rc2.unsqueeze(-1), refine=self.refine)
             dx, dyc, ds, dt, dk = direction(cx[..., 0], cc[..., 0], eta, d_s, d_k)
             alpha = self.step_fraction * _max_step(cone, torch.cat([ds, dyc[:, k:], dt.unsqueeze(-1),
                                                                     dk.unsqueeze(-1)], -1))
@@ -333,6 +391,11 @@ class InteriorPoint:
                 tau = torch.where(ok_step, tau + alpha * dt, tau)
                 kappa = torch.where(ok_step, kappa + alpha * dk, kappa)
 
+        if not flushed:  # the loop ended without a final compaction (no host synchronisation)
+            full = {"x": x, "yc": yc, "s": s, "tau": tau, "kappa": kappa, "status": status,
+                    "iterations": iterations, "residual": residual}
+        x, yc, s, tau = full["x"], full["yc"], full["s"], full["tau"]
+        status, iterations, residual = full["status"], full["iterations"], full["residual"]
         converged = status == int(Status.SUCCESS)
         invalid = ((status == int(Status.INFEASIBLE)) | (status == int(Status.UNBOUNDED))
                    | (status == int(Status.NONFINITE)))
@@ -369,8 +432,8 @@ class InteriorPoint:
             if bool(torch.isfinite(x).all() & torch.isfinite(yc).all()):
                 return x, yc, s, one.clone(), one.clone()
         # Cold start: solve K(W = I) [x; y; z] = [-p; b; h], then shift (s, z) into the cone.
-        f = factor_kkt(Q, A, G, torch.ones(Bn, m, dtype=dtype, device=device), delta,
-                       retry=self.check_every is not None, H0=H0, C=C)
+        ones = torch.ones(Bn, m, dtype=dtype, device=device)
+        f = factor_kkt(Q, A, G, ones, delta, retry=self.check_every is not None, H0=H0, C=C)
         x, yc = solve_kkt_c(f, -p.expand(Bn, n).unsqueeze(-1), bh.expand(Bn, bh.shape[-1]).unsqueeze(-1),
                             refine=self.refine)
         x, yc = x[..., 0], yc[..., 0]

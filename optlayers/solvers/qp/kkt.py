@@ -154,7 +154,7 @@ def kkt_constant(Q: torch.Tensor, A: torch.Tensor, delta: torch.Tensor) -> torch
 
 def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tensor,
                delta: torch.Tensor, *, retry: bool = True, H0: torch.Tensor | None = None,
-               C: torch.Tensor | None = None) -> KKTFactor:
+               C: torch.Tensor | None = None, Gt: torch.Tensor | None = None) -> KKTFactor:
     """Factor the regularized KKT matrix for a batch.
 
     The regularized system replaces the zero block by ``-δ I`` and ``W`` by ``W + δ I`` and adds
@@ -171,6 +171,7 @@ def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tenso
         retry: Retry failed Cholesky factorizations with a larger ridge (a host sync).
         H0: The constant part ``Q + δ I + Aᵀ A / δ`` when precomputed (:func:`kkt_constant`).
         C: ``[A; G]`` when precomputed.
+        Gt: ``Gᵀ`` when precomputed (any layout).
 
     Returns:
         The :class:`KKTFactor`.
@@ -182,7 +183,13 @@ def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tenso
         H0 = kkt_constant(Q, A, delta)
     if C is None:
         C = stack_constraints(A, G)
-    H = H0 + (G.transpose(-1, -2) * dg.unsqueeze(-2)) @ G
+    if Gt is None:
+        Gt = G.transpose(-1, -2)
+    GtD = Gt * dg.unsqueeze(-2)  # (B, n, m)
+    if G.shape[0] == B and G.shape[-2]:
+        H = torch.baddbmm(H0, GtD, G)  # one fused batched GEMM: H0 + Gᵀ D G
+    else:
+        H = H0 + GtD @ G[0] if G.shape[0] == 1 else H0 + GtD @ G
     if H.shape[0] != B:
         H = H.expand(B, n, n)
     L, ok = _safe_cholesky(H, delta, retry)
