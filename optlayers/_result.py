@@ -20,7 +20,19 @@ __all__ = ["Result", "Status", "ConvergenceError", "AdjointSolveError", "raise_i
 class Status(enum.IntEnum):
     """Outcome of a solve, stored per batch element as an integer tensor.
 
-    Each member carries :attr:`hint`, an actionable sentence used in error messages.
+    For batch element ``b``, ``status_b = SUCCESS (0)`` exactly when ``converged_b`` holds, i.e. the
+    solver's stopping quantity met its tolerance, ``r_b ≤ tol_b``; otherwise the code says why not
+    (``MAX_ITER`` when ``k_b = max_iter``, ``NONFINITE`` when ``r_b ∉ ℝ``, ...). Each member carries
+    :attr:`hint`, an actionable sentence used in error messages.
+
+    Example:
+        >>> import torch
+        >>> from optlayers import Status
+        >>> codes = torch.tensor([0, 1, 2])
+        >>> [Status(int(c)).name for c in codes]
+        ['SUCCESS', 'MAX_ITER', 'NONFINITE']
+        >>> bool(codes[1] == Status.MAX_ITER), Status.SINGULAR.hint.split(";")[0]
+        (True, 'the linear system is singular')
     """
 
     SUCCESS = 0
@@ -59,8 +71,27 @@ _HINTS = {
 class ConvergenceError(RuntimeError):
     """A solve did not succeed and ``throw=True`` was in force.
 
+    Raised when ``∃ b: ¬converged_b`` (some batch element's stopping quantity stayed above its
+    tolerance, ``r_b > tol_b``). The message names the solver, the worst status, the worst residual
+    against the tolerance, the iterations against ``max_iter`` and the first failing batch indices,
+    followed by a hint on what to change. With ``throw=False`` nothing raises and the same
+    :class:`Result` is returned for the caller to inspect.
+
     Attributes:
         result: The :class:`Result` that failed, for inspection.
+
+    Example:
+        ``z² + 1 = 0`` has no real root, so Newton's method cannot converge:
+
+        >>> import torch
+        >>> from optlayers import ConvergenceError, Status, root_solve
+        >>> try:
+        ...     root_solve(lambda z: z ** 2 + 1, torch.tensor(1.0, dtype=torch.float64))
+        ... except ConvergenceError as err:
+        ...     print(str(err).split(";")[0])
+        ...     print(Status(int(err.result.status)).name, bool(err.result.converged))
+        root_solve(Newton) failed with status MAX_ITER
+        MAX_ITER False
     """
 
     def __init__(self, message: str, result: Result | None = None) -> None:
@@ -69,7 +100,31 @@ class ConvergenceError(RuntimeError):
 
 
 class AdjointSolveError(ConvergenceError):
-    """The linear system of an implicit gradient (the adjoint) could not be solved."""
+    """The linear system of an implicit gradient (the adjoint) could not be solved.
+
+    Backward through ``F(z*, θ) = 0`` solves ``(∂_z F)ᵀ u = ḡ``; this error is raised (in backward)
+    when that solve fails, typically because ``∂_z F`` is singular at ``z*`` or the linear solver
+    does not suit it. Adding a ridge (``(∂_z F)ᵀ + ρ I``), choosing ``Dense()``/``GMRES()``, or
+    checking that the forward solve converged usually fixes it. A subclass of
+    :class:`ConvergenceError`, so ``except ConvergenceError`` catches both.
+
+    Example:
+        The cube root ``z* = a^{1/3}`` solves ``z³ − a = 0``, whose Jacobian ``3 z²`` vanishes at
+        ``a = 0``:
+
+        >>> import torch
+        >>> from optlayers import AdjointSolveError, ConvergenceError
+        >>> from optlayers.implicit import CG, ImplicitAdjoint, custom_root
+        >>> @custom_root(lambda z, a: z ** 3 - a, adjoint=ImplicitAdjoint(linear_solver=CG()))
+        ... def cbrt(z0, a):
+        ...     return torch.sign(a) * a.abs() ** (1 / 3)
+        >>> a = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+        >>> try:
+        ...     cbrt(torch.ones((), dtype=torch.float64), a).backward()
+        ... except AdjointSolveError as err:
+        ...     print(isinstance(err, ConvergenceError), "BREAKDOWN" in str(err))
+        True True
+    """
 
 
 A = TypeVar("A")
@@ -87,6 +142,22 @@ class Result(Generic[A]):
             with its tolerance.
         status: int64 tensor of :class:`Status` codes, batch shape.
         aux: Solver-specific typed extras (duals, potentials, plans), or None.
+
+    For each batch element ``b``, ``converged_b ⇔ residual_b ≤ tol_b``, where ``residual_b`` is the
+    solver's stopping quantity (e.g. ``‖F(z_b, θ)‖₂`` for a root problem ``F = 0``) and ``tol_b``
+    its tolerance; :attr:`success` is ``⋀_b converged_b``. ``Result`` is a registered pytree, so it
+    passes through ``torch.func`` transforms.
+
+    Example:
+        >>> import torch
+        >>> from optlayers import Result, Status
+        >>> r = Result(solution=torch.zeros(2, 3), converged=torch.tensor([True, False]),
+        ...            iterations=torch.tensor([7, 50]), residual=torch.tensor([1e-9, 0.5]),
+        ...            status=torch.tensor([int(Status.SUCCESS), int(Status.MAX_ITER)]))
+        >>> r.success, r.solution.shape
+        (False, torch.Size([2, 3]))
+        >>> r.replace(converged=torch.tensor([True, True])).success
+        True
     """
 
     solution: Any
@@ -141,7 +212,7 @@ def register_aux(cls: type) -> type:
     return cls
 
 
-def failure_message(name: str, result: Result, *, tol: float | None = None,
+def failure_message(name: str, result: Result, *, tol: float | str | None = None,
                     max_iter: int | None = None) -> str:
     """Build the message of a :class:`ConvergenceError`.
 
@@ -162,7 +233,8 @@ def failure_message(name: str, result: Result, *, tol: float | None = None,
     worst_res = float(finite.max()) if finite.numel() else float("nan")
     iters = int(result.iterations.detach().max()) if result.iterations.numel() else 0
     parts = [f"{name} failed with status {worst.name}"]
-    parts.append(f"worst residual {worst_res:.3e}" + (f" vs tolerance {tol:.3e}" if tol is not None else ""))
+    shown_tol = "" if tol is None else f" vs tolerance {tol}" if isinstance(tol, str) else f" vs tolerance {tol:.3e}"
+    parts.append(f"worst residual {worst_res:.3e}{shown_tol}")
     parts.append(f"{iters} iterations" + (f" of max_iter={max_iter}" if max_iter is not None else ""))
     if conv.dim():
         rows = idx[:5].tolist()
@@ -172,9 +244,23 @@ def failure_message(name: str, result: Result, *, tol: float | None = None,
     return "; ".join(parts) + f". Hint: {worst.hint}"
 
 
-def raise_if_failed(name: str, result: Result, throw: bool, *, tol: float | None = None,
+def raise_if_failed(name: str, result: Result, throw: bool, *, tol: float | str | None = None,
                     max_iter: int | None = None, error: type[ConvergenceError] = ConvergenceError) -> Result:
-    """Raise ``error`` when ``throw`` and any element failed; return ``result`` otherwise."""
+    """Raise ``error`` when ``throw`` and any element failed; return ``result`` otherwise.
+
+    Raises when ``throw ∧ ∃ b: ¬converged_b``, with the message of :func:`failure_message`.
+
+    Example:
+        >>> import torch
+        >>> r = Result(torch.zeros(2), torch.tensor([True, False]), torch.tensor([3, 10]),
+        ...            torch.tensor([1e-9, 0.5]), torch.tensor([0, int(Status.MAX_ITER)]))
+        >>> raise_if_failed("demo", r, throw=False) is r
+        True
+        >>> raise_if_failed("demo", r, throw=True, tol=1e-6, max_iter=10)
+        Traceback (most recent call last):
+            ...
+        optlayers._result.ConvergenceError: demo failed with status MAX_ITER; worst residual 5.000e-01 vs ...
+    """
     if throw and not bool(torch.all(result.converged)):
         raise error(failure_message(name, result, tol=tol, max_iter=max_iter), result)
     return result

@@ -105,6 +105,15 @@ def projected_gradient_fp(f: Fn, projection: Fn, *, step: float = 1.0) -> Fn:
         f: Smooth objective ``f(z, *params)``.
         projection: ``projection(z, *params)`` onto the feasible set (differentiable a.e.).
         step: ``η``.
+
+    Example:
+        ``min ½‖z − a‖²`` over ``z ≥ 0`` is solved by ``z* = max(a, 0)``, where ``F`` vanishes:
+
+        >>> import torch
+        >>> F = projected_gradient_fp(lambda z, a: 0.5 * ((z - a) ** 2).sum(), lambda y, a: y.clamp_min(0))
+        >>> a = torch.tensor([1.0, -1.0])
+        >>> F(torch.tensor([1.0, 0.0]), a), F(torch.zeros(2), a)
+        (tensor([0., 0.]), tensor([1., 0.]))
     """
     _check_step(step)
 
@@ -165,6 +174,18 @@ def mirror_descent_fp(f: Fn, projection: Fn = _softmax_last, mapping: Fn = _log,
         projection: ``∇φ*`` composed with the Bregman projection, called as ``projection(y, *params)``.
         mapping: The mirror map ``∇φ``, called as ``mapping(z, *params)``.
         step: ``η``.
+
+    Example:
+        The entropy-regularized linear objective ``f(z) = Σ z log z − cᵀz`` has the simplex
+        minimizer ``z* = softmax(c)``:
+
+        >>> import torch
+        >>> F = mirror_descent_fp(lambda z, c: (z * torch.log(z)).sum() - (c * z).sum())
+        >>> c = torch.tensor([1.0, 2.0, 3.0])
+        >>> torch.allclose(F(torch.softmax(c, -1), c), torch.zeros(3), atol=1e-6)
+        True
+        >>> torch.allclose(F(torch.full((3,), 1 / 3), c), torch.zeros(3), atol=1e-6)
+        False
     """
     _check_step(step)
 

@@ -55,6 +55,27 @@ class LinearOperator:
         device: Device of the vectors.
         symmetric: True when ``A = Aᵀ`` (CG, MINRES and Cholesky then apply).
         positive_definite: True when ``A`` is symmetric positive definite.
+
+    The operator is the map ``v_i ↦ A_i v_i`` for ``i = 1, …, B``; ``T`` is ``v_i ↦ A_iᵀ v_i``,
+    ``with_ridge(ρ)`` is ``v_i ↦ (A_i + ρ I) v_i`` and ``materialize()`` returns the matrices
+    ``[A_i]_{jk} = (A_i e_k)_j``.
+
+    Example:
+        A matrix-free operator ``A v = 2 v + (1ᵀ v) 1`` (so ``A = 2 I + 1 1ᵀ``) and a dense one:
+
+        >>> import torch
+        >>> from optlayers.implicit.linear_solvers import LinearOperator
+        >>> op = LinearOperator(matvec=lambda v: 2 * v + v.sum(-1, keepdim=True), rmatvec=None,
+        ...                     batch=1, n=2, dtype=torch.float64, device=torch.device("cpu"),
+        ...                     symmetric=True, positive_definite=True)
+        >>> op.materialize()
+        tensor([[[3., 1.],
+                 [1., 3.]]], dtype=torch.float64)
+        >>> M = LinearOperator.from_dense(torch.tensor([[[2.0, 1.0], [0.0, 3.0]]], dtype=torch.float64))
+        >>> v = torch.ones(1, 2, dtype=torch.float64)
+        >>> M.matvec(v), M.T.matvec(v), M.with_ridge(1.0).matvec(v)
+        (tensor([[3., 3.]], dtype=torch.float64), tensor([[2., 4.]], dtype=torch.float64),
+         tensor([[4., 4.]], dtype=torch.float64))
     """
 
     matvec: Matvec
@@ -111,7 +132,25 @@ class LinearOperator:
 
 
 class LinearSolver(abc.ABC):
-    """Base class of the linear-solver configs (each a frozen dataclass)."""
+    r"""Base class of the linear-solver configs (each a frozen dataclass).
+
+    A config is called as ``solver(op, b, x0=None)`` and solves, for each batch element ``i``,
+
+    .. math:: (A_i + ρ I)\, x_i = b_i, \qquad ρ = \texttt{ridge},
+
+    returning a :class:`~optlayers.Result` whose ``solution`` is ``x`` ``(B, n)`` and whose
+    ``residual`` is the relative residual ``‖(A_i + ρ I) x_i − b_i‖ / ‖b_i‖``. Subclass it to plug a
+    custom solver into :class:`ImplicitAdjoint`.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.implicit.linear_solvers import CG, Dense, LinearOperator, LinearSolver
+        >>> isinstance(CG(), LinearSolver)
+        True
+        >>> op = LinearOperator.from_dense(torch.tensor([[[2.0, 1.0], [0.0, 3.0]]], dtype=torch.float64))
+        >>> Dense(ridge=1.0)(op, torch.ones(1, 2, dtype=torch.float64)).solution  # (A + I) x = 1
+        tensor([[0.2500, 0.2500]], dtype=torch.float64)
+    """
 
     ridge: float = 0.0
 

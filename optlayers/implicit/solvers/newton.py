@@ -44,7 +44,7 @@ class Newton(IterativeSolver):
     Example:
         >>> F = lambda z: z ** 3 - 8.0
         >>> res = Newton().run_root(F, torch.ones(2, 1, dtype=torch.float64))
-        >>> [round(v, 12) for v in res.solution.flatten().tolist()], res.status.tolist()
+        >>> [round(v, 8) for v in res.solution.flatten().tolist()], res.status.tolist()
         ([2.0, 2.0], [0, 0])
 
     References:

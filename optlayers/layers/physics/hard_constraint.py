@@ -60,6 +60,22 @@ class PhysicsReport:
             :class:`HardConstraintLayer`).
         interface_jump: ``(S,)`` largest ``|u_k − u_k'|`` between adjacent experts on their shared
             interface lines (0 for a single expert).
+
+    With ``φ_k`` the router's partition of unity, ``u = Σ_k φ_k u_k`` and ``u_k = Σₙ w*_{k,n} bₙ``;
+    ``interface_jump = max_{(k,k',p)} |u_k(p) − u_{k'}(p)|`` over the interface points ``p``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.physics import PhysicsConstrainedMoE, TileRouter
+        >>> from optlayers.solvers.pde import Heat
+        >>> pde = Heat(); grid = pde.grid(16, 8)
+        >>> moe = PhysicsConstrainedMoE(pde, grid, TileRouter((2, 1)), n_points=40)
+        >>> basis = torch.randn(2, 16, 8, 4, dtype=torch.float64)
+        >>> report = moe.solve(basis, torch.zeros(2, 16, dtype=torch.float64)).aux
+        >>> report.u.shape, report.expert_u.shape, report.stationarity.shape, report.interface_jump.shape
+        (torch.Size([2, 16, 8]), torch.Size([2, 2, 16, 8]), torch.Size([2, 2]), torch.Size([2]))
+        >>> torch.allclose(report.u, (moe.router.weights(grid) * report.expert_u).sum(1))
+        True
     """
 
     u: Tensor

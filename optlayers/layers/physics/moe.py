@@ -72,8 +72,15 @@ def _chunks(n: int, k: int) -> list[tuple[int, int]]:
 def expert_blocks(num_experts: int, world: int) -> list[tuple[int, int]]:
     """The contiguous block ``[lo, hi)`` of experts owned by each of ``world`` ranks.
 
+    With ``K = q·W + r`` (``0 ≤ r < W``), the first ``r`` ranks own ``q + 1`` experts and the others
+    ``q``, in rank order (like ``numpy.array_split``).
+
     Raises:
         ValueError: Fewer experts than ranks.
+
+    Example:
+        >>> expert_blocks(5, 2), expert_blocks(4, 4)
+        ([(0, 3), (3, 5)], [(0, 1), (1, 2), (2, 3), (3, 4)])
     """
     if num_experts < world:
         raise ValueError(f"expert parallelism needs at least one expert per rank: {num_experts} experts, "
@@ -90,6 +97,21 @@ class Interfaces:
         point: ``(I,)`` flat grid index ``i·nt + j`` (both grid lines next to the interface).
         axis: ``(I,)`` 2 for an ``x``-interface (derivative ``u_x``), 1 for a ``t``-interface (``u_t``).
         h: ``(I,)`` the grid step across the interface.
+
+    Each row ``ι`` compares experts ``a_ι`` and ``b_ι`` at grid point ``p_ι``: the continuity rows
+    are ``u_a(p_ι) − u_b(p_ι)`` and ``h_ι (∂u_a − ∂u_b)(p_ι)`` with ``∂ = ∂_x`` (``axis = 2``) or
+    ``∂_t`` (``axis = 1``), the indices of ``(u, u_t, u_x, u_xx)``.
+
+    Example:
+        Two tiles split ``x`` between ``i = 3`` and ``i = 4`` on a ``8 × 4`` grid: both grid lines,
+        four time points each.
+
+        >>> from optlayers.solvers.pde import Grid
+        >>> itf = TileRouter((2, 1)).interfaces(Grid(8, 4))
+        >>> itf.count, itf.a.unique().tolist(), itf.b.unique().tolist(), itf.axis.unique().tolist()
+        (8, [0], [1], [2])
+        >>> itf.point.tolist()  # i·nt + j for i in (3, 4), j in 0..3
+        [12, 13, 14, 15, 16, 17, 18, 19]
     """
 
     a: Tensor

@@ -87,6 +87,22 @@ class Collocation:
         left: ``(K, R)`` points on ``x = x_min`` (``i = 0``, ``j > 0``); ``left_mask`` ``(K, R)``.
         right: ``(K, R)`` points on ``x = x_max``; ``right_mask`` ``(K, R)``.
         nt: Number of time points of the grid (to recover ``i`` from a flat index).
+
+    A flat index ``p`` is the grid point ``(x_i, t_j)`` with ``i = ⌊p / nt⌋``, ``j = p mod nt``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Grid
+        >>> grid = Grid(6, 5)
+        >>> colloc = sample_collocation(grid, torch.ones(1, 6, 5, dtype=torch.bool), 8,
+        ...                             generator=torch.Generator().manual_seed(0))
+        >>> colloc.num_problems, colloc.pde.shape
+        (1, torch.Size([1, 8]))
+        >>> i, j = colloc.pde // grid.nt, colloc.pde % grid.nt
+        >>> bool(((i > 0) & (i < grid.nx - 1) & (j > 0)).all())  # interior points
+        True
+        >>> colloc.ic.tolist(), colloc.left.tolist(), colloc.right.tolist()  # j = 0; i = 0; i = nx − 1
+        ([[0, 5, 10, 15, 20, 25]], [[1, 2, 3, 4]], [[26, 27, 28, 29]])
     """
 
     pde: Tensor
@@ -138,6 +154,28 @@ def sample_collocation(grid: Grid, regions: Tensor, n_points: int, *, global_con
 
     Raises:
         ValueError: A region has fewer than ``n_points`` interior points.
+
+    Problem ``k`` gets ``n_points`` PDE points drawn uniformly without replacement from
+    ``Ω_k ∩ {0 < i < nx − 1, j > 0}`` (``Ω_k = regions[k]``), the initial points ``{j = 0}`` and the
+    boundary points ``{i = 0, j > 0}``, ``{i = nx − 1, j > 0}`` (within ``Ω_k``, or all of them with
+    ``global_conditions``).
+
+    Example:
+        Two tiles splitting space in half: each gets its own PDE points and the initial points in
+        its half; only the first touches the left boundary (the mask marks the other's as padding).
+
+        >>> import torch
+        >>> from optlayers.layers.physics import TileRouter
+        >>> from optlayers.solvers.pde import Grid
+        >>> grid = Grid(6, 5)
+        >>> regions = TileRouter((2, 1)).regions(grid)
+        >>> colloc = sample_collocation(grid, regions, 4, generator=torch.Generator().manual_seed(0))
+        >>> colloc.pde.shape, colloc.ic.tolist()
+        (torch.Size([2, 4]), [[0, 5, 10], [15, 20, 25]])
+        >>> colloc.left_mask.all(-1).tolist()
+        [True, False]
+        >>> sample_collocation(grid, regions, 4, global_conditions=True).ic.shape
+        torch.Size([2, 6])
     """
     if (not isinstance(regions, Tensor) or regions.dim() != 3 or tuple(regions.shape[1:]) != (grid.nx, grid.nt)
             or regions.dtype != torch.bool):
@@ -173,6 +211,10 @@ def sample_collocation(grid: Grid, regions: Tensor, n_points: int, *, global_con
 class ConstraintRows:
     """Basis values at the rows of a batch of problems (``*batch`` leading dimensions).
 
+    Row ``i`` of a PDE or boundary block is the matrix ``B_i ∈ ℝ^{4×N}`` of
+    ``[b, b_t, b_x, b_xx]`` at its point, so the fields of ``u = Σₙ wₙ bₙ`` there are ``B_i w``; an
+    initial row is ``b(x_j, 0) ∈ ℝ^N`` with target ``u₀(x_j)``.
+
     Attributes:
         pde: ``(*batch, P, 4, N)`` — ``[b, b_t, b_x, b_xx]`` at the PDE points.
         ic: ``(*batch, Q, N)`` — ``b`` at the initial points.
@@ -180,6 +222,20 @@ class ConstraintRows:
         left, right: ``(*batch, R, 4, N)`` — at the boundary points.
         pde_mask, ic_mask, left_mask, right_mask: Bool masks broadcastable to ``(*batch, rows)``;
             False rows are padding and are ignored.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Grid
+        >>> grid = Grid(6, 5)
+        >>> colloc = sample_collocation(grid, torch.ones(1, 6, 5, dtype=torch.bool), 8,
+        ...                             generator=torch.Generator().manual_seed(0))
+        >>> basis = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+        >>> rows = gather_rows(basis, torch.zeros(2, 6, dtype=torch.float64), colloc, grid)
+        >>> rows.batch_shape, rows.pde.shape, rows.ic.shape, rows.left.shape
+        ((2, 1), torch.Size([2, 1, 8, 4, 3]), torch.Size([2, 1, 6, 3]), torch.Size([2, 1, 4, 4, 3]))
+        >>> w = torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64)
+        >>> torch.allclose(rows.ic @ w, (basis @ w)[:, None, :, 0])  # u(x_j, 0) = b(x_j, 0)·w
+        True
     """
 
     pde: Tensor
@@ -216,6 +272,25 @@ def gather_rows(basis: Tensor, u0: Tensor, colloc: Collocation, grid: Grid) -> C
 
     Returns:
         :class:`ConstraintRows` with batch shape ``(S, K)`` (differentiable in ``basis`` and ``u0``).
+
+    Raises:
+        ValueError: Shapes of ``basis``, ``u0`` or ``colloc`` do not match ``grid``.
+
+    With ``D = basis_derivatives(basis, grid)``, ``rows.pde[s, k, i] = D[s, p_{k,i}]`` for the PDE
+    point ``p_{k,i}`` (likewise the boundary rows), ``rows.ic[s, k, j] = basis[s, p_{k,j}]`` and
+    ``rows.ic_target[s, k, j] = u0[s, ⌊p_{k,j} / nt⌋]``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Grid, basis_derivatives
+        >>> grid = Grid(6, 5)
+        >>> colloc = sample_collocation(grid, torch.ones(1, 6, 5, dtype=torch.bool), 8,
+        ...                             generator=torch.Generator().manual_seed(0))
+        >>> basis = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+        >>> rows = gather_rows(basis, torch.zeros(2, 6, dtype=torch.float64), colloc, grid)
+        >>> D = basis_derivatives(basis, grid).reshape(2, 30, 4, 3)
+        >>> torch.allclose(rows.pde[:, 0], D[:, colloc.pde[0]])
+        True
     """
     if basis.dim() != 4 or tuple(basis.shape[1:3]) != (grid.nx, grid.nt):
         raise ValueError(f"basis must be (S, {grid.nx}, {grid.nt}, N), got {tuple(basis.shape)}")
@@ -255,6 +330,28 @@ def collocation_residual(pde: PDE1D, rows: ConstraintRows, *, ridge: float = 1e-
 
     Returns:
         ``r(w (*batch, N), rows.tensors) -> (*batch, P + Q + 2R + N)``.
+
+    The blocks, in order: ``𝓕(B_i w)/√P`` (PDE), ``√(λ_ic/Q)(b_jᵀw − u₀(x_j))`` (initial),
+    ``√(λ_bc/R_b) 𝓑(B_l w)`` (the left rows, then the right rows) and ``ρw`` (ridge), where ``P``,
+    ``Q`` and ``R_b`` count the unmasked PDE, initial and (left plus right) boundary rows; padded
+    rows are zero.
+
+    Example:
+        >>> import math, torch
+        >>> from optlayers.solvers.pde import Fields, Grid, Heat
+        >>> grid = Grid(6, 5); pde = Heat()
+        >>> colloc = sample_collocation(grid, torch.ones(1, 6, 5, dtype=torch.bool), 8,
+        ...                             generator=torch.Generator().manual_seed(0))
+        >>> rows = gather_rows(torch.randn(2, 6, 5, 3, dtype=torch.float64),
+        ...                    torch.zeros(2, 6, dtype=torch.float64), colloc, grid)
+        >>> r = collocation_residual(pde, rows, ridge=1e-4)
+        >>> w = torch.ones(2, 1, 3, dtype=torch.float64)
+        >>> out = r(w, rows.tensors)
+        >>> out.shape  # P + Q + 2R + N = 8 + 6 + 2·4 + 3
+        torch.Size([2, 1, 25])
+        >>> fields = Fields(*(rows.pde @ w[..., None, :, None]).squeeze(-1).unbind(-1))
+        >>> torch.allclose(out[..., :8], pde.interior(fields) / math.sqrt(8)), torch.equal(out[..., -3:], 1e-4 * w)
+        (True, True)
     """
     sc = _Scales(rows, ic_weight, bc_weight)
 
@@ -292,6 +389,21 @@ class ConstraintReport:
         pde_rms: RMS of the (unscaled) PDE residual at the constrained points.
         ic_rms: RMS of ``u − u₀`` at the initial points (0 where a problem has none).
         bc_rms: RMS of the boundary residuals (0 where a problem has none).
+
+    An RMS is ``(Σ_{i ∈ rows} rᵢ² / #rows)^{1/2}`` over a problem's unmasked rows, for
+    ``u = Σₙ w*ₙ bₙ``; the inner solve is trustworthy when ``stationarity`` is far below 1.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Grid, Heat
+        >>> grid = Grid(6, 5)
+        >>> colloc = sample_collocation(grid, torch.ones(1, 6, 5, dtype=torch.bool), 8,
+        ...                             generator=torch.Generator().manual_seed(0))
+        >>> rows = gather_rows(torch.randn(2, 6, 5, 3, dtype=torch.float64),
+        ...                    torch.zeros(2, 6, dtype=torch.float64), colloc, grid)
+        >>> report = hard_constraint(Heat(), rows).aux
+        >>> report.pde_rms.shape, bool((report.stationarity < 1e-8).all())
+        (torch.Size([2, 1]), True)
     """
 
     stationarity: Tensor
@@ -338,7 +450,18 @@ def default_solver() -> LevenbergMarquardt:
     """The default inner solver: :class:`~optlayers.implicit.LevenbergMarquardt` with
     ``damping=1e-6`` (the normal equations are ill-conditioned, ``λ_min ≈ ρ²``, and the usual
     ``1e-3`` spends iterations shrinking the damping), ``max_iter=100``, ``rtol=1e-9`` (relative
-    stationarity ``‖Jᵀr‖ / ‖Jᵀr(w₀)‖``; float64 round-off stalls near 1e-10) and ``atol=1e-12``."""
+    stationarity ``‖Jᵀr‖ / ‖Jᵀr(w₀)‖``; float64 round-off stalls near 1e-10) and ``atol=1e-12``
+    (the solver's float64 default, ``atol=None``).
+
+    A problem stops when ``‖Jᵀr(w)‖ ≤ atol + rtol · ‖Jᵀr(w₀)‖`` (or ``‖r(w)‖ ≤ atol``); each step
+    solves ``(M + μI) h = −Jᵀr`` with the damping started at ``μ₀ = damping · maxᵢ Mᵢᵢ`` (see
+    :func:`hard_constraint`).
+
+    Example:
+        >>> s = default_solver()
+        >>> type(s).__name__, s.damping, s.max_iter, s.rtol
+        ('LevenbergMarquardt', 1e-06, 100, 1e-09)
+    """
     return LevenbergMarquardt(damping=1e-6, max_iter=100, rtol=1e-9)
 
 

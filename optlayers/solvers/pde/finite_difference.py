@@ -31,8 +31,9 @@ __all__ = ["Grid", "diff1", "diff2", "space_time_derivatives", "basis_derivative
 class Grid:
     """A uniform space–time grid ``x_i = x_min + i·dx`` (``i < nx``), ``t_j = t_min + j·dt`` (``j < nt``).
 
-    Fields on the grid are batch-first with space before time: ``(*batch, nx, nt)``; a basis of
-    ``N`` functions is ``(*batch, nx, nt, N)``.
+    The steps are ``dx = (x_max − x_min)/(nx − 1)`` and ``dt = (t_max − t_min)/(nt − 1)``; the point
+    ``(x_i, t_j)`` has the flat index ``i·nt + j``. Fields on the grid are batch-first with space
+    before time: ``(*batch, nx, nt)``; a basis of ``N`` functions is ``(*batch, nx, nt, N)``.
 
     Attributes:
         nx: Number of points in space (at least 4).
@@ -103,7 +104,13 @@ def _check(f: torch.Tensor, dim: int, need: int, what: str) -> int:
 
 
 def diff1(f: torch.Tensor, h: float, dim: int = -1) -> torch.Tensor:
-    """First derivative along ``dim`` (second order everywhere; see the module docstring).
+    r"""First derivative along ``dim`` (second order everywhere; see the module docstring).
+
+    .. math::
+        f'_i ≈ \frac{f_{i+1} − f_{i−1}}{2h}\ (0 < i < n − 1),\qquad
+        f'_0 ≈ \frac{−3f_0 + 4f_1 − f_2}{2h},\qquad f'_{n−1} ≈ \frac{3f_{n−1} − 4f_{n−2} + f_{n−3}}{2h},
+
+    with error ``O(h²)`` at every point (exact for polynomials of degree ≤ 2).
 
     Args:
         f: Samples on a uniform grid along ``dim`` (at least 3 points).
@@ -127,7 +134,13 @@ def diff1(f: torch.Tensor, h: float, dim: int = -1) -> torch.Tensor:
 
 
 def diff2(f: torch.Tensor, h: float, dim: int = -1) -> torch.Tensor:
-    """Second derivative along ``dim`` (second order everywhere; see the module docstring).
+    r"""Second derivative along ``dim`` (second order everywhere; see the module docstring).
+
+    .. math::
+        f''_i ≈ \frac{f_{i+1} − 2f_i + f_{i−1}}{h^2}\ (0 < i < n − 1),\qquad
+        f''_0 ≈ \frac{2f_0 − 5f_1 + 4f_2 − f_3}{h^2}
+
+    (mirrored at ``i = n − 1``), with error ``O(h²)`` at every point (exact for cubics).
 
     Args:
         f: Samples on a uniform grid along ``dim`` (at least 4 points).
@@ -154,6 +167,10 @@ def space_time_derivatives(u: torch.Tensor, grid: Grid, *, x_dim: int = -2,
                            t_dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(u, u_t, u_x, u_xx)`` of a field sampled on ``grid``.
 
+    That is ``(u, D_t u, D_x u, D_xx u)`` with ``D_t = diff1(·, dt)`` along time, ``D_x = diff1(·, dx)``
+    and ``D_xx = diff2(·, dx)`` along space: second-order accurate at every grid point, exact for
+    fields quadratic in ``x`` and in ``t``.
+
     Args:
         u: Field with its space axis at ``x_dim`` (``nx`` long) and time axis at ``t_dim`` (``nt``).
         grid: The grid.
@@ -161,6 +178,17 @@ def space_time_derivatives(u: torch.Tensor, grid: Grid, *, x_dim: int = -2,
 
     Returns:
         Four tensors shaped like ``u``.
+
+    Raises:
+        ValueError: ``u`` does not have ``nx`` points along ``x_dim`` and ``nt`` along ``t_dim``.
+
+    Example:
+        >>> import torch
+        >>> g = Grid(5, 4, t_max=3.0)
+        >>> X, T = g.mesh()
+        >>> u, u_t, u_x, u_xx = space_time_derivatives(X ** 2 * T, g)
+        >>> torch.allclose(u_t, X ** 2), torch.allclose(u_x, 2 * X * T), torch.allclose(u_xx, 2 * T)
+        (True, True, True)
     """
     if u.shape[x_dim] != grid.nx or u.shape[t_dim] != grid.nt:
         raise ValueError(f"field has {u.shape[x_dim]} x {u.shape[t_dim]} points along (x_dim, t_dim), "
@@ -171,6 +199,9 @@ def space_time_derivatives(u: torch.Tensor, grid: Grid, *, x_dim: int = -2,
 def basis_derivatives(basis: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Stack ``[b, b_t, b_x, b_xx]`` of ``N`` basis functions on ``grid``.
 
+    The operators are linear, so for ``u = Σₙ wₙ bₙ`` the result ``D`` gives every derivative of
+    ``u`` at once: ``(u, u_t, u_x, u_xx) = D · w`` (contracting the last axis).
+
     Args:
         basis: ``(*batch, nx, nt, N)``.
         grid: The grid.
@@ -180,8 +211,14 @@ def basis_derivatives(basis: torch.Tensor, grid: Grid) -> torch.Tensor:
 
     Example:
         >>> g = Grid(8, 5)
-        >>> basis_derivatives(torch.randn(2, 8, 5, 3, dtype=torch.float64), g).shape
+        >>> b = torch.randn(2, 8, 5, 3, dtype=torch.float64)
+        >>> D = basis_derivatives(b, g)
+        >>> D.shape
         torch.Size([2, 8, 5, 4, 3])
+        >>> w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        >>> u_x = space_time_derivatives(b @ w, g)[2]
+        >>> torch.allclose(D[..., 2, :] @ w, u_x)
+        True
     """
     if basis.dim() < 3:
         raise ValueError(f"basis must be (*batch, nx, nt, N), got shape {tuple(basis.shape)}")
@@ -214,11 +251,32 @@ def stencils(idx: torch.Tensor, grid: Grid, dtype: torch.dtype = torch.float64
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices and weights of ``(u, u_t, u_x, u_xx)`` at the grid points ``idx`` (``i·nt + j``).
 
-    The stencils are those of :func:`diff1`/:func:`diff2` (second order, one-sided at the ends).
+    The stencils are those of :func:`diff1`/:func:`diff2` (second order, one-sided at the ends):
+    quantity ``q`` of ``(u, u_t, u_x, u_xx)`` at point ``p`` is
+    ``Σ_{s<4} weight[p, q, s] · u_flat[index[p, q, s]]``, where ``u_flat = u.reshape(-1)`` is the
+    field ``(nx, nt)`` flattened row-major.
+
+    Args:
+        idx: Flat point indices ``i·nt + j``, any shape.
+        grid: The grid.
+        dtype: dtype of the weights.
 
     Returns:
         ``(index, weight)``, each ``(*idx.shape, 4, 4)``: quantity × stencil entry (unused entries
         have weight 0).
+
+    Example:
+        ``u = x² + t`` at the point ``i = 0`` (the left edge: one-sided in ``x``), ``j = 2``:
+
+        >>> import torch
+        >>> g = Grid(5, 4)
+        >>> X, T = g.mesh()
+        >>> index, weight = stencils(torch.tensor([0 * g.nt + 2]), g)
+        >>> index.shape
+        torch.Size([1, 4, 4])
+        >>> values = ((X ** 2 + T).reshape(-1)[index] * weight).sum(-1)
+        >>> [round(v, 6) for v in values[0].tolist()]  # u, u_t, u_x, u_xx at (0, 2/3)
+        [0.666667, 1.0, 0.0, 2.0]
     """
     i, j = torch.div(idx, grid.nt, rounding_mode="floor"), idx % grid.nt
     zero_o = torch.zeros(*idx.shape, 4, dtype=torch.int64, device=idx.device)
@@ -234,8 +292,10 @@ def stencils(idx: torch.Tensor, grid: Grid, dtype: torch.dtype = torch.float64
 def point_derivatives(basis: torch.Tensor, grid: Grid, idx: torch.Tensor) -> torch.Tensor:
     """``[b, b_t, b_x, b_xx]`` of ``N`` basis functions at the grid points ``idx`` only.
 
-    Equal to ``basis_derivatives(basis, grid)`` gathered at ``idx`` but computed from the stencils of
-    those points, so memory and backward cost scale with the number of points, not the grid.
+    For each point ``p`` and quantity ``q``,
+    ``out[:, p, q] = Σ_s weight[p, q, s] · b[:, index[p, q, s]]`` with the :func:`stencils` of ``p``.
+    Equal to ``basis_derivatives(basis, grid)`` gathered at ``idx`` but computed from the stencils
+    of those points, so memory and backward cost scale with the number of points, not the grid.
 
     Args:
         basis: ``(S, nx, nt, N)``.

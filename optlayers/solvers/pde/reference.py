@@ -41,6 +41,17 @@ def heat_exact(pde: Heat, a: torch.Tensor, grid: Grid) -> torch.Tensor:
 
     Returns:
         ``(*batch, nx, nt)``.
+
+    Example:
+        One mode decays at the rate ``νπ²``:
+
+        >>> import math, torch
+        >>> from optlayers.solvers.pde import Heat
+        >>> pde = Heat(nu=0.1); grid = pde.grid(9, 5)
+        >>> u = heat_exact(pde, torch.tensor([1.0, 0.0], dtype=torch.float64), grid)
+        >>> x, t = grid.coords()
+        >>> u.shape, torch.allclose(u, torch.sin(math.pi * x)[:, None] * torch.exp(-0.1 * math.pi ** 2 * t))
+        (torch.Size([9, 5]), True)
     """
     x, t = grid.coords(a.dtype, a.device)
     k = torch.arange(1, a.shape[-1] + 1, dtype=a.dtype, device=a.device)
@@ -103,7 +114,13 @@ def _method_of_lines(pde: Burgers | DiffusionSorption, a: torch.Tensor, grid: Gr
 
 def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int = 513,
                       rtol: float = 1e-8) -> torch.Tensor:
-    """Finite-difference reference for :class:`Burgers` with ``u₀ = Σₖ aₖ sin(kπx)``.
+    r"""Finite-difference reference for :class:`Burgers` with ``u₀ = Σₖ aₖ sin(kπx)``.
+
+    Method of lines on ``nx_fine`` points (spacing ``h``) with ``u = 0`` at both ends,
+
+    .. math:: \frac{dv_i}{dt} = −\frac{v_{i+1}^2 − v_{i−1}^2}{4h} + ν\,\frac{v_{i+1} − 2v_i + v_{i−1}}{h^2},
+
+    integrated by BDF (SciPy) to ``rtol`` and interpolated linearly onto ``grid``.
 
     Args:
         pde: The problem.
@@ -117,6 +134,16 @@ def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int
 
     Raises:
         RuntimeError: The time integration failed.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Burgers
+        >>> pde = Burgers(); grid = pde.grid(9, 5)
+        >>> a = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+        >>> ref = burgers_reference(pde, a, grid, nx_fine=65)
+        >>> u0 = pde.initial_condition(a, grid.coords()[0])
+        >>> ref.shape, torch.equal(ref[:, :, 0], u0), float(ref[:, [0, -1]].abs().max()) < 1e-12
+        (torch.Size([1, 9, 5]), True, True)
     """
     def rhs(h: float) -> Callable[[float, np.ndarray], np.ndarray]:
         def f(_t: float, v: np.ndarray) -> np.ndarray:
@@ -134,10 +161,16 @@ def burgers_reference(pde: Burgers, a: torch.Tensor, grid: Grid, *, nx_fine: int
 
 def diffusion_sorption_reference(pde: DiffusionSorption, a: torch.Tensor, grid: Grid, *,
                                  nx_fine: int = 513, rtol: float = 1e-8) -> torch.Tensor:
-    """Finite-difference reference for :class:`DiffusionSorption`.
+    r"""Finite-difference reference for :class:`DiffusionSorption`.
 
     Solves ``u_t = D u_xx / R(u)`` on the interior of a fine grid with ``u(0) = 1`` and the
-    Robin condition ``u_N = D (3u_N − 4u_{N−1} + u_{N−2}) / (2h)`` solved for ``u_N``.
+    Robin condition ``u_N = D (3u_N − 4u_{N−1} + u_{N−2}) / (2h)`` solved for ``u_N``:
+
+    .. math:: \frac{dv_i}{dt} = \frac{D}{R(v_i)}\,\frac{v_{i+1} − 2v_i + v_{i−1}}{h^2},\qquad
+              u_N = \frac{D\,(u_{N−2} − 4u_{N−1})}{2h − 3D},
+
+    with ``R`` the retardation factor of :meth:`DiffusionSorption.retardation`; BDF (SciPy) to
+    ``rtol``, then linear interpolation onto ``grid``.
 
     Args:
         pde: The problem.
@@ -151,6 +184,14 @@ def diffusion_sorption_reference(pde: DiffusionSorption, a: torch.Tensor, grid: 
 
     Raises:
         RuntimeError: The time integration failed.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import DiffusionSorption
+        >>> pde = DiffusionSorption(); grid = pde.grid(9, 5)
+        >>> ref = diffusion_sorption_reference(pde, torch.zeros(2, 3, dtype=torch.float64), grid, nx_fine=65)
+        >>> ref.shape, torch.equal(ref[:, 0], torch.ones(2, 5, dtype=torch.float64))  # u(0, t) = 1
+        (torch.Size([2, 9, 5]), True)
     """
     c = (1 - pde.porosity) / pde.porosity * pde.rho_s * pde.k_f * pde.n_f
 
@@ -177,10 +218,23 @@ def reference_solution(pde: PDE1D, a: torch.Tensor, grid: Grid, **kwargs: float 
     """The reference solution of ``pde`` for initial-condition coefficients ``a`` on ``grid``.
 
     Heat: exact; Burgers and diffusion–sorption: the finite-difference solvers above (``kwargs``
-    are passed to them).
+    are passed to them). In each case ``u_ref ≈ u`` with ``𝓕(u) = 0`` inside, the boundary
+    conditions on both ends and ``u(x, 0) = u₀(x; a)``.
 
     Raises:
         TypeError: No reference solver for this problem type.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.pde import Heat, PDE1D
+        >>> a = torch.tensor([[1.0, -0.5]], dtype=torch.float64)
+        >>> grid = Heat().grid(8, 6)
+        >>> torch.equal(reference_solution(Heat(), a, grid), heat_exact(Heat(), a, grid))
+        True
+        >>> reference_solution(PDE1D(), a, grid)
+        Traceback (most recent call last):
+            ...
+        TypeError: no reference solver for PDE1D; valid: Heat, Burgers, DiffusionSorption
     """
     if isinstance(pde, Heat):
         return heat_exact(pde, a, grid)
@@ -192,7 +246,16 @@ def reference_solution(pde: PDE1D, a: torch.Tensor, grid: Grid, **kwargs: float 
 
 
 def relative_l2_error(u: torch.Tensor, u_ref: torch.Tensor) -> torch.Tensor:
-    """``‖u − u_ref‖₂ / ‖u_ref‖₂`` per sample over the last two (grid) dimensions."""
+    """``‖u − u_ref‖₂ / ‖u_ref‖₂`` per sample over the last two (grid) dimensions.
+
+    Raises:
+        ValueError: ``u`` and ``u_ref`` differ in shape.
+
+    Example:
+        >>> import torch
+        >>> relative_l2_error(torch.full((2, 4, 4), 1.1), torch.ones(2, 4, 4))
+        tensor([0.1000, 0.1000])
+    """
     if u.shape != u_ref.shape:
         raise ValueError(f"shapes differ: {tuple(u.shape)} vs {tuple(u_ref.shape)}")
     num = torch.linalg.vector_norm(u - u_ref, dim=(-2, -1))

@@ -41,7 +41,23 @@ __all__ = ["Fields", "Partials", "PDE1D", "Heat", "Burgers", "DiffusionSorption"
 
 
 class Fields(NamedTuple):
-    """A field and its derivatives at some points: ``u, u_t, u_x, u_xx`` (same shapes)."""
+    """A field and its derivatives at some points: ``u, u_t, u_x, u_xx`` (same shapes).
+
+    The jet ``(u, ∂u/∂t, ∂u/∂x, ∂²u/∂x²)`` that every residual of a :class:`PDE1D` is written in,
+    e.g. ``𝓕 = u_t − ν u_xx`` for :class:`Heat`; build it from a gridded field with
+    :func:`~optlayers.solvers.pde.space_time_derivatives`.
+
+    Example:
+        The exact heat solution has a near-zero finite-difference residual inside the domain:
+
+        >>> import torch
+        >>> from optlayers.solvers.pde import Heat, heat_exact, space_time_derivatives
+        >>> pde = Heat(); grid = pde.grid(64, 64)
+        >>> u = heat_exact(pde, torch.tensor([[1.0, 0.5]], dtype=torch.float64), grid)
+        >>> f = Fields(*space_time_derivatives(u, grid))
+        >>> f.u_xx.shape, float(pde.interior(f)[..., 1:-1, 1:].abs().max()) < 2e-3
+        (torch.Size([1, 64, 64]), True)
+    """
 
     u: torch.Tensor
     u_t: torch.Tensor
@@ -53,6 +69,9 @@ def sample_coefficients(n: int, modes: int = 4, *, generator: torch.Generator | 
                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Draw initial-condition coefficients ``aₖ ~ U(-1, 1) / k`` for ``k = 1..modes``.
 
+    The ``1/k`` decay makes ``u₀ = Σₖ aₖ sin(kπx)`` smooth (``|aₖ| ≤ 1/k``), so that higher modes,
+    which the coarse grids resolve worst, carry less energy.
+
     Args:
         n: Number of initial conditions.
         modes: Number of coefficients per initial condition.
@@ -61,6 +80,15 @@ def sample_coefficients(n: int, modes: int = 4, *, generator: torch.Generator | 
 
     Returns:
         ``(n, modes)``.
+
+    Raises:
+        ValueError: ``n < 0`` or ``modes < 1``.
+
+    Example:
+        >>> import torch
+        >>> a = sample_coefficients(3, 4, generator=torch.Generator().manual_seed(0))
+        >>> a.shape, bool((a.abs() * torch.arange(1, 5) <= 1).all())
+        (torch.Size([3, 4]), True)
     """
     if n < 0 or modes < 1:
         raise ValueError(f"need n >= 0 and modes >= 1, got n={n}, modes={modes}")
@@ -74,10 +102,52 @@ def _sine_series(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 Partials = tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, torch.Tensor]]]
+"""``(𝓕, ∇𝓕, [(a, b, ∂²𝓕/∂f_a∂f_b)])``: an interior residual with its partial derivatives.
+
+``𝓕`` has the points' shape; ``∇𝓕`` stacks ``∂𝓕/∂(u, u_t, u_x, u_xx)`` on a last axis of 4; the
+list holds the second partials that are not identically zero, indexed ``a, b ∈ {0, 1, 2, 3}`` in
+the same order (see :meth:`PDE1D.interior_partials`)."""
 
 
 class PDE1D:
-    """Interface of a 1-D time-dependent problem (see the module docstring)."""
+    r"""Interface of a 1-D time-dependent problem (see the module docstring).
+
+    A problem on ``[x_min, x_max] × [0, t_max]`` is the set of residuals
+
+    .. math::
+        𝓕(u, u_t, u_x, u_{xx}) = 0 \text{ inside},\quad 𝓑_{left}(u, u_x) = 0 \text{ at } x_{min},
+        \quad 𝓑_{right}(u, u_x) = 0 \text{ at } x_{max},\quad u(x, 0) = u_0(x; a),
+
+    written by a subclass as ``interior``, ``left``, ``right`` and ``initial_condition``; each
+    takes :class:`Fields` and broadcasts over any leading dimensions. ``linear = True`` declares
+    ``𝓕`` linear in the fields; ``interior_partials`` may return the closed-form partials
+    (:data:`Partials`) to spare the solvers an autograd pass.
+
+    Example:
+        A decay equation ``u_t + κu = 0`` with ``u = 0`` at both ends and ``u₀ = a₁ sin(πx)``,
+        whose solution is ``a₁ sin(πx) e^{−κt}``:
+
+        >>> import dataclasses, math, torch
+        >>> from optlayers.solvers.pde import Fields, space_time_derivatives
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Decay(PDE1D):
+        ...     kappa: float = 2.0
+        ...     linear = True
+        ...     def interior(self, f):
+        ...         return f.u_t + self.kappa * f.u
+        ...     def left(self, f):
+        ...         return f.u
+        ...     def right(self, f):
+        ...         return f.u
+        ...     def initial_condition(self, a, x):
+        ...         return a[..., :1] * torch.sin(math.pi * x)
+        >>> pde = Decay(); grid = pde.grid(101, 101)
+        >>> x, t = grid.coords()
+        >>> u = pde.initial_condition(torch.ones(1, dtype=torch.float64), x)[:, None] * torch.exp(-pde.kappa * t)
+        >>> f = Fields(*space_time_derivatives(u, grid))
+        >>> float(pde.interior(f).abs().max()) < 1e-3, float(pde.right(f)[-1].abs().max()) < 1e-12
+        (True, True)
+    """
 
     #: True when the interior residual is linear in ``(u, u_t, u_x, u_xx)``.
     linear: bool = False
@@ -171,6 +241,22 @@ class Burgers(PDE1D):
     Attributes:
         nu: Viscosity ``ν`` (default 0.02).
         t_max: Final time (default 1).
+
+    Example:
+        ``u = x / (1 + t)`` solves ``u_t + u u_x = 0`` with ``u_xx = 0``, so its residual vanishes
+        (it does not meet the right boundary condition, ``u(1, t) ≠ 0``):
+
+        >>> import torch
+        >>> from optlayers.solvers.pde import Fields
+        >>> x = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
+        >>> t = torch.linspace(0, 1, 3, dtype=torch.float64)
+        >>> u = x / (1 + t)
+        >>> f = Fields(u, -x / (1 + t) ** 2, (1 / (1 + t)).expand_as(u), torch.zeros_like(u))
+        >>> pde = Burgers()
+        >>> torch.allclose(pde.interior(f), torch.zeros_like(u))
+        True
+        >>> torch.allclose(pde.interior_partials(f)[0], pde.interior(f))
+        True
     """
 
     nu: float = 0.02
