@@ -114,9 +114,11 @@ def maximize_dual(inner: Callable[[Tensor], Any], objective: Callable[[Any], Ten
     Example:
         >>> import torch
         >>> from optlayers.solvers.dual import maximize_dual, ProximalBundle
-        >>> p, w, cap = torch.tensor([3., 2., 1.]), torch.tensor([[2., 2., 1.]]), torch.tensor([2.])
-        >>> inner = lambda lam: (p - w.T @ lam > 0).double()       # max pᵀx − λᵀ(Wx − C), x ∈ {0,1}³
-        >>> res = maximize_dual(inner, lambda x: -(p.double() @ x), lambda x: w.double() @ x - cap,
+        >>> f64 = torch.float64
+        >>> p, w = torch.tensor([3., 2., 1.], dtype=f64), torch.tensor([[2., 2., 1.]], dtype=f64)
+        >>> cap = torch.tensor([2.], dtype=f64)
+        >>> inner = lambda lam: (p - w.T @ lam > 0).to(f64)       # max pᵀx − λᵀ(Wx − C), x ∈ {0,1}³
+        >>> res = maximize_dual(inner, lambda x: -(p @ x), lambda x: w @ x - cap,
         ...                     torch.zeros(1, dtype=torch.float64), method=ProximalBundle())
         >>> round(float(res.aux.value), 6)   # = −(LP relaxation value 3.0)
         -3.0
