@@ -160,6 +160,24 @@ def test_linear_wasserstein_module_gradient() -> None:
 # --------------------------------------------------------------------------------------- Prospect
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_linear_wasserstein_gradient_at_zero_weights_is_finite(p: float) -> None:
+    # at w = 0 the dual norm is not differentiable; autograd must give a subgradient, not NaN
+    # (a fit started from zero weights otherwise turns into NaN at the first step)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.where(torch.rand(30, generator=g) < 0.5, -1.0, 1.0).double()
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    risk = wasserstein_linear_risk(w, b, x, y, 0.1, p=p)
+    risk.backward()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(b.grad)
+    assert math.isclose(float(risk), math.log(2.0), rel_tol=1e-15)
+    # the smooth part's gradient is recovered exactly (the norm contributes the zero subgradient)
+    expected = -(y[:, None] * x).mean(0) * 0.5
+    torch.testing.assert_close(w.grad, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_prospect_converges_to_the_full_objective_minimiser() -> None:
     g = torch.Generator().manual_seed(3)
     n, d = 32, 3

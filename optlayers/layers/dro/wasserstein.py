@@ -178,12 +178,10 @@ def _margin_loss(name: str) -> Callable[[Tensor], Tensor]:
 
 
 def _dual_norm(w: Tensor, p: float) -> Tensor:
-    if p == 1:
-        return w.abs().amax(-1)
-    if p == math.inf:
-        return w.abs().sum(-1)
-    q = p / (p - 1.0)
-    return w.abs().pow(q).sum(-1).pow(1.0 / q)
+    r""":math:`\|w\|_q` with :math:`1/p + 1/q = 1`; its autograd subgradient at ``w = 0`` is 0 (not
+    NaN), so a fit may start from zero weights."""
+    q = math.inf if p == 1 else (1.0 if p == math.inf else p / (p - 1.0))
+    return torch.linalg.vector_norm(w, ord=q, dim=-1)
 
 
 def wasserstein_linear_risk(weight: Tensor, bias: Tensor | float, x: Tensor, y: Tensor, eps: float, *,

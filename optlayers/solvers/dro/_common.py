@@ -24,6 +24,7 @@ __all__ = [
     "argmax_uniform",
     "kl_to_uniform",
     "chi2_to_uniform",
+    "row_dot",
 ]
 
 
@@ -73,6 +74,11 @@ def chi2_to_uniform(p: Tensor) -> Tensor:
     """:math:`\\frac1n\\sum_i (n p_i - 1)^2` over the last dimension."""
     n = p.shape[-1]
     return ((n * p - 1.0) ** 2).sum(-1) / n
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of two ``(B, n)`` tensors in one pass (a batched matrix product)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
 
 
 def argmax_uniform(L: Tensor) -> Tensor:
@@ -129,40 +135,63 @@ def newton_bisect(
     feasible: str | None = None,
     xtol: float = 4e-16,
     active: Tensor | None = None,
+    jump: float = 1.0,
+    xmin: float = -math.inf,
+    xmax: float = math.inf,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Safeguarded Newton–bisection for a batch of increasing scalar functions.
 
-    Finds the root of ``f`` (``fn(x) -> (f, df)``, elementwise over ``(B,)``) bracketed by
-    ``f(lo) <= 0 <= f(hi)``. A Newton step that leaves the open bracket, has a non-positive
-    derivative, or fails to halve the bracket in two steps is replaced by bisection, so each
-    element converges at least linearly.
+    The one 1-D root-finder of the DRO solvers (KL ball, Cressie–Read, holistic robustness,
+    smoothed CVaR). Finds the root of ``f`` (``fn(x) -> (f, df)``, elementwise over ``(B,)``)
+    with ``f(lo) <= 0 <= f(hi)``. An end of the bracket may be infinite (not yet known): the
+    search then *expands* towards it by Newton steps capped at a length that doubles after every
+    capped step (starting at ``jump``), so bracketing and refining share every function
+    evaluation. Once both ends are finite, a Newton step that leaves the open bracket, has a
+    non-positive derivative, or fails to halve the bracket in two steps is replaced by bisection,
+    so each element converges at least linearly.
 
     With ``feasible="hi"`` (``"lo"``) only points with ``f >= 0`` (``f <= 0``) count as solutions:
     an element stops when such a point has ``|f| <= tol``, and Newton steps taken from the other
     side overshoot slightly so the iterates cross over (Newton on a convex function otherwise
-    approaches from one side only). With ``feasible=None`` any ``|f| <= tol`` stops. An element
-    also stops when its bracket is narrower than ``xtol * (1 + |x|)`` (machine precision).
+    approaches from one side only); Newton then aims at ``f = +-tol/2``, inside the acceptance band.
+    With ``feasible=None`` any ``|f| <= tol`` stops. An element
+    also stops when its bracket is narrower than ``xtol * (1 + |x|)`` (machine precision), or when
+    it sits at an end of the domain ``[xmin, xmax]`` with the root beyond it and that end on the
+    feasible side (it is then the best representable point).
+
+    There is one host synchronisation per iteration (the all-done test).
 
     Args:
         fn: Increasing function and derivative.
-        lo, hi: Bracket ``(B,)``.
-        x0: Starting point inside the bracket.
+        lo, hi: Bracket ``(B,)``; ``-inf``/``+inf`` where unknown.
+        x0: Starting point (moved inside the bracket if outside).
         tol: Absolute tolerance on ``f``.
-        max_iter: Iteration limit.
+        max_iter: Limit on evaluations of ``fn`` in the loop.
         feasible: Which side of the root is feasible (``"hi"``, ``"lo"`` or None).
         xtol: Relative bracket-width tolerance.
         active: Optional bool mask of elements to solve (others are returned as converged).
+        jump: First cap on a step towards an unknown bracket end.
+        xmin, xmax: Domain of ``x``; iterates are clipped into it.
 
     Returns:
         ``(x, lo, hi, residual, converged, iterations)``; the bracket still satisfies
-        ``f(lo) <= 0 <= f(hi)`` and the feasible end is within ``tol`` when converged.
+        ``f(lo) <= 0 <= f(hi)`` and the feasible end is within ``tol`` when converged (an end
+        that was never reached stays infinite).
     """
-    x = torch.where((x0 > lo) & (x0 < hi), x0, 0.5 * (lo + hi))
+    inside = (x0 > lo) & (x0 < hi)
+    both = torch.isfinite(lo) & torch.isfinite(hi)
+    x = torch.where(inside, x0, torch.where(both, 0.5 * (lo + hi), torch.where(torch.isfinite(lo), lo + jump,
+                                                                               hi - jump)))
+    x = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).clamp(min=xmin, max=xmax)
     B = x.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=x.device) if active is None else ~active
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
     res = torch.zeros_like(x)
+    cap = torch.full_like(x, jump)
     width_prev = (hi - lo).abs()
+    # Newton aims at the middle of the acceptance band on the feasible side, so it lands there
+    # instead of creeping towards the root from the infeasible side
+    target = 0.5 * tol if feasible == "hi" else (-0.5 * tol if feasible == "lo" else 0.0)
     for _ in range(max_iter):
         if bool(done.all()):
             break
@@ -179,13 +208,30 @@ def newton_bisect(
             wrong = f > 0
         else:
             wrong = torch.zeros_like(done)
-        newly = ((f.abs() <= tol) & ~wrong) | (width <= xtol * (1.0 + x.abs()))
+        edge = torch.zeros_like(done)
+        if feasible != "lo":  # the root is below xmin and xmin is feasible
+            edge = edge | ((x <= xmin) & (f > 0))
+        if feasible != "hi":
+            edge = edge | ((x >= xmax) & (f < 0))
+        newly = ((f.abs() <= tol) & ~wrong) | (width <= xtol * (1.0 + x.abs())) | edge
         done = done | newly
-        delta = f / df
+        delta = (f - target) / df
         step = x - torch.where(wrong, 1.001 * delta, delta)
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        # the halving test starts when the bracket first closes
+        width_prev = torch.where(torch.isinf(width_prev) & finite, 2.0 * width, width_prev)
+        # bracketed: bisection whenever Newton misbehaves
         bad = ~torch.isfinite(step) | (df <= 0) | (step <= lo) | (step >= hi) | (width > 0.5 * width_prev)
         width_prev = torch.where(bad, width, width_prev)
         nxt = torch.where(bad, 0.5 * (lo + hi), step)
+        # not yet bracketed: a capped Newton step towards the unknown end (or a capped jump)
+        up = f < 0
+        ok = torch.isfinite(step) & (df > 0) & (step > lo) & (step < hi)
+        capped = ~ok | ((step - x).abs() > cap)
+        towards = torch.where(up, x + cap, x - cap)
+        ext = torch.where(capped, towards, step)
+        cap = torch.where(~finite & capped, 2.0 * cap, cap)
+        nxt = torch.where(finite, nxt, ext).clamp(min=xmin, max=xmax)
         x = torch.where(done, x, nxt)
     if not bool(done.all()):
         # one more evaluation so the residual and the bracket describe the returned point

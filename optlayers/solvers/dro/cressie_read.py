@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ...kernels import Backend
-from ._common import Solved, argmax_uniform, exact, newton_bisect
+from ._common import Solved, argmax_uniform, exact, newton_bisect, row_dot
 from .chi_square import solve_chi2_ball, solve_chi2_penalty
 
 __all__ = ["cressie_read_f", "cressie_read_divergence", "solve_cressie_read"]
@@ -62,70 +62,57 @@ def cressie_read_divergence(p: Tensor, k: float) -> Tensor:
     return cressie_read_f(n * p, k).mean(-1)
 
 
-def _cr_fprime(t: Tensor, k: float) -> Tensor:
-    return (t.clamp(min=0.0) ** (k - 1.0) - 1.0) / (k - 1.0)
+def _power_sums(t: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``t^beta`` and the power sums :math:`S_{\beta-1}, S_\beta, S_{\beta+1}` of ``t = (.)_+ in [0, 1]``
+    (entries with ``t = 0`` contribute nothing; one transcendental pass)."""
+    tb = t.pow(beta)
+    s_m = (tb / t.clamp(min=1e-300)).sum(1)
+    return tb, s_m, tb.sum(1), row_dot(tb, t)
 
 
-def _log_weights(Z: Tensor, x: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """``d = (Z - x)_+`` and ``beta log d`` (``-inf`` where ``d = 0``): weights in log space, so
-    large ``beta`` (``k`` near 1) neither overflows nor underflows."""
-    d = (Z - x[:, None]).clamp(min=0.0)
-    pos = d > 0
-    lw = torch.where(pos, beta * torch.log(torch.where(pos, d, torch.ones_like(d))), torch.full_like(d, -math.inf))
-    return d, lw
-
-
-def _p_over_d(p: Tensor, d: Tensor) -> Tensor:
-    return torch.where(d > 0, p / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(p))
+def _scaled(Z: Tensor, c: Tensor) -> Tensor:
+    """``t = (1 + c Z)_+`` row-wise: the weights' bases divided by their maximum."""
+    return torch.addcmul(torch.ones_like(Z[:, :1]), Z, c[:, None]).clamp_(min=0.0)
 
 
 def _solve_ball(Z: Tensor, rho: float, beta: float, k: float, tol: float, max_iter: int,
-                active: Tensor):
-    """``Z`` has max 0 and range 1 on active rows; unknown ``u`` with ``eta~ = -exp(u)``."""
+                active: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""``Z`` has max 0 and range 1 on active rows; unknown ``u`` with ``eta~ = -exp(u)``.
+
+    With :math:`t_i = (1 + Z_i e^{-u})_+` and :math:`S_\gamma = \sum_i t_i^\gamma`:
+    :math:`p = t^\beta/S_\beta`, :math:`D_k = (n^{k-1}S_{\beta+1}/S_\beta^k - 1)/(k(k-1))` and
+    :math:`\mathrm d\log(S_{\beta+1}/S_\beta^k)/\mathrm du = (\beta+1)(S_\beta/S_{\beta+1} -
+    S_{\beta-1}/S_\beta)`. The closed form of :math:`D_k` cancels for small divergences, so
+    when :math:`k(k-1)\rho < 10^{-3}` the divergence is evaluated term by term instead.
+    """
     B, n = Z.shape
     logrho = math.log(rho)
-
-    def div_and_grad(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        e = torch.exp(u)
-        d, lw = _log_weights(Z, -e, beta)
-        p = torch.softmax(lw, dim=1)
-        D = cressie_read_divergence(p, k)
-        r = _p_over_d(p, d)
-        dp = -beta * r + beta * p * r.sum(1, keepdim=True)  # d p / d eta~
-        dD = (_cr_fprime(n * p, k) * dp).sum(1)  # d D / d eta~
-        return D, dD * (-e), p
+    kk = k * (k - 1.0)
+    accurate = kk * rho < 1e-3
+    logscale = (k - 1.0) * math.log(n)
 
     def fn(u: Tensor) -> tuple[Tensor, Tensor]:
-        D, dDdu, _ = div_and_grad(u)
-        return logrho - torch.log(D), -dDdu / D
+        tb, s_m, s_0, s_1 = _power_sums(_scaled(Z, torch.exp(-u)), beta)
+        logr = torch.log(s_1) - k * torch.log(s_0)
+        scaled_r = torch.exp(logscale + logr)  # n^{k-1} R
+        dlogr = (beta + 1.0) * (s_0 / s_1 - s_m / s_0)
+        if accurate:
+            D = cressie_read_divergence(tb / s_0[:, None], k)
+        else:
+            D = (scaled_r - 1.0) / kk
+        return logrho - torch.log(D), -scaled_r * dlogr / (kk * D)
 
     var = Z.var(1, unbiased=False)
-    hi = 0.5 * torch.log(beta * beta * var / (2.0 * rho)).nan_to_num(0.0) + 1.0
-    step = 1.0
-    for _ in range(64):
-        f, _ = fn(hi)
-        need = active & (f < 0)
-        if not bool(need.any()):
-            break
-        step *= 2.0
-        hi = torch.where(need, hi + step, hi)
-    lo = hi - 1.0
-    step = 1.0
-    for _ in range(64):
-        f, _ = fn(lo)
-        need = active & (f > 0)
-        if not bool(need.any()):
-            break
-        step *= 2.0
-        lo = torch.where(need, lo - step, lo)
-    f_lo, _ = fn(lo)
-    stuck = active & (f_lo > 0)
-    hi = torch.where(stuck, lo, hi)
-    _, lo, hi, res, conv, iters = newton_bisect(fn, lo, hi, 0.5 * (lo + hi), tol=tol, max_iter=max_iter,
-                                                feasible="hi", active=active & ~stuck)
-    u = hi  # feasible side: D <= rho
-    _, _, p = div_and_grad(u)
-    return u, p, res, conv | stuck | ~active, iters
+    # small-radius asymptote D ~ beta^2 Var(Z) e^{-2u} / 2
+    u0 = 0.5 * torch.log(beta * beta * var / (2.0 * rho))
+    u0 = torch.where(torch.isfinite(u0), u0, torch.zeros_like(u0))
+    inf = torch.full_like(u0, math.inf)
+    _, lo, hi, res, conv, iters = newton_bisect(fn, -inf, inf, u0, tol=tol, max_iter=max_iter, feasible="hi",
+                                                active=active, xmin=-700.0, xmax=700.0)
+    u = torch.where(torch.isfinite(hi), hi, u0)  # feasible side: D <= rho
+    tb, _, s_0, _ = _power_sums(_scaled(Z, torch.exp(-u)), beta)
+    p = tb / s_0[:, None]
+    return u, p, s_0, res, conv | ~active, iters
 
 
 def solve_cressie_read(L: Tensor, k: float, *, rho: float | None, lam: float | None, tol: float,
@@ -153,9 +140,7 @@ def solve_cressie_read(L: Tensor, k: float, *, rho: float | None, lam: float | N
     Rs = torch.where(flat, torch.ones_like(R), R)
     Z = (L - lmax[:, None]) / Rs[:, None]
     if lam is not None:
-        x, res, conv, iters = _solve_penalty(Z, lam / Rs, beta, k, tol, max_iter)
-        _, lw = _log_weights(Z, x, beta)
-        p = torch.softmax(lw, dim=1)
+        x, p, res, conv, iters = _solve_penalty(Z, lam / Rs, beta, k, tol, max_iter)
         div = cressie_read_divergence(p, k)
         eta = lmax + Rs * x + lam / (k - 1.0)
         return Solved(p=p, penalty=lam * div, eta=eta, lam=torch.full_like(eta, lam), divergence=div,
@@ -169,13 +154,15 @@ def solve_cressie_read(L: Tensor, k: float, *, rho: float | None, lam: float | N
     if rho <= 0.0:
         p = torch.full_like(L, 1.0 / n)
         return exact(p, eta=L.mean(1), lam=torch.full_like(lmax, math.inf), divergence=torch.zeros_like(lmax))
-    u, p, res, conv, iters = _solve_ball(Z, rho, beta, k, tol, max_iter, ~inactive)
-    xt = -torch.exp(u)
-    _, lw = _log_weights(Z, xt, beta)
-    lam_s = (k - 1.0) * torch.exp((k - 1.0) * (torch.logsumexp(lw, dim=1) - math.log(n)))
+    u, p, s_0, res, conv, iters = _solve_ball(Z, rho, beta, k, tol, max_iter, ~inactive)
+    e = torch.exp(u)
+    xt = -e
+    # lambda = (k-1) (mean_i d_i^beta)^{k-1} with d = e t:  log mean d^beta = beta u + log(S_beta / n)
+    lam_s = (k - 1.0) * torch.exp((k - 1.0) * (beta * u + torch.log(s_0 / n)))
     lam_o = lam_s * Rs
     eta = lmax + Rs * xt + lam_o / (k - 1.0)
-    p = torch.where(inactive[:, None], argmax_uniform(L), p)
+    if bool(inactive.any()):
+        p = torch.where(inactive[:, None], argmax_uniform(L), p)
     eta = torch.where(inactive, lmax, eta)
     lam_o = torch.where(inactive, torch.zeros_like(lam_o), lam_o)
     res = torch.where(inactive, torch.zeros_like(res), res)
@@ -184,18 +171,21 @@ def solve_cressie_read(L: Tensor, k: float, *, rho: float | None, lam: float | N
                   iterations=iters, residual=res)
 
 
-def _solve_penalty(Z: Tensor, lam_s: Tensor, beta: float, k: float, tol: float, max_iter: int):
-    """Penalty root-find with a per-row (rescaled) :math:`\\lambda`."""
+def _solve_penalty(Z: Tensor, lam_s: Tensor, beta: float, k: float, tol: float,
+                   max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""Penalty root-find with a per-row (rescaled) :math:`\lambda`: the threshold
+    :math:`x < 0 = \max Z` solves :math:`\sum_i (Z_i - x)_+^\beta = n(\lambda/(k-1))^\beta`, written
+    with :math:`t_i = (1 - Z_i/x)_+` as :math:`\beta\log(-x) + \log S_\beta(t) = \log T`."""
     B, n = Z.shape
     logT = math.log(n) + beta * torch.log(lam_s / (k - 1.0))
 
     def fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        d, lw = _log_weights(Z, x, beta)
-        logS = torch.logsumexp(lw, dim=1)
-        p = torch.softmax(lw, dim=1)
-        return logT - logS, beta * _p_over_d(p, d).sum(1)
+        m = (-x).clamp(min=1e-300)
+        _, s_m, s_0, _ = _power_sums(_scaled(Z, 1.0 / m), beta)
+        return logT - beta * torch.log(m) - torch.log(s_0), beta * s_m / (m * s_0)
 
     lo = Z.amin(1) - lam_s / (k - 1.0)
     hi = Z.amax(1)
     x, lo, hi, res, conv, iters = newton_bisect(fn, lo, hi, 0.5 * (lo + hi), tol=tol, max_iter=max_iter)
-    return x, res, conv, iters
+    tb, _, s_0, _ = _power_sums(_scaled(Z, 1.0 / (-x).clamp(min=1e-300)), beta)
+    return x, tb / s_0[:, None], res, conv, iters

@@ -30,25 +30,47 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import Solved, argmax_uniform, exact, newton_bisect, tie_average
+from ._common import Solved, argmax_uniform, exact, newton_bisect, row_dot
 
 __all__ = ["holistic_poisoned_weights", "solve_holistic"]
 
 
 def holistic_poisoned_weights(L: Tensor, alpha: float) -> Tensor:
-    """The poisoned nominal weights ``q`` over the ``n`` losses (the extra atom carries ``alpha``)."""
+    """The poisoned nominal weights ``q`` over the ``n`` losses (the extra atom carries ``alpha``).
+
+    The mass :math:`\\alpha` is removed from the smallest losses, :math:`1/n` each; losses tied at
+    the boundary share the removal equally. A selection (``kthvalue``), not a sort: with
+    :math:`m = \\alpha n`, the :math:`\\lceil m\\rceil`-th smallest loss :math:`\\tau`, :math:`n_<`
+    losses below it and :math:`n_=` equal to it, the losses below lose everything and those equal
+    to :math:`\\tau` lose :math:`\\min(m - n_<, n_=)/(n\\,n_=)` each.
+    """
     B, n = L.shape
-    s, idx = torch.sort(L, dim=1, stable=True)
-    i = torch.arange(n, dtype=L.dtype, device=L.device)
-    removed = (alpha - i / n).clamp(min=0.0, max=1.0 / n)
-    qs = tie_average(s, (1.0 / n - removed).expand(B, n).contiguous())
-    return torch.empty_like(L).scatter_(1, idx, qs)
+    m = alpha * n
+    if m <= 0.0:
+        return torch.full_like(L, 1.0 / n)
+    if m >= n:
+        return torch.zeros_like(L)
+    j = min(max(math.ceil(m), 1), n)
+    tau = torch.kthvalue(L, j, dim=1).values[:, None]
+    below = L < tau
+    eq = L == tau
+    n_below = below.sum(1, keepdim=True).to(L.dtype)
+    n_eq = eq.sum(1, keepdim=True).to(L.dtype)
+    share = (m - n_below).clamp(min=0.0).minimum(n_eq) / (n * n_eq)
+    q = torch.where(eq, 1.0 / n - share, torch.full_like(L, 1.0 / n))
+    return torch.where(below, torch.zeros_like(L), q).clamp(min=0.0)
 
 
 def solve_holistic(L: Tensor, alpha: float, r: float, *, tol: float, max_iter: int) -> Solved:
     r"""HR weights. Duals: ``eta`` = :math:`\eta^\star`, ``lam`` = :math:`\lambda =
     e^{-r}\prod_i(\eta^\star-v_i)^{q_i}` (so :math:`p_i = \lambda q_i/(\eta^\star - v_i)`);
-    divergence :math:`\mathrm{KL}(q\|p)` over the ``n + 1`` atoms."""
+    divergence :math:`\mathrm{KL}(q\|p)` over the ``n + 1`` atoms.
+
+    The root-find works with :math:`y_i = \delta_i e^{-u}` (:math:`\delta_i = (v_{\max}-v_i)/R`):
+    :math:`g(u) = r - \sum_i q_i\log(1+y_i) - \log\sum_i q_i/(1+y_i)` and
+    :math:`g'(u) = (\sum_i q_i w_i^2 - h^2)/h` with :math:`w_i = 1/(1+y_i)`,
+    :math:`h = \sum_i q_i w_i` (the :math:`u` terms cancel exactly).
+    """
     B, n = L.shape
     q = holistic_poisoned_weights(L, alpha)
     pmax = argmax_uniform(L)
@@ -63,65 +85,39 @@ def solve_holistic(L: Tensor, alpha: float, r: float, *, tol: float, max_iter: i
     spread = torch.where(qmask, L, torch.full_like(L, math.inf)).amin(1)
     flat = (lmax - spread) <= 0
     Rs = torch.where(flat, torch.ones_like(R), R)
-    delta = (lmax[:, None] - L) / Rs[:, None]  # in [0, 1]
-    qa = torch.cat([q, torch.full_like(q[:, :1], alpha)], 1)
-    da = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)
-    logq = torch.where(qa > 0, torch.log(torch.where(qa > 0, qa, torch.ones_like(qa))), torch.full_like(qa, -math.inf))
+    delta = (lmax[:, None] - L) / Rs[:, None]  # in [0, 1]; the extra atom (delta = 0) is added by hand
 
-    def parts(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        gap = torch.exp(u)[:, None] + da  # eta - v_i, rescaled
-        lg = torch.log(gap)
-        G = (qa * lg).sum(1)  # log geometric mean
-        lH_terms = logq - lg
-        lH = torch.logsumexp(lH_terms, 1)
-        lK = torch.logsumexp(logq - 2.0 * lg, 1)
-        return G, lH, lK
+    def parts(u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        y = delta * torch.exp(-u)[:, None]
+        lg = torch.log(y + 1.0)
+        w = (y + 1.0).reciprocal_()
+        qw = q * w
+        G1 = row_dot(q, lg)  # sum_i q_i log(1 + y_i); the extra atom adds 0
+        h = qw.sum(1) + alpha
+        k2 = row_dot(qw, w) + alpha
+        return G1, h, k2, qw
 
     def fn(u: Tensor) -> tuple[Tensor, Tensor]:
-        G, lH, lK = parts(u)
-        g = r - G - lH  # increasing in u; >= 0 is the feasible side
-        # dg/du = e^u (K - H^2) / H = e^u (exp(lK - lH) - exp(lH))
-        dg = torch.exp(u) * (torch.exp(lK - lH) - torch.exp(lH))
-        return g, dg
+        G1, h, k2, _ = parts(u)
+        return r - G1 - torch.log(h), (k2 - h * h) / h  # increasing in u; >= 0 is the feasible side
 
     active = ~flat
-    var = (qa * da * da).sum(1) - (qa * da).sum(1) ** 2
-    hi = 0.5 * torch.log((var / (2.0 * r)).clamp(min=1e-300)) + 1.0
-    step = 1.0
-    for _ in range(64):
-        g, _ = fn(hi)
-        need = active & (g < 0)
-        if not bool(need.any()):
-            break
-        step *= 2.0
-        hi = torch.where(need, hi + step, hi)
-    lo = hi - 1.0
-    step = 1.0
-    for _ in range(64):
-        g, _ = fn(lo)
-        need = active & (g > 0)
-        if not bool(need.any()):
-            break
-        step *= 2.0
-        lo = torch.where(need, lo - step, lo)
-    g_lo, _ = fn(lo)
-    stuck = active & (g_lo > 0)
-    hi = torch.where(stuck, lo, hi)
-    _, lo, hi, res, conv, iters = newton_bisect(fn, lo, hi, 0.5 * (lo + hi), tol=tol, max_iter=max_iter, feasible="hi",
-                                                active=active & ~stuck)
-    u = hi
-    gap = torch.exp(u)[:, None] + da
-    wts = torch.where(qa > 0, qa / gap, torch.zeros_like(qa))
-    pa = wts / wts.sum(1, keepdim=True)
-    p = pa[:, :n] + pa[:, n:] * pmax
-    G, lH, _ = parts(u)
-    lam = Rs * torch.exp(G - r)
+    var = (q * delta * delta).sum(1) - (q * delta).sum(1) ** 2
+    u0 = 0.5 * torch.log((var / (2.0 * r)).clamp(min=1e-300))
+    inf = torch.full_like(u0, math.inf)
+    _, lo, hi, res, conv, iters = newton_bisect(fn, -inf, inf, u0, tol=tol, max_iter=max_iter, feasible="hi",
+                                                active=active, xmin=-700.0, xmax=700.0)
+    u = torch.where(torch.isfinite(hi), hi, u0)
+    G1, h, _, qw = parts(u)
+    p = qw / h[:, None] + (alpha / h)[:, None] * pmax
+    lam = Rs * torch.exp(u + G1 - r)
     eta = lmax + Rs * torch.exp(u)
-    kl = torch.where(qa > 0, qa * (logq - torch.log(pa.clamp(min=1e-300))), torch.zeros_like(qa)).sum(1)
+    # KL(q || p) over the n + 1 atoms: p_i / q_i = w_i / h (w = 1 on the extra atom)
+    kl = torch.log(h) + G1
     p = torch.where(flat[:, None], q + alpha * pmax, p)
     eta = torch.where(flat, torch.full_like(eta, math.inf), eta)
     lam = torch.where(flat, torch.zeros_like(lam), lam)
     kl = torch.where(flat, torch.zeros_like(kl), kl)
     res = torch.where(flat, torch.zeros_like(res), res)
     return Solved(p=p, penalty=torch.zeros_like(eta), eta=eta, lam=lam, divergence=kl,
-                  converged=conv | flat | stuck, iterations=iters, residual=res)
+                  converged=conv | flat, iterations=iters, residual=res)

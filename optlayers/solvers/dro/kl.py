@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import Solved, argmax_uniform, exact, kl_to_uniform, newton_bisect
+from ._common import Solved, argmax_uniform, exact, kl_to_uniform, newton_bisect, row_dot
 
 __all__ = ["solve_kl_penalty", "solve_kl_ball"]
 
@@ -57,46 +57,48 @@ def solve_kl_ball(L: Tensor, rho: float, *, tol: float, max_iter: int) -> Solved
     Z = (L - lmax[:, None]) / Rs[:, None]  # in [-1, 0], range 1 on active rows
     logrho = math.log(rho)
 
-    def kl_and_var(x: Tensor) -> tuple[Tensor, Tensor]:
-        s = Z / torch.exp(x)[:, None]
-        lp = torch.log_softmax(s, dim=1)
-        p = lp.exp()
-        kl = (p * lp).sum(1) + math.log(n)
-        sbar = (p * s).sum(1, keepdim=True)
-        var = (p * (s - sbar) ** 2).sum(1)
-        return kl.clamp(min=0.0), var
+    Zbar = Z.mean(1)
+
+    def tilt(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # s = Z / lambda - shift, w = e^s = 1 + em, p = w / sum(w).  For small 1/lambda the shift
+        # is the mean of Z / lambda, so em is small and KL = E_p[s] - log1p(mean(em)) keeps its
+        # relative accuracy for tiny radii; otherwise shift = 0 (s <= 0, no overflow).
+        c = torch.exp(-x)
+        shift = torch.where(c * Zbar.abs() <= 30.0, c * Zbar, torch.zeros_like(c))
+        s = torch.addcmul(-shift[:, None], Z, c[:, None])
+        em = torch.expm1(s)
+        A = em.mean(1)
+        ems = em * s
+        S0 = n * (1.0 + A)
+        m1 = (s.sum(1) + ems.sum(1)) / S0
+        kl = (m1 - torch.log1p(A)).clamp(min=0.0)
+        return em, S0, kl, ems, s, m1, shift
 
     def fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        kl, var = kl_and_var(x)
+        _, S0, kl, ems, s, m1, _ = tilt(x)
+        var = ((row_dot(s, s) + row_dot(ems, s)) / S0 - m1 * m1).clamp(min=0.0)
         return logrho - torch.log(kl), var / kl
 
-    hi = torch.full_like(R, -logrho)  # lambda = range / rho  =>  KL <= rho
-    lo = hi - 1.0
-    step = 1.0
-    for _ in range(64):  # expand the lower end until KL >= rho
-        f, _ = fn(lo)
-        need = active & (f > 0)
-        if not bool(need.any()):
-            break
-        step *= 2.0
-        lo = torch.where(need, lo - step, lo)
-    f_lo, _ = fn(lo)
-    stuck = active & (f_lo > 0)  # KL -> its max only as lambda -> 0: take the smallest lambda tried
-    hi = torch.where(stuck, lo, hi)
+    # lambda = range / rho gives KL <= rho (exact upper end); the lower end is found by the
+    # root-finder's expansion. Start from the small-radius asymptote KL ~ Var(Z) / (2 lambda^2).
+    hi = torch.full_like(R, -logrho)
+    lo = torch.full_like(R, -math.inf)
     var_u = Z.var(1, unbiased=False)
     x0 = 0.5 * torch.log(var_u / (2.0 * rho))
-    x0 = torch.where(torch.isfinite(x0), x0, 0.5 * (lo + hi))
+    x0 = torch.where(torch.isfinite(x0), x0.clamp(max=-logrho), hi - 1.0)
     _, lo, hi, res, conv, iters = newton_bisect(fn, lo, hi, x0, tol=tol, max_iter=max_iter, feasible="hi",
-                                                active=active & ~stuck)
-    lam_s = torch.exp(hi)  # feasible side: KL <= rho
-    s = Z / lam_s[:, None]
-    p = torch.softmax(s, dim=1)
-    lam = lam_s * Rs
-    eta = lmax + lam * (torch.logsumexp(s, dim=1) - math.log(n))
-    p = torch.where(inactive[:, None], argmax_uniform(L), p)
+                                                active=active, xmin=-700.0)
+    em, S0, kl, _, _, _, shift = tilt(hi)  # feasible side: KL <= rho
+    p = (em + 1.0) / S0[:, None]
+    lam = torch.exp(hi) * Rs
+    # eta = lambda log mean e^{l / lambda},  l / lambda = lmax / lambda + s + shift
+    eta = lmax + lam * (torch.log(S0 / n) + shift)
+    if bool(inactive.any()):
+        p = torch.where(inactive[:, None], argmax_uniform(L), p)
+        kl = torch.where(inactive, torch.log(n / n_top), kl)
     lam = torch.where(inactive, torch.zeros_like(lam), lam)
     eta = torch.where(inactive, lmax, eta)
-    conv = conv | inactive | stuck
+    conv = conv | inactive
     res = torch.where(inactive, torch.zeros_like(res), res)
-    return Solved(p=p, penalty=torch.zeros_like(lam), eta=eta, lam=lam, divergence=kl_to_uniform(p),
+    return Solved(p=p, penalty=torch.zeros_like(lam), eta=eta, lam=lam, divergence=kl,
                   converged=conv, iterations=iters, residual=res)
