@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import torch
 
-from .sparse_simplex_numba import PARALLEL_MIN, _top_sorted
+from .sparse_simplex_numba import PARALLEL_MIN, _top_sorted, parallel_launch, parallel_threads
 
 __all__ = ["sparse_ot_dual_numba"]
 
@@ -114,9 +114,9 @@ def sparse_ot_dual_numba(alpha: torch.Tensor, beta: torch.Tensor, K: torch.Tenso
     r_m = np.zeros((B, m), dtype=Kn.dtype)
     inner = np.zeros(B, dtype=np.float64)
     binding = np.zeros(B, dtype=np.bool_)
-    threads = numba.get_num_threads()
-    if m * n >= PARALLEL_MIN and threads > 1 and m > 1:
-        _dual_parallel(an, bn, Kn, int(kk), r_n, r_m, inner, binding, min(m, 4 * threads))
+    threads = parallel_threads() if m * n >= PARALLEL_MIN and m > 1 else 1
+    if threads > 1:
+        parallel_launch(_dual_parallel, threads, an, bn, Kn, int(kk), r_n, r_m, inner, binding, min(m, 4 * threads))
     elif B:
         _dual_serial(an, bn, Kn, int(kk), r_n, r_m, inner, binding)
     return (torch.from_numpy(r_n).to(dtype), torch.from_numpy(r_m).to(dtype),

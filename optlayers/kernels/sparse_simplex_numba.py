@@ -13,7 +13,7 @@ Per row, for ``kk = min(k, n)``:
 
 then the threshold ``τ`` from the sorted prefix sums, exactly as the reference. Slots are
 sorted by decreasing ``x``. Rows are split over Numba's threads from :data:`PARALLEL_MIN`
-entries on.
+entries on, using at most ``torch.get_num_threads()`` of them (:func:`parallel_launch`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from .sparse_simplex import check_kernel_args
 
-__all__ = ["sparse_simplex_numba", "HEAP_MAX", "PARALLEL_MIN"]
+__all__ = ["sparse_simplex_numba", "HEAP_MAX", "PARALLEL_MIN", "parallel_threads", "parallel_launch"]
 
 #: Largest ``kk`` handled by the bounded-heap selection.
 HEAP_MAX = 64
@@ -32,6 +32,36 @@ HEAP_MAX = 64
 #: more than it saves — on a shared 2-core machine even a 4-million-entry problem ran several
 #: times slower in parallel than serially — so only very large problems go parallel.
 PARALLEL_MIN = 1 << 24
+
+
+def parallel_threads() -> int:
+    """Threads for a parallel kernel launch: ``min(torch.get_num_threads(), Numba's)``.
+
+    Starting Numba's OpenMP thread pool (which ``numba.get_num_threads()`` does on first use)
+    resets OpenMP's thread count — the one PyTorch's intra-op parallelism reads — to Numba's
+    default: the caller's ``torch.set_num_threads`` is restored here, and with one torch thread
+    Numba's pool is never started.
+    """
+    t = torch.get_num_threads()
+    if t <= 1:
+        return 1
+    n = numba.get_num_threads()
+    if torch.get_num_threads() != t:
+        torch.set_num_threads(t)
+    return min(t, n)
+
+
+def parallel_launch(fn, threads: int, *args):  # type: ignore[no-untyped-def]
+    """Run the ``parallel=True`` function ``fn(*args)`` on ``threads`` Numba threads, leaving
+    Numba's and PyTorch's thread settings as they were."""
+    t, old = torch.get_num_threads(), numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        numba.set_num_threads(old)
+        if torch.get_num_threads() != t:
+            torch.set_num_threads(t)
 
 
 @numba.njit(cache=True, inline="always")
@@ -200,9 +230,9 @@ def sparse_simplex_numba(x: torch.Tensor, k: int, s: torch.Tensor,
     R = a.shape[0]
     values = np.empty((R, kk), dtype=a.dtype)
     indices = np.empty((R, kk), dtype=np.int64)
-    threads = numba.get_num_threads()
-    if R * a.shape[1] >= PARALLEL_MIN and threads > 1 and R > 1:
-        _project_rows_parallel(a, kk, ss, values, indices, off, min(R, 4 * threads))
+    threads = parallel_threads() if R * a.shape[1] >= PARALLEL_MIN and R > 1 else 1
+    if threads > 1:
+        parallel_launch(_project_rows_parallel, threads, a, kk, ss, values, indices, off, min(R, 4 * threads))
     elif R:
         _project_rows(a, kk, ss, values, indices, off)
     return torch.from_numpy(values).to(dtype), torch.from_numpy(indices)

@@ -146,17 +146,38 @@ def test_numba_offset_matches_reference(dtype: torch.dtype) -> None:
 
 @pytest.mark.kernels
 @needs_numba
-def test_numba_parallel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_numba_parallel_path_and_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     import numba
 
+    from optlayers.kernels import sparse_ot_dual_numba as MD
     from optlayers.kernels import sparse_simplex_numba as M
 
-    if numba.get_num_threads() < 2:
-        pytest.skip("one numba thread")
-    monkeypatch.setattr(M, "PARALLEL_MIN", 1)
     g = torch.Generator().manual_seed(5)
     x, s = torch.randn(40, 60, generator=g, dtype=torch.float64), torch.rand(40, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(_dense(M.sparse_simplex_numba, x, 4, s), _dense(sparse_simplex_reference, x, 4, s))
+    al, be = torch.randn(1, 60, generator=g, dtype=torch.float64), torch.randn(1, 40, generator=g, dtype=torch.float64)
+    K = x.abs().unsqueeze(0)
+    before = torch.get_num_threads()
+    try:
+        # a serial call never starts Numba's OpenMP pool, which would reset torch's thread count
+        torch.set_num_threads(1)
+        M.sparse_simplex_numba(x, 4, s)
+        MD.sparse_ot_dual_numba(al, be, K, 3)
+        assert torch.get_num_threads() == 1
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("one numba thread")
+        monkeypatch.setattr(M, "PARALLEL_MIN", 1)
+        monkeypatch.setattr(MD, "PARALLEL_MIN", 1)
+        torch.set_num_threads(1)  # one torch thread: the parallel path is not taken
+        assert M.parallel_threads() == 1
+        torch.set_num_threads(2)
+        nb = numba.get_num_threads()
+        got = _dense(M.sparse_simplex_numba, x, 4, s)
+        torch.testing.assert_close(got, _dense(sparse_simplex_reference, x, 4, s))
+        for u, v in zip(MD.sparse_ot_dual_numba(al, be, K, 3), sparse_ot_dual_reference(al, be, K, 3), strict=True):
+            torch.testing.assert_close(u, v)
+        assert torch.get_num_threads() == 2 and numba.get_num_threads() == nb  # both left as they were
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.kernels

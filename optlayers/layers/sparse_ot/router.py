@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..._result import Result, register_aux
+from ...implicit import MINRES, ImplicitAdjoint
 from ...solvers.sparse_ot import DualAdam, DualLBFGS, SparseTransportPlan, sparse_ot
 
 __all__ = ["sparse_ot_route", "topk_gating", "SparseOTRouter", "RoutingAux"]
@@ -83,7 +84,8 @@ def _slots_from_assignment(assign: torch.Tensor, weights: torch.Tensor, C: int) 
 def sparse_ot_route(logits: torch.Tensor, *, sparsity: str = "expert", capacity: int | None = None,
                     capacity_factor: float = 1.25, k: int = 1, gamma: float = 0.5,
                     formulation: str = "semi_dual", solver: DualLBFGS | DualAdam | str = "lbfgs",
-                    tol: float | None = None, throw: bool = True) -> Result[RoutingAux]:
+                    tol: float | None = None, adjoint: ImplicitAdjoint | None = None,
+                    throw: bool = True) -> Result[RoutingAux]:
     """Route tokens to experts by sparsity-constrained OT (see the module docstring).
 
     Args:
@@ -98,6 +100,10 @@ def sparse_ot_route(logits: torch.Tensor, *, sparsity: str = "expert", capacity:
         gamma: Quadratic regularization (logit units): larger spreads tokens over more experts.
         formulation, solver: As in :func:`~optlayers.solvers.sparse_ot.sparse_ot`.
         tol: L1 marginal tolerance; default ``1e-9 S`` (float64) / ``1e-5 S`` (float32).
+        adjoint: Gradient configuration; None: ``ImplicitAdjoint(linear_solver=MINRES(),
+            throw=throw)`` — with ``throw=False`` a failed adjoint solve (e.g. an inconsistent
+            system at a loosely solved plan) gives MINRES's least-squares gradient instead of
+            raising in backward.
         throw: Raise :class:`ConvergenceError` when a routing problem fails.
 
     Returns:
@@ -137,9 +143,11 @@ def sparse_ot_route(logits: torch.Tensor, *, sparsity: str = "expert", capacity:
         tol = (1e-9 if dtype == torch.float64 else 1e-5) * S
     a = torch.ones(G, S, dtype=dtype, device=logits.device)
     b = torch.full((G, E), S / E, dtype=dtype, device=logits.device)
+    if adjoint is None:
+        adjoint = ImplicitAdjoint(linear_solver=MINRES(), throw=throw)
     res = sparse_ot(a, b, -lg, k=C if sparsity == "expert" else k, gamma=gamma,
                     sparsity="column" if sparsity == "expert" else "row", formulation=formulation,
-                    solver=solver, tol=tol, throw=throw)
+                    solver=solver, tol=tol, adjoint=adjoint, throw=throw)
     plan = res.aux.plan
     if sparsity == "expert":
         # the plan's compressed columns are the experts' slots
@@ -211,7 +219,7 @@ class SparseOTRouter(nn.Module):
     Args:
         d_model: Token dimension.
         num_experts: ``E``.
-        sparsity, capacity, capacity_factor, k, gamma, formulation, solver, tol, throw: As in
+        sparsity, capacity, capacity_factor, k, gamma, formulation, solver, tol, adjoint, throw: As in
             :func:`sparse_ot_route`.
 
     Example:
@@ -225,7 +233,7 @@ class SparseOTRouter(nn.Module):
     def __init__(self, d_model: int, num_experts: int, *, sparsity: str = "expert", capacity: int | None = None,
                  capacity_factor: float = 1.25, k: int = 1, gamma: float = 0.5, formulation: str = "semi_dual",
                  solver: DualLBFGS | DualAdam | str = "lbfgs", tol: float | None = None,
-                 throw: bool = True) -> None:
+                 adjoint: ImplicitAdjoint | None = None, throw: bool = True) -> None:
         super().__init__()
         if sparsity not in _MODES:
             raise ValueError(f"unknown sparsity {sparsity!r}; valid: {_MODES}")
@@ -233,12 +241,14 @@ class SparseOTRouter(nn.Module):
         self.num_experts = num_experts
         self.sparsity, self.capacity, self.capacity_factor, self.k = sparsity, capacity, capacity_factor, k
         self.gamma, self.formulation, self.solver, self.tol, self.throw = gamma, formulation, solver, tol, throw
+        self.adjoint = adjoint
 
     def solve(self, x: torch.Tensor) -> Result[RoutingAux]:
         """The full routing :class:`Result` for tokens ``x (*groups, S, d_model)``."""
         return sparse_ot_route(self.gate(x), sparsity=self.sparsity, capacity=self.capacity,
                                capacity_factor=self.capacity_factor, k=self.k, gamma=self.gamma,
-                               formulation=self.formulation, solver=self.solver, tol=self.tol, throw=self.throw)
+                               formulation=self.formulation, solver=self.solver, tol=self.tol,
+                               adjoint=self.adjoint, throw=self.throw)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dispatch, combine = self.solve(x).solution

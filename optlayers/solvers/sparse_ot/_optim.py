@@ -66,7 +66,8 @@ class DualLBFGS:
 
     Args:
         memory: Stored curvature pairs.
-        max_iter: Iteration limit (reaching it gives ``MAX_ITER``).
+        max_iter: Iteration limit (reaching it gives ``MAX_ITER``); for the dual formulation it
+            applies to the semi-dual warm start and to the dual stage each.
         check_every: Host-sync period of the stopping test; None runs exactly ``max_iter``
             iterations with no synchronisation (one line-search trial per iteration, fixed kernel
             width ``k``).

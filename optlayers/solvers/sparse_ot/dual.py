@@ -10,13 +10,15 @@ rows). With ``Ω(t) = (γ/2)‖t‖² + ι{‖t‖₀ ≤ k}`` per column, whose
         - \sum_j \delta\big(\alpha + \beta_j \mathbf 1 - K_j\big),
     \qquad P_{ij} = [\alpha_i + \beta_j - K_{ji}]_+/\gamma \ \text{on the top-}k\ \text{of column } j,
 
-with ``∇D = (a − P1, b − Pᵀ1)``. Both marginals are met only at a stationary point; the dual is a
-looser relaxation than the semi-dual when ``k`` binds (Liu et al. 2023, Prop. 2), and equal to it
-(and to the primal) otherwise.
+with ``∇D = (a − P1, b − Pᵀ1)``. Both marginals are met only at a stationary point. When ``k``
+binds, the dual is a looser relaxation than the semi-dual (``max_β D(α, β) <= S(α)``, since the
+conjugate of the nonconvex ``Ω + ι{Σt = b}`` is at most the infimal form used here); otherwise the
+two coincide, and equal the primal optimum. :func:`~optlayers.solvers.sparse_ot.sparse_ot` warm
+starts the dual from the semi-dual solution ``(α, β = −γτ)``.
 
 Optimality condition for implicit gradients: ``F(α, β) = (P1 − a + μ w 1, Pᵀ1 − b − μ w 1)``
 with ``w = 1ᵀα − 1ᵀβ`` (fixing the invariance ``D(α + c, β − c) = D(α, β)``; solutions are
-normalized to ``w = 0``). ``∂F`` is symmetric positive semidefinite (CG).
+normalized to ``w = 0``). ``∂F`` is symmetric positive semidefinite (MINRES).
 """
 
 from __future__ import annotations

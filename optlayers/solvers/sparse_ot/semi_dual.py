@@ -22,7 +22,8 @@ nonconvex), visible as a row-marginal violation.
 Optimality condition used for implicit gradients: ``F(α) = P(α)1 − a + μ (1ᵀα) 1 = 0`` (the last
 term fixes the shift invariance ``S(α + c1) = S(α)``; solutions are normalized to ``1ᵀα = 0``).
 ``∂_α F = Σ_j (1/γ)(D_{S_j} − 1_{S_j}1_{S_j}ᵀ/|S_j|) + μ11ᵀ`` is symmetric positive
-semidefinite, so the adjoint system is solved by CG.
+semidefinite (singular where the support graph splits), so the adjoint system is solved by
+MINRES.
 """
 
 from __future__ import annotations

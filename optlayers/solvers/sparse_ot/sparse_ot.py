@@ -10,8 +10,9 @@ The problem (Liu, Puigcerver & Blondel 2023; ``k = None`` is Blondel, Seguy & Ro
 
 ``U(a, b) = {P ≥ 0, P1 = a, Pᵀ1 = b}``; ``γ`` is POT's ``reg`` with ``reg_type="l2"``. It is
 solved through its concave *semi-dual* (default; potentials of the unconstrained side, the
-constrained side's marginal met exactly) or *dual* (both potentials) by L-BFGS
-(:class:`DualLBFGS`) or fixed-iteration Adam (:class:`DualAdam`); the inner maximisations are
+constrained side's marginal met exactly) or *dual* (both potentials; with L-BFGS warm-started from
+the semi-dual solution) by L-BFGS (:class:`DualLBFGS`) or fixed-iteration Adam
+(:class:`DualAdam`); the inner maximisations are
 ``k``-sparse simplex projections (semi-dual) or top-``k`` selections (dual), run by the
 ``"sparse_simplex_projection"`` kernel (Numba on CPU, Triton on CUDA).
 
@@ -25,7 +26,7 @@ solver stops when the dual stops improving (see :mod:`._optim`).
 Gradients (with respect to ``C``, ``a``, ``b`` and ``γ``): the potentials are differentiated
 implicitly through the dual optimality condition ``∇D = 0`` (gauge-fixed; see
 :func:`.semi_dual.semi_dual_optimality`, :func:`.dual.dual_optimality`), the adjoint system
-solved by CG; the plan values are recomputed from them on the support with PyTorch operations,
+solved by MINRES; the plan values are recomputed from them on the support with PyTorch operations,
 so ``aux.plan``, ``aux.primal_value`` and ``aux.transport_cost`` have exact derivatives almost
 everywhere. ``aux.value`` (the dual objective) uses the envelope theorem (``∂/∂C = P``).
 
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from ..._result import Result, raise_if_failed, register_aux
-from ...implicit import CG, ImplicitAdjoint, custom_root
+from ...implicit import MINRES, ImplicitAdjoint, custom_root
 from ...kernels import Backend
 from ._optim import DualAdam, DualLBFGS, run_adam, run_lbfgs
 from .dual import DualOracle, dual_optimality, dual_plan, dual_support, dual_value
@@ -154,7 +155,8 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
         solver: :class:`DualLBFGS` (default, ``"lbfgs"``) or :class:`DualAdam` (``"adam"``,
             fixed iterations, no host synchronisation).
         tol: L1 marginal-violation tolerance; default ``1e-9`` (float64) / ``1e-5`` (float32).
-        adjoint: Gradient configuration (default ``ImplicitAdjoint(linear_solver=CG())``).
+        adjoint: Gradient configuration (default ``ImplicitAdjoint(linear_solver=MINRES())``: the
+            adjoint operator is symmetric positive semidefinite, singular for some supports).
         backend: Force the projection kernel's backend (``"reference"``, ``"numba"``,
             ``"triton"``); None chooses automatically.
         callback: ``callback(iteration, residual)`` after every iteration.
@@ -164,7 +166,8 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
     Returns:
         :class:`Result` with ``solution = (f, g)`` the potentials ``(*batch, n)``, ``(*batch, m)``
         (``P_ij = [f_i + g_j − C_ij]_+/γ`` on the support), ``residual`` the stopping violation,
-        and ``aux`` a :class:`SparseOTAux`.
+        ``iterations`` (for the dual: semi-dual warm start plus dual stage), and ``aux`` a
+        :class:`SparseOTAux`.
 
     Raises:
         ConvergenceError: ``throw`` and a problem did not converge.
@@ -189,7 +192,7 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be an int >= 1 or None, got {k!r}")
     if adjoint is None:
-        adjoint = ImplicitAdjoint(linear_solver=CG())
+        adjoint = ImplicitAdjoint(linear_solver=MINRES())
     if not isinstance(adjoint, ImplicitAdjoint):
         raise ValueError(f"adjoint must be an ImplicitAdjoint, got {adjoint!r}")
     batch = tuple(C.shape[:-2])
@@ -238,8 +241,10 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
             return semi_dual_optimality(z, Kx, ax, bx, gx, kw, 1.0 / nc)
         return dual_optimality(z, Kx, ax, bx, gx, kk, 1.0 / (nc + mc))
 
+    # ∂F is symmetric positive *semi*definite: singular where the support graph splits into
+    # components or leaves rows uncovered (binding k), with consistent right-hand sides (the plan
+    # is locally invariant along those directions) — MINRES handles that, CG may break down
     opt_fn.symmetric = True  # type: ignore[attr-defined]
-    opt_fn.positive_definite = True  # type: ignore[attr-defined]
 
     def solve(z0: torch.Tensor, Kx: torch.Tensor, ax: torch.Tensor, bx: torch.Tensor,
               gx: torch.Tensor) -> Result:
