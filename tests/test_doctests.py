@@ -106,7 +106,8 @@ def test_runner_reports_a_wrong_example() -> None:
 EXAMPLES_REQUIRED = (
     "optlayers._result", "optlayers.distributed", "optlayers.implicit", "optlayers.layers.deq",
     "optlayers.layers.physics", "optlayers.solvers.pde", "optlayers.solvers.projections",
-    "optlayers.solvers.prox",
+    "optlayers.solvers.prox", "optlayers.solvers.lp", "optlayers.solvers.dual", "optlayers.layers.constrained",
+    "optlayers.solvers.qp", "optlayers.layers.qp",
 )
 
 

@@ -43,7 +43,18 @@ __all__ = ["Constraint", "ConstraintState", "Lagrangian", "AugmentedLagrangian",
 
 @dataclasses.dataclass(frozen=True)
 class PenaltySchedule:
-    """Penalty growth rule: ``c ← min(factor·c, max_penalty)`` where progress is insufficient.
+    r"""Penalty growth rule: ``c ← min(factor·c, max_penalty)`` where progress is insufficient.
+
+    After each dual step, with :math:`v_t = [g]_+` (inequalities) or :math:`|h|` (equalities)
+    the strict violation per entry,
+
+    .. math::
+
+        c_{t+1} = \begin{cases} \min(\text{factor}\cdot c_t,\ \text{max\_penalty})
+        & \text{if } v_t > \text{tol} \text{ and } v_t > \text{decrease}\cdot v_{t-1},\\
+        c_t & \text{otherwise,} \end{cases}
+
+    with :math:`v_{-1} = \infty` (no growth at the first step).
 
     Args:
         factor: Growth factor (1 disables growth).
@@ -51,6 +62,25 @@ class PenaltySchedule:
         decrease: Growth happens only if the violation is above ``decrease`` × the violation at
             the previous dual step (Nocedal–Wright's "sufficient decrease" test).
         max_penalty: Upper bound of the penalty.
+
+    Example:
+        A violation that never decreases doubles the penalty at every step after the first:
+
+        >>> import torch
+        >>> from optlayers.layers.constrained import (Constraint, ConstrainedProblem, ConstraintState,
+        ...     ProblemState, ConstrainedOptimizer, QuadraticPenalty, PenaltySchedule)
+        >>> class Stuck(ConstrainedProblem):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.x = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        ...         self.c = Constraint("eq", dtype=torch.float64, formulation=QuadraticPenalty(
+        ...             penalty=1.0, schedule=PenaltySchedule(factor=2.0, max_penalty=8.0)))
+        ...     def compute(self):
+        ...         return ProblemState(self.x ** 2, {"c": ConstraintState(self.x ** 2, torch.tensor(1.0))})
+        >>> p = Stuck()
+        >>> opt = ConstrainedOptimizer(p, torch.optim.SGD([p.x], lr=0.1))
+        >>> [float(opt.step().constraints["c"].penalty) for _ in range(5)]
+        [1.0, 2.0, 4.0, 8.0, 8.0]
     """
 
     factor: float = 1.0
@@ -67,16 +97,52 @@ class PenaltySchedule:
 
 @dataclasses.dataclass(frozen=True)
 class Lagrangian:
-    """Plain Lagrangian formulation (gradient descent–ascent on ``f + λᵀg``)."""
+    r"""Plain Lagrangian formulation (gradient descent–ascent on ``f + λᵀg``).
+
+    Primal term (multipliers held fixed) and dual step:
+
+    .. math::
+
+        P(\tilde g;\lambda) = \lambda^\top \tilde g, \qquad
+        \lambda \leftarrow \Pi(\lambda + \eta\, g),
+
+    with Π the projection onto :math:`\lambda \ge 0` for inequalities (identity for equalities).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import Constraint, ConstraintState, Lagrangian
+        >>> con = Constraint("ineq", shape=(2,), formulation=Lagrangian(), init=2.0, dtype=torch.float64)
+        >>> con.primal_term(ConstraintState(torch.tensor([0.5, -1.0], dtype=torch.float64)))  # 2·0.5 + 2·(−1)
+        tensor(-1., dtype=torch.float64)
+    """
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentedLagrangian:
-    """Augmented Lagrangian (method of multipliers) with penalty ``c ≥ 0``.
+    r"""Augmented Lagrangian (method of multipliers) with penalty ``c ≥ 0``.
+
+    Primal term (Rockafellar's form for inequalities) and dual step:
+
+    .. math::
+
+        P(\tilde g;\lambda, c) = \frac{1}{2c}\sum_i\big([\lambda_i + c\,\tilde g_i]_+^2 - \lambda_i^2\big),
+        \qquad P(\tilde h;\mu, c) = \mu^\top\tilde h + \frac c2\lVert\tilde h\rVert^2,
+        \qquad \lambda \leftarrow \Pi(\lambda + \eta\, c\, g),
+
+    and :math:`P = \lambda^\top\tilde g` at ``c = 0`` (the Lagrangian limit).
 
     Args:
         penalty: Initial penalty coefficient ``c₀`` (0 is allowed: the Lagrangian limit).
         schedule: How ``c`` grows (default: constant).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import Constraint, ConstraintState, AugmentedLagrangian
+        >>> con = Constraint("ineq", shape=(2,), formulation=AugmentedLagrangian(penalty=2.0), init=1.0,
+        ...                  dtype=torch.float64)
+        >>> g = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        >>> con.primal_term(ConstraintState(g))  # ((1 + 1)² − 1)/4 + (0 − 1)/4
+        tensor(0.5000, dtype=torch.float64)
     """
 
     penalty: float = 1.0
@@ -89,11 +155,29 @@ class AugmentedLagrangian:
 
 @dataclasses.dataclass(frozen=True)
 class QuadraticPenalty:
-    """Quadratic penalty ``(c/2)‖[g]₊‖²`` / ``(c/2)‖h‖²`` (no multiplier).
+    r"""Quadratic penalty ``(c/2)‖[g]₊‖²`` / ``(c/2)‖h‖²`` (no multiplier).
+
+    .. math::
+
+        P(\tilde g; c) = \frac c2\lVert[\tilde g]_+\rVert^2, \qquad
+        P(\tilde h; c) = \frac c2\lVert\tilde h\rVert^2;
+
+    the multiplier estimate logged (and used by :func:`kkt_residuals`) is :math:`c[g]_+` or
+    :math:`c\,h`.
 
     Args:
         penalty: Initial penalty coefficient ``c₀ > 0``.
         schedule: How ``c`` grows (default: constant).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import Constraint, ConstraintState, QuadraticPenalty
+        >>> con = Constraint("ineq", shape=(2,), formulation=QuadraticPenalty(penalty=4.0), dtype=torch.float64)
+        >>> state = ConstraintState(torch.tensor([0.5, -1.0], dtype=torch.float64))
+        >>> con.primal_term(state)  # (4/2)·0.5²
+        tensor(0.5000, dtype=torch.float64)
+        >>> con.multiplier_estimate(state)
+        tensor([2., 0.], dtype=torch.float64)
     """
 
     penalty: float = 1.0
@@ -119,6 +203,19 @@ class ConstraintState:
             the dual step; defaults to ``violation.detach()``.
         indices: ``(batch,)`` int64 sample indices (indexed multipliers only).
         features: Input of the multiplier model (model multipliers only).
+
+    A constraint is satisfied when ``g ≤ 0`` (``kind="ineq"``) or ``g = 0`` (``kind="eq"``). The
+    proxy ``g̃`` enters the primal loss; ``g`` (e.g. an error rate, whose gradient is zero almost
+    everywhere) drives the multipliers.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import ConstraintState
+        >>> s = ConstraintState(torch.tensor(0.3, requires_grad=True), strict_violation=torch.tensor(0.5))
+        >>> s.strict()  # the strict violation, detached
+        tensor(0.5000)
+        >>> ConstraintState(torch.tensor(0.3, requires_grad=True)).strict().requires_grad
+        False
     """
 
     violation: Tensor

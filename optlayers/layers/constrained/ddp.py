@@ -72,7 +72,30 @@ def all_gather_indexed(indices: Tensor, values: Tensor, group: Any) -> tuple[Ten
 
 
 def check_synchronized(module: nn.Module, group: Any = None, *, atol: float = 0.0) -> None:
-    """Raise ``RuntimeError`` if any buffer of ``module`` (multipliers, penalties) differs across ranks."""
+    """Raise ``RuntimeError`` if any buffer of ``module`` (multipliers, penalties) differs across ranks.
+
+    Checks ``max_ranks(b) − min_ranks(b) ≤ atol`` entrywise for every floating-point buffer ``b``
+    (entries that are infinite on some rank are skipped), with two all-reduces per buffer.
+
+    Args:
+        module: A module whose buffers should agree on every rank (a ``ConstrainedProblem``).
+        group: Process group (default: the world).
+        atol: Largest allowed gap.
+
+    Raises:
+        RuntimeError: Naming the first buffer that differs and by how much.
+
+    Example:
+        In a (single-rank) process group:
+
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from optlayers.layers.constrained import Constraint, check_synchronized
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> check_synchronized(Constraint("ineq", shape=(3,))) is None  # in sync: returns quietly
+        True
+        >>> dist.destroy_process_group()
+    """
     for name, buf in module.named_buffers():
         if not buf.is_floating_point() or buf.numel() == 0:
             continue

@@ -38,10 +38,26 @@ __all__ = ["GradientAscent", "NuPI", "DualRule", "apply_rule", "init_rule_state"
 
 @dataclasses.dataclass(frozen=True)
 class GradientAscent:
-    """Projected gradient ascent ``λ ← Π(λ + lr·e)``.
+    r"""Projected gradient ascent ``λ ← Π(λ + lr·e)``.
+
+    .. math::
+
+        \lambda_{t+1} = \Pi(\lambda_t + \eta\, e_t),
+
+    with :math:`e_t` the strict violation (times the penalty for an augmented Lagrangian) and Π
+    the projection onto :math:`\lambda \ge 0` for inequalities.
 
     Args:
         lr: Dual step size η (for an augmented Lagrangian ``1.0`` gives the method of multipliers).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import GradientAscent
+        >>> from optlayers.layers.constrained.multipliers import apply_rule
+        >>> lam = torch.zeros(2, dtype=torch.float64)
+        >>> e = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        >>> apply_rule(GradientAscent(lr=0.1), lam, e, {}, lambda t: t.clamp_min(0))
+        tensor([0.0500, 0.0000], dtype=torch.float64)
     """
 
     lr: float = 1e-2
@@ -53,7 +69,15 @@ class GradientAscent:
 
 @dataclasses.dataclass(frozen=True)
 class NuPI:
-    """The nuPI multiplier controller (see the module docstring).
+    r"""The nuPI multiplier controller (Sohrabi et al., ICML 2024).
+
+    .. math::
+
+        \xi_t = \nu\,\xi_{t-1} + (1-\nu)\, e_t, \qquad
+        \lambda_{t+1} = \Pi\big(\lambda_t + \eta\,(K_I e_t + K_P(\xi_t - \xi_{t-1}))\big),
+
+    with :math:`\xi_{-1} = e_0` (``init="sgd"``) or 0 (``init="zeros"``). ``kp=0, nu=0`` is
+    :class:`GradientAscent`; ``kp=ki=1, nu=0`` is optimistic gradient ascent.
 
     Args:
         lr: Step size η.
@@ -61,6 +85,20 @@ class NuPI:
         ki: Integral gain ``K_I``.
         nu: EMA coefficient ν ∈ [0, 1).
         init: ``"sgd"`` (ξ₋₁ = e₀, the documented recursion) or ``"zeros"`` (ξ₋₁ = 0).
+
+    Example:
+        Optimistic ascent: the second step adds ``K_I e₁ + K_P (e₁ − e₀) = 2 + 1``.
+
+        >>> import torch
+        >>> from optlayers.layers.constrained import NuPI
+        >>> from optlayers.layers.constrained.multipliers import apply_rule, init_rule_state
+        >>> rule = NuPI(lr=1.0, kp=1.0, ki=1.0)
+        >>> lam = torch.zeros(1, dtype=torch.float64)
+        >>> state = init_rule_state(rule, lam)
+        >>> for e in (1.0, 2.0):
+        ...     _ = apply_rule(rule, lam, torch.tensor([e], dtype=torch.float64), state, lambda t: t.clamp_min(0))
+        >>> lam
+        tensor([4.], dtype=torch.float64)
     """
 
     lr: float = 1e-2

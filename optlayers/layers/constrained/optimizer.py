@@ -77,7 +77,25 @@ class ConstraintLog:
         strict_violation: Strict violation ``g`` used by the dual step (rank-averaged under DDP).
         multiplier: Multipliers paired with the violation (estimate ``c[g]₊`` for a quadratic penalty).
         penalty: Penalty coefficients (0 for a Lagrangian).
-        feasible: Bool, whether every entry satisfies the constraint within its ``tol``.
+        feasible: Bool, whether every entry satisfies the constraint within its ``tol``:
+            ``max [g]₊ ≤ tol`` (inequalities) or ``max |h| ≤ tol`` (equalities).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import (Constraint, ConstrainedProblem, ConstraintState,
+        ...     ProblemState, ConstrainedOptimizer, GradientAscent)
+        >>> class MinNorm(ConstrainedProblem):  # min ½‖x‖² s.t. x₁ + x₂ ≥ 1
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        ...         self.c = Constraint("ineq", dtype=torch.float64)
+        ...     def compute(self):
+        ...         return ProblemState(0.5 * (self.x ** 2).sum(), {"c": ConstraintState(1 - self.x.sum())})
+        >>> p = MinNorm()
+        >>> opt = ConstrainedOptimizer(p, torch.optim.SGD([p.x], lr=0.1), dual=GradientAscent(lr=0.1))
+        >>> log = opt.step().constraints["c"]  # evaluated at x = 0: g = 1, then λ ← 0 + 0.1·1
+        >>> log.strict_violation, log.multiplier, bool(log.feasible)
+        (tensor(1., dtype=torch.float64), tensor(0.1000, dtype=torch.float64), False)
     """
 
     violation: Tensor
@@ -95,6 +113,29 @@ class StepInfo:
         objective: The objective ``f`` at the evaluated point.
         lagrangian: The primal loss that was differentiated.
         constraints: ``{name: ConstraintLog}``.
+
+    ``lagrangian`` is :math:`f + \\sum_c P_c(\\tilde g_c; \\lambda_c, c_c)` with the multipliers
+    before the step (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import (Constraint, ConstrainedProblem, ConstraintState,
+        ...     ProblemState, ConstrainedOptimizer, GradientAscent)
+        >>> class MinNorm(ConstrainedProblem):  # min ½‖x‖² s.t. x₁ + x₂ ≥ 1
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        ...         self.c = Constraint("ineq", dtype=torch.float64)
+        ...     def compute(self):
+        ...         return ProblemState(0.5 * (self.x ** 2).sum(), {"c": ConstraintState(1 - self.x.sum())})
+        >>> p = MinNorm()
+        >>> p.c.multiplier.fill_(1.0)
+        tensor(1., dtype=torch.float64)
+        >>> opt = ConstrainedOptimizer(p, torch.optim.SGD([p.x], lr=0.1))
+        >>> info = opt.step()  # at x = 0: f = 0, f + λ g = 1
+        >>> info.as_dict()
+        {'objective': 0.0, 'lagrangian': 1.0, 'c/violation': 1.0, 'c/strict_violation': 1.0,
+         'c/multiplier': 1.01, 'c/penalty': 0.0, 'c/feasible': 0.0}
     """
 
     objective: Tensor
@@ -119,7 +160,18 @@ class StepInfo:
 
 
 class ConstrainedOptimizer:
-    """Primal optimizer + multiplier updates for a :class:`ConstrainedProblem`.
+    r"""Primal optimizer + multiplier updates for a :class:`ConstrainedProblem`.
+
+    Seeks a saddle point of the Lagrangian of
+    :math:`\min_\theta f(\theta)` s.t. :math:`g(\theta) \le 0,\ h(\theta) = 0` by alternating
+
+    .. math::
+
+        \theta \leftarrow \text{primal step on } f + \sum_c P_c(\tilde g_c;\, \lambda_c, c_c),
+        \qquad \lambda_c \leftarrow \text{rule}(\lambda_c,\ e_c),
+
+    with :math:`e_c = g_c` (Lagrangian) or :math:`c_c\,g_c` (augmented Lagrangian); the order of
+    the two steps is ``scheme``.
 
     Args:
         problem: The problem (holds the constraints, multipliers and penalties).
@@ -129,6 +181,28 @@ class ConstrainedOptimizer:
         scheme: Update order, see the module docstring.
         process_group: ``"auto"`` (default: synchronise over the default group when
             ``torch.distributed`` runs with several ranks), ``None`` (never), or a group.
+
+    Example:
+        Gradient descent–ascent reaches ``x = (½, ½)``, ``λ = ½``:
+
+        >>> import torch
+        >>> from optlayers.layers.constrained import (Constraint, ConstrainedProblem, ConstraintState,
+        ...     ProblemState, ConstrainedOptimizer, GradientAscent)
+        >>> class MinNorm(ConstrainedProblem):  # min ½‖x‖² s.t. x₁ + x₂ ≥ 1
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        ...         self.c = Constraint("ineq", dtype=torch.float64)
+        ...     def compute(self):
+        ...         return ProblemState(0.5 * (self.x ** 2).sum(), {"c": ConstraintState(1 - self.x.sum())})
+        >>> p = MinNorm()
+        >>> opt = ConstrainedOptimizer(p, torch.optim.SGD([p.x], lr=0.1), dual=GradientAscent(lr=0.1))
+        >>> for _ in range(300):
+        ...     info = opt.step()
+        >>> [round(v, 3) for v in p.x.tolist()], round(float(p.c.multiplier), 3)
+        ([0.5, 0.5], 0.5)
+        >>> sorted(opt.state_dict())  # checkpoint it beside p.state_dict()
+        ['dual', 'primal', 'scheme', 'steps']
     """
 
     def __init__(self, problem: ConstrainedProblem, primal_optimizer: torch.optim.Optimizer, *,

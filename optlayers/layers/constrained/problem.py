@@ -40,9 +40,20 @@ __all__ = ["ConstrainedProblem", "ProblemState", "KKTResiduals", "kkt_residuals"
 class ProblemState:
     """Objective and constraint states at the current point.
 
+    What :meth:`ConstrainedProblem.compute` returns: :math:`f(\\theta)` and, per constraint,
+    :math:`g(\\theta)` (see :class:`ConstraintState`).
+
     Attributes:
         objective: Scalar, differentiable objective ``f``.
         constraints: ``{constraint attribute name: ConstraintState}``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import ConstraintState, ProblemState
+        >>> x = torch.tensor([0.2, 0.3], dtype=torch.float64)
+        >>> state = ProblemState(0.5 * (x ** 2).sum(), {"sum_ge_1": ConstraintState(1 - x.sum())})
+        >>> round(float(state.objective), 3), round(float(state.constraints["sum_ge_1"].violation), 3)
+        (0.065, 0.5)
     """
 
     objective: Tensor
@@ -51,13 +62,25 @@ class ProblemState:
 
 @dataclasses.dataclass(frozen=True)
 class KKTResiduals:
-    """KKT residuals at a point (all nonnegative scalars; zero at a KKT point).
+    r"""KKT residuals at a point (all nonnegative scalars; zero at a KKT point).
+
+    For :math:`\min f` s.t. :math:`g \le 0,\ h = 0` with multipliers :math:`(\lambda, \mu)`, a KKT
+    point has :math:`\nabla f + \sum\lambda_i\nabla g_i + \sum\mu_j\nabla h_j = 0`,
+    :math:`g \le 0`, :math:`h = 0`, :math:`\lambda \ge 0` and :math:`\lambda_i g_i = 0`; each field
+    measures one of these conditions.
 
     Attributes:
         stationarity: ``‖∇_θ (f + Σ λᵢ gᵢ + Σ μⱼ hⱼ)‖₂`` with the current multipliers.
         primal_feasibility: ``max(max [g]₊, max |h|)`` (strict violations).
         dual_feasibility: ``max [−λ]₊`` over inequality multipliers.
         complementarity: ``max |λᵢ gᵢ|`` over inequality constraints.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import KKTResiduals
+        >>> zero = torch.zeros((), dtype=torch.float64)
+        >>> KKTResiduals(zero, zero + 0.5, zero, zero).as_dict()["kkt/primal_feasibility"]
+        0.5
     """
 
     stationarity: Tensor
@@ -70,7 +93,34 @@ class KKTResiduals:
 
 
 class ConstrainedProblem(nn.Module):
-    """Base class of constrained problems; see the module docstring."""
+    r"""Base class of constrained problems; see the module docstring.
+
+    A subclass describes
+
+    .. math::
+
+        \min_\theta f(\theta) \quad\text{s.t.}\quad g_i(\theta) \le 0,\; h_j(\theta) = 0
+
+    by registering one :class:`Constraint` attribute per constraint and returning
+    :math:`f` and the violations from :meth:`compute`; :class:`ConstrainedOptimizer` solves it.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.layers.constrained import Constraint, ConstrainedProblem, ConstraintState, ProblemState
+        >>> class MinNorm(ConstrainedProblem):  # min ½‖x‖² s.t. x₁ + x₂ ≥ 1
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.sum_ge_1 = Constraint("ineq")
+        ...     def compute(self, x):
+        ...         return ProblemState(0.5 * (x ** 2).sum(), {"sum_ge_1": ConstraintState(1 - x.sum())})
+        >>> problem = MinNorm()
+        >>> [name for name, _ in problem.named_constraints()]
+        ['sum_ge_1']
+        >>> problem.compute(torch.tensor([0.5, 0.5])).constraints["sum_ge_1"].violation
+        tensor(0.)
+        >>> sorted(problem.state_dict())  # the multipliers and penalties travel with the problem
+        ['sum_ge_1.multiplier', 'sum_ge_1.penalty', 'sum_ge_1.prev_violation']
+    """
 
     def compute(self, *args: Any, **kwargs: Any) -> ProblemState:
         """Return the objective and every constraint's state at the current parameters."""
@@ -103,13 +153,41 @@ def kkt_residuals(problem: ConstrainedProblem, params: list[Tensor] | Iterator[T
                   **kwargs: Any) -> KKTResiduals:
     """KKT residuals of ``problem`` at the current parameters and multipliers.
 
-    For a :class:`~optlayers.layers.constrained.QuadraticPenalty` constraint the multiplier
+    Computes the residuals of :class:`KKTResiduals`: stationarity
+    ``‖∇_θ (f + Σ λᵢ g̃ᵢ + Σ μⱼ h̃ⱼ)‖₂`` (by autograd through ``problem.compute``), primal
+    feasibility of the strict violations, dual feasibility and complementarity. For a
+    :class:`~optlayers.layers.constrained.QuadraticPenalty` constraint the multiplier
     estimate ``c[g]₊`` (or ``c h``) is used.
 
     Args:
         problem: The problem.
         params: The primal parameters θ.
         *args, **kwargs: Passed to ``problem.compute``.
+
+    Returns:
+        A :class:`KKTResiduals`.
+
+    Example:
+        At the solution of ``min ½‖x‖²`` s.t. ``x₁ + x₂ ≥ 1`` (``x = (½, ½)``, ``λ = ½``):
+
+        >>> import torch
+        >>> from optlayers.layers.constrained import (Constraint, ConstrainedProblem, ConstraintState,
+        ...     ProblemState, kkt_residuals)
+        >>> class MinNorm(ConstrainedProblem):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.x = torch.nn.Parameter(torch.full((2,), 0.5, dtype=torch.float64))
+        ...         self.c = Constraint("ineq", init=0.5, dtype=torch.float64)
+        ...     def compute(self):
+        ...         return ProblemState(0.5 * (self.x ** 2).sum(), {"c": ConstraintState(1 - self.x.sum())})
+        >>> p = MinNorm()
+        >>> kkt_residuals(p, [p.x]).as_dict()
+        {'kkt/stationarity': 0.0, 'kkt/primal_feasibility': 0.0, 'kkt/dual_feasibility': 0.0,
+         'kkt/complementarity': 0.0}
+        >>> with torch.no_grad():
+        ...     _ = p.c.multiplier.fill_(0.0)
+        >>> round(float(kkt_residuals(p, [p.x]).stationarity), 4)  # ‖x‖ = √½
+        0.7071
     """
     params = [p for p in params]
     with torch.enable_grad():

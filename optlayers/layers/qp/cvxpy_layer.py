@@ -251,7 +251,18 @@ def _canonicalize(problem: Any, parameters: list[Any], variables: list[Any], can
 
 
 class CvxpyLayer(nn.Module):
-    """A differentiable convex optimization layer with the interface of cvxpylayers.
+    r"""A differentiable convex optimization layer with the interface of cvxpylayers.
+
+    Maps parameter values :math:`\theta` to a solution of the DPP problem,
+
+    .. math::
+
+        \theta \mapsto x^\star(\theta) = \operatorname*{argmin}_x f_0(x; \theta)
+        \quad\text{s.t.}\quad f_i(x; \theta) \le 0,\ g_j(x;\theta) = 0,
+
+    with :math:`\partial x^\star / \partial \theta` from the implicit function theorem: on the
+    QP/LP path, applied to the KKT conditions of the canonical QP (see the module docstring); on
+    the delegate path, cvxpylayers' differentiation of the cone program.
 
     Args:
         problem: A DPP-compliant ``cvxpy.Problem``.
@@ -282,6 +293,10 @@ class CvxpyLayer(nn.Module):
         >>> b_t = torch.randn(3, dtype=torch.float64, requires_grad=True)   # shared over the batch
         >>> (sol,) = layer(A_t, b_t)
         >>> sol.sum().backward()
+        >>> layer.backend, sol.shape, A_t.grad.shape
+        ('optlayers', torch.Size([4, 2]), torch.Size([4, 3, 2]))
+        >>> bool((sol >= -1e-8).all())
+        True
     """
 
     def __init__(self, problem: Any, parameters: list[Any], variables: list[Any],

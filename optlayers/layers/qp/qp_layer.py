@@ -122,7 +122,15 @@ def qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch
 
 
 class QPLayer(nn.Module):
-    """A QP as a network layer: ``forward(Q, p, G, h, A, b) -> x*`` (see :func:`qp`).
+    r"""A QP as a network layer: ``forward(Q, p, G, h, A, b) -> x*`` (see :func:`qp`).
+
+    .. math::
+
+        x^\star = \operatorname*{argmin}_x \tfrac12 x^\top Q x + p^\top x
+        \quad\text{s.t.}\quad Ax = b,\; Gx \le h,
+
+    batched over leading dimensions, differentiable in every input through the KKT conditions
+    :math:`Qx + p + A^\top\nu + G^\top\lambda = 0,\ Ax = b,\ \lambda \odot (Gx - h) = 0`.
 
     Args:
         solver: :class:`~optlayers.solvers.InteriorPoint` configuration.
@@ -133,8 +141,11 @@ class QPLayer(nn.Module):
         >>> from optlayers.layers import QPLayer
         >>> layer = QPLayer()
         >>> Q = torch.eye(3, dtype=torch.float64); p = torch.randn(4, 3, dtype=torch.float64)
-        >>> layer(Q, p, -torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)).shape
+        >>> x = layer(Q, p, -torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+        >>> x.shape
         torch.Size([4, 3])
+        >>> torch.allclose(x, (-p).clamp_min(0), atol=1e-8)  # projection of −p onto x ≥ 0
+        True
     """
 
     def __init__(self, *, solver: InteriorPoint | None = None, throw: bool = True) -> None:

@@ -29,18 +29,38 @@ __all__ = ["DualInfo", "Oracle", "maximize_dual"]
 @register_aux
 @dataclasses.dataclass(frozen=True)
 class DualInfo:
-    """Extras of :func:`maximize_dual`.
+    r"""Extras of :func:`maximize_dual`.
+
+    With :math:`q(\lambda) = \min_x f(x) + \lambda^\top g(x)`, weak duality gives
+    ``value`` :math:`= q(\lambda) \le \max q \le f(x)` for every feasible :math:`x`, and
+    ``upper_bound`` :math:`\ge \max q`.
 
     Attributes:
         value: ``q(λ)`` at the returned multipliers (a valid lower bound on the primal optimum
             when the inner solver is exact).
         upper_bound: The method's upper bound on ``max q`` (cut model value; ``inf`` for
-            subgradient ascent without a target).
-        primal: Recovered primal point (ergodic average for subgradient ascent, the bundle's
-            convex combination of oracle points otherwise).
+            subgradient ascent without a target, the target itself with one).
+        primal: Recovered primal point: the ergodic average for :class:`SubgradientAscent`,
+            the convex combination of oracle points for :class:`ProximalBundle`, and ``None``
+            for :class:`CuttingPlane` (no primal recovery; ``primal_violation`` is then empty).
         primal_violation: ``g(primal)``.
         oracle_calls: Number of inner solves.
         history: ``(oracle_calls,)`` best dual value after each call.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dual import maximize_dual, ProximalBundle
+        >>> inner = lambda lam: lam.expand(2)          # argmin_x ½‖x‖² + λ(1 − x₁ − x₂) = (λ, λ)
+        >>> f = lambda x: 0.5 * (x ** 2).sum()
+        >>> g = lambda x: (1 - x.sum()).reshape(1)     # x₁ + x₂ ≥ 1;  q(λ) = λ − λ², max at λ = ½
+        >>> lam0 = torch.zeros(1, dtype=torch.float64)
+        >>> info = maximize_dual(inner, f, g, lam0, method=ProximalBundle()).aux
+        >>> round(float(info.value), 6), round(float(info.upper_bound), 6)
+        (0.25, 0.25)
+        >>> [round(v, 6) for v in info.primal.tolist()], bool(info.primal_violation.abs().max() < 1e-6)
+        ([0.5, 0.5], True)
+        >>> bool(info.history.shape[0] == info.oracle_calls)
+        True
     """
 
     value: Tensor

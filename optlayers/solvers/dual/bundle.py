@@ -41,7 +41,17 @@ __all__ = ["ProximalBundle", "run_bundle"]
 
 @dataclasses.dataclass(frozen=True)
 class ProximalBundle:
-    """Proximal bundle configuration.
+    r"""Proximal bundle configuration.
+
+    Each iteration maximizes the cut model with a proximal term around the stability center,
+
+    .. math::
+
+        \hat\lambda = \arg\max_{\lambda \in \Lambda}\ \min_j \big(a_j + s_j^\top\lambda\big)
+        - \frac{1}{2t}\lVert\lambda - \lambda_c\rVert^2,
+
+    and moves the center to :math:`\hat\lambda` when the actual increase is at least
+    :math:`m_L` times the predicted one (see the module docstring).
 
     Args:
         t: Proximal parameter (step scale) ``t > 0``.
@@ -49,6 +59,17 @@ class ProximalBundle:
         max_iter: Number of oracle calls.
         tol: Relative predicted-increase tolerance.
         qp_max_iter: Iterations of the subproblem solver.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dual import maximize_dual, ProximalBundle
+        >>> inner = lambda lam: lam.expand(2)          # argmin_x ½‖x‖² + λ(1 − x₁ − x₂) = (λ, λ)
+        >>> f = lambda x: 0.5 * (x ** 2).sum()
+        >>> g = lambda x: (1 - x.sum()).reshape(1)     # x₁ + x₂ ≥ 1;  q(λ) = λ − λ², max at λ = ½
+        >>> lam0 = torch.zeros(1, dtype=torch.float64)
+        >>> res = maximize_dual(inner, f, g, lam0, method=ProximalBundle(t=1.0))
+        >>> bool(res.converged), round(float(res.solution), 6), [round(v, 6) for v in res.aux.primal.tolist()]
+        (True, 0.5, [0.5, 0.5])
     """
 
     t: float = 1.0

@@ -31,14 +31,51 @@ __all__ = ["group_normalize", "constrained_group_advantages", "GroupDualAscent"]
 
 
 def group_normalize(values: Tensor, eps: float = 1e-6) -> Tensor:
-    """Normalize ``values (..., G, K)`` within each group (last dim: the K samples of a group)."""
+    r"""Normalize ``values (..., G, K)`` within each group (last dim: the K samples of a group).
+
+    .. math::
+
+        \hat v_{gk} = \frac{v_{gk} - \operatorname{mean}_k v_{g\cdot}}{\operatorname{std}_k v_{g\cdot} + \epsilon}
+
+    (population standard deviation); a group with equal values maps to zeros.
+
+    Args:
+        values: ``(..., G, K)``.
+        eps: Added to the standard deviation.
+
+    Returns:
+        The normalized values, same shape.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dual import group_normalize
+        >>> group_normalize(torch.tensor([[1.0, 0.0, 1.0, 0.0], [3.0, 3.0, 3.0, 3.0]]))
+        tensor([[ 1.0000, -1.0000,  1.0000, -1.0000],
+                [ 0.0000,  0.0000,  0.0000,  0.0000]])
+    """
     mean = values.mean(-1, keepdim=True)
     std = values.std(-1, keepdim=True, unbiased=False)
     return (values - mean) / (std + eps)
 
 
 def constrained_group_advantages(reward: Tensor, constraints: Tensor, lam: Tensor, eps: float = 1e-6) -> Tensor:
-    """``A = norm(R) + Σ_j λ_j norm(c_j)`` with ``reward (G, K)``, ``constraints (J, G, K)``, ``lam (J,)``."""
+    r"""``A = norm(R) + Σ_j λ_j norm(c_j)`` with ``reward (G, K)``, ``constraints (J, G, K)``, ``lam (J,)``.
+
+    .. math::
+
+        A_{gk} = \hat R_{gk} + \sum_j \lambda_j\, \hat c_{j,gk},
+
+    with :math:`\hat\cdot` the per-group normalization of :func:`group_normalize`, applied to each
+    component *before* they are combined.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dual import constrained_group_advantages
+        >>> reward = torch.tensor([[1.0, 0.0, 1.0, 0.0]])           # one group of 4 samples
+        >>> grounded = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])        # one constraint
+        >>> constrained_group_advantages(reward, grounded, torch.tensor([0.5]))
+        tensor([[ 1.5000, -0.5000,  0.5000, -1.5000]])
+    """
     comp = group_normalize(constraints, eps)
     return group_normalize(reward, eps) + (lam.reshape(-1, *([1] * (comp.dim() - 1))) * comp).sum(0)
 

@@ -35,7 +35,15 @@ __all__ = ["SubgradientAscent", "run_subgradient"]
 
 @dataclasses.dataclass(frozen=True)
 class SubgradientAscent:
-    """Projected subgradient ascent configuration.
+    r"""Projected subgradient ascent configuration.
+
+    .. math::
+
+        \lambda_{k+1} = \Pi\big(\lambda_k + \alpha_k\, g(x^\star(\lambda_k))\big), \qquad
+        \alpha_k = \theta\,\frac{q^\star - q(\lambda_k)}{\lVert g(x^\star(\lambda_k))\rVert^2}
+        \ \text{(Polyak)} \quad\text{or}\quad \alpha_k = \frac{\alpha_0}{\sqrt{k+1}},
+
+    with the ergodic primal average :math:`\bar x = \sum_k \alpha_k x_k / \sum_k \alpha_k`.
 
     Args:
         step: ``"polyak"`` (needs ``target``) or ``"diminishing"``.
@@ -43,6 +51,19 @@ class SubgradientAscent:
         target: Known (or estimated) optimal dual value ``q*`` for Polyak steps.
         max_iter: Number of oracle calls.
         tol: Tolerance of the (weak) stopping tests, see the module docstring.
+
+    Example:
+        Polyak steps with the known optimal value ``q* = ¼``:
+
+        >>> import torch
+        >>> from optlayers.solvers.dual import maximize_dual, SubgradientAscent
+        >>> inner = lambda lam: lam.expand(2)          # argmin_x ½‖x‖² + λ(1 − x₁ − x₂) = (λ, λ)
+        >>> f = lambda x: 0.5 * (x ** 2).sum()
+        >>> g = lambda x: (1 - x.sum()).reshape(1)     # x₁ + x₂ ≥ 1;  q(λ) = λ − λ², max at λ = ½
+        >>> lam0 = torch.zeros(1, dtype=torch.float64)
+        >>> res = maximize_dual(inner, f, g, lam0, method=SubgradientAscent(step="polyak", target=0.25))
+        >>> bool(res.converged), round(float(res.solution), 3), round(float(res.aux.value), 6)
+        (True, 0.5, 0.25)
     """
 
     step: Literal["polyak", "diminishing"] = "diminishing"

@@ -81,7 +81,13 @@ class LPGradient:
 @register_aux
 @dataclasses.dataclass(frozen=True)
 class LinprogInfo:
-    """Extras of :func:`linprog` (SciPy's sign conventions for the marginals).
+    r"""Extras of :func:`linprog` (SciPy's sign conventions for the marginals).
+
+    The marginals are the sensitivities of the optimal value :math:`f^\star = c^\top x^\star`
+    (:math:`+\tfrac12 x^\top \operatorname{diag}(q) x` for :func:`diag_qp`) to the right-hand
+    sides: :math:`\partial f^\star/\partial b_{eq} = \nu`,
+    :math:`\partial f^\star/\partial b_{ub} = -\lambda \le 0`, and for the bounds the positive and
+    negative parts of the reduced cost :math:`c + q\odot x - K^\top y`.
 
     Attributes:
         fun: Objective value ``cᵀx (+ ½ xᵀQx)``, batch shape.
@@ -93,6 +99,23 @@ class LinprogInfo:
         dual_residual: ``‖r_d‖₂``, batch shape.
         gap: ``|primal − dual objective|``, batch shape.
         polished: Whether feasibility polishing succeeded, batch shape.
+
+    Example:
+        ``min −x₁ − 2x₂`` s.t. ``x₁ + x₂ ≤ 1``, ``0 ≤ x ≤ ¾``: raising ``b_ub`` by one lets ``x₁``
+        grow (``ineqlin = −1``); raising ``u₂`` trades ``x₁`` for ``x₂`` (``upper₂ = −1``):
+
+        >>> import torch
+        >>> from optlayers.solvers.lp import linprog
+        >>> c = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+        >>> A = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+        >>> res = linprog(c, A_ub=A, b_ub=torch.tensor([1.0], dtype=torch.float64), bounds=(0, 0.75))
+        >>> info = res.aux
+        >>> round(float(info.fun), 6), [round(v, 6) for v in info.ineqlin.tolist()]
+        (-1.75, [-1.0])
+        >>> [round(v, 6) + 0.0 for v in info.upper.tolist()], [round(v, 6) for v in info.lower.tolist()]
+        ([0.0, -1.0], [0.0, 0.0])
+        >>> info.eqlin.shape, bool(info.primal_residual < 1e-6)
+        (torch.Size([0]), True)
     """
 
     fun: Tensor
@@ -108,7 +131,25 @@ class LinprogInfo:
 
 @dataclasses.dataclass(frozen=True)
 class LinprogResult(Result[LinprogInfo]):
-    """A :class:`~optlayers.Result` that also answers SciPy's ``.x``, ``.fun``, ``.nit``."""
+    r"""A :class:`~optlayers.Result` that also answers SciPy's ``.x``, ``.fun``, ``.nit``.
+
+    ``x`` is the solution :math:`x^\star` of the LP (or diagonal QP), ``fun`` the optimal value
+    :math:`c^\top x^\star` (:math:`+\tfrac12 x^{\star\top}\operatorname{diag}(q)x^\star`), ``nit``
+    the PDHG iterations; the marginals are in ``aux`` (:class:`LinprogInfo`).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.lp import linprog
+        >>> c = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+        >>> A = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+        >>> res = linprog(c, A_ub=A, b_ub=torch.tensor([1.0], dtype=torch.float64), bounds=(0, 0.75))
+        >>> [round(v, 6) for v in res.x.tolist()], round(float(res.fun), 6)
+        ([0.25, 0.75], -1.75)
+        >>> res.message
+        'SUCCESS: the solve met its tolerance.'
+        >>> bool(res.nit == res.iterations)
+        True
+    """
 
     @property
     def x(self) -> Tensor:

@@ -39,10 +39,26 @@ __all__ = ["LinOp", "ruiz_pock_chambolle"]
 
 
 class LinOp:
-    """A batch of constraint matrices with ``K x`` / ``Kᵀ y`` products.
+    r"""A batch of constraint matrices with ``K x`` / ``Kᵀ y`` products.
+
+    Computes :math:`(K_i x_i)_i` and :math:`(K_i^\top y_i)_i` for a batch, with one shared
+    :math:`K` for a sparse matrix or a dense one of batch size 1.
 
     Args:
         K: Dense ``(B|1, m, n)`` or sparse ``(m, n)`` (COO or CSR; shared by the batch).
+
+    Example:
+        A dense and a sparse operator give the same products:
+
+        >>> import torch
+        >>> from optlayers.solvers.lp import LinOp, ruiz_pock_chambolle
+        >>> K = torch.tensor([[[1.0, 100.0], [0.01, 1.0]]], dtype=torch.float64)  # (B, m, n) = (1, 2, 2)
+        >>> x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+        >>> LinOp(K).mv(x), LinOp(K).rmv(x)
+        (tensor([[201.0000,   2.0100]], dtype=torch.float64), tensor([[  1.0200, 102.0000]], dtype=torch.float64))
+        >>> S = LinOp(K[0].to_sparse())
+        >>> torch.allclose(S.mv(x), LinOp(K).mv(x)), torch.allclose(S.rmv(x), LinOp(K).rmv(x)), S.nnz
+        (True, True, 4)
     """
 
     def __init__(self, K: Tensor) -> None:
@@ -169,6 +185,20 @@ def ruiz_pock_chambolle(K: LinOp, q: Tensor | None = None, *, ruiz_iters: int = 
     Returns:
         ``(K̃, d_r, d_c)`` with ``d_r (b, m)``, ``d_c (b, n)`` where ``b`` is the operator's batch
         (1 for a sparse or shared dense matrix, unless ``q`` is batched).
+
+    Example:
+        Entries spread over four orders of magnitude come out within ``[0.49, 0.51]``, and
+        ``K̃ = D_r K D_c``:
+
+        >>> import torch
+        >>> from optlayers.solvers.lp import LinOp, ruiz_pock_chambolle
+        >>> K = torch.tensor([[[1.0, 100.0], [0.01, 1.0]]], dtype=torch.float64)  # (B, m, n) = (1, 2, 2)
+        >>> Kt, dr, dc = ruiz_pock_chambolle(LinOp(K))
+        >>> Kt.K
+        tensor([[[0.5000, 0.5011],
+                 [0.4989, 0.5000]]], dtype=torch.float64)
+        >>> torch.allclose(Kt.K, dr.unsqueeze(-1) * K * dc.unsqueeze(-2))
+        True
     """
     r0, c0 = K.abs_stats("max")
     dr = torch.ones_like(r0)

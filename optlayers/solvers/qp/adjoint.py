@@ -62,7 +62,13 @@ def _mtv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def qp_optimality(z: tuple[torch.Tensor, torch.Tensor, torch.Tensor], Q: torch.Tensor, p: torch.Tensor,
                   G: torch.Tensor, h: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
                   *extra: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """KKT residual ``F(z, θ)`` of a QP for ``z = (x, ν, λ)`` (see the module docstring).
+    r"""KKT residual ``F(z, θ)`` of a QP for ``z = (x, ν, λ)`` (see the module docstring).
+
+    .. math::
+
+        F(z, \theta) = \big(Qx + p + A^\top\nu + G^\top\lambda,\ \ Ax - b,\ \
+        (\lambda / \hat\lambda) \odot (Gx - h)\big), \qquad \hat\lambda = \operatorname{sg}(\lambda)
+        \text{ (1 where } \lambda \le 0).
 
     Non-finite entries of ``z`` (the NaN solutions of failed elements) are read as 0 so that a
     failed element contributes a zero, finite gradient when its cotangent is zero.
@@ -74,6 +80,24 @@ def qp_optimality(z: tuple[torch.Tensor, torch.Tensor, torch.Tensor], Q: torch.T
 
     Returns:
         The residual blocks, shaped like ``z``.
+
+    The value of the third block at an *inactive* constraint (whose ``λ`` the interior point
+    leaves tiny but positive, so ``λ/λ̂ = 1``) is ``Gx − h``, not 0; only the Jacobian
+    :math:`\partial_z F` (the KKT matrix) enters the gradients, and a constant shift does not
+    change it.
+
+    Example:
+        The residual vanishes at the interior point's solution when every constraint is active:
+
+        >>> import torch
+        >>> from optlayers.solvers.qp import solve_qp, qp_optimality
+        >>> Q = torch.eye(2, dtype=torch.float64); p = -torch.ones(2, dtype=torch.float64)
+        >>> G = torch.eye(2, dtype=torch.float64); h = torch.full((2,), 0.5, dtype=torch.float64)
+        >>> A, b = torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        >>> res = solve_qp(Q, p, G, h, A, b)
+        >>> F = qp_optimality((res.solution, res.aux.eq_dual, res.aux.ineq_dual), Q, p, G, h, A, b)
+        >>> [bool(torch.linalg.vector_norm(r) < 1e-9) for r in F]
+        [True, True, True]
     """
     x, nu, lam = (torch.where(torch.isfinite(t), t, torch.zeros_like(t)) for t in z)
     lam_c = lam.detach()
@@ -132,11 +156,32 @@ class _Entry:
 
 
 class KKTCache:
-    """The KKT data of the forward solves of one :func:`~optlayers.layers.qp` call.
+    r"""The KKT data of the forward solves of one :func:`~optlayers.layers.qp` call.
 
-    Each forward solve (one, or one per slice under ``torch.func.vmap``) appends its flat data,
+    It holds, per solve, what the KKT matrix at the solution needs,
+
+    .. math::
+
+        K = \begin{bmatrix} Q & A^\top & G^\top \\ A & 0 & 0 \\ G & 0 & -W \end{bmatrix},
+        \qquad W = \operatorname{diag}(s / \lambda),
+
+    and its factorizations once made. Each forward solve (one, or one per slice under
+    ``torch.func.vmap``) appends its flat data,
     the weights ``W = s/λ`` at its solution and a validity mask; factorizations are computed on
     the first gradient request and kept for every later solve of the same call.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.qp import KKTCache, solve_qp
+        >>> Q = torch.eye(2, dtype=torch.float64); p = -torch.ones(2, dtype=torch.float64)
+        >>> G = torch.eye(2, dtype=torch.float64); h = torch.full((2,), 0.5, dtype=torch.float64)
+        >>> A = torch.zeros(0, 2, dtype=torch.float64)
+        >>> res = solve_qp(Q, p, G, h)
+        >>> cache = KKTCache()
+        >>> cache.add(Q[None], A[None], G[None], res.aux.slack[None], res.aux.ineq_dual[None],
+        ...           delta=torch.full((1, 1), 1e-8, dtype=torch.float64), valid=torch.tensor([True]))
+        >>> len(cache.entries), bool((cache.entries[0].w < 1e-9).all())  # W = s/λ ≈ 0: both active
+        (1, True)
     """
 
     def __init__(self) -> None:
@@ -180,9 +225,12 @@ def _solve_lu(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class KKTSolve(LinearSolver):
-    """Solve the QP's KKT systems with factorizations of the KKT matrix at the solution.
+    r"""Solve the QP's KKT systems with factorizations of the KKT matrix at the solution.
 
-    First the regularized Cholesky factorization of :mod:`.kkt` with iterative refinement against
+    Solves :math:`K u = r` for the KKT matrix :math:`K` of :class:`KKTCache` (which is
+    :math:`\partial_z F` of :func:`qp_optimality`, and symmetric, so also its transpose) to
+    :math:`\lVert Ku - r\rVert \le \text{rtol}\,\lVert r\rVert`. First the regularized Cholesky
+    factorization of :mod:`.kkt` with iterative refinement against
     the exact operator; elements that miss the tolerance (strongly and weakly active constraints
     together make that elimination ill-conditioned) are re-solved with a batched LU of the
     symmetrically scaled full KKT matrix, whose entries stay bounded by the data. Both
@@ -199,6 +247,27 @@ class KKTSolve(LinearSolver):
 
     Elements whose forward solve failed (NaN solution) get a zero solution, so they contribute
     zero gradient.
+
+    Example:
+        A KKT system at the solution of ``min ½‖x‖² − 1ᵀx s.t. x ≤ ½``, solved with the cached
+        factorization and checked against a dense solve:
+
+        >>> import torch
+        >>> from optlayers.implicit.linear_solvers import LinearOperator
+        >>> from optlayers.solvers.qp import KKTCache, KKTSolve, solve_qp
+        >>> Q = torch.eye(2, dtype=torch.float64); p = -torch.ones(2, dtype=torch.float64)
+        >>> G = torch.eye(2, dtype=torch.float64); h = torch.full((2,), 0.5, dtype=torch.float64)
+        >>> res = solve_qp(Q, p, G, h)
+        >>> cache = KKTCache()
+        >>> cache.add(Q[None], torch.zeros(1, 0, 2, dtype=torch.float64), G[None], res.aux.slack[None],
+        ...           res.aux.ineq_dual[None], delta=torch.full((1, 1), 1e-8, dtype=torch.float64),
+        ...           valid=torch.tensor([True]))
+        >>> W = torch.diag(res.aux.slack / res.aux.ineq_dual)
+        >>> K = torch.cat([torch.cat([Q, G.T], 1), torch.cat([G, -W], 1)], 0)
+        >>> r = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+        >>> out = KKTSolve(cache=cache)(LinearOperator.from_dense(K[None]), r)
+        >>> bool(out.converged), torch.allclose(out.solution[0], torch.linalg.solve(K, r[0]))
+        (True, True)
     """
 
     cache: KKTCache = dataclasses.field(default_factory=KKTCache, compare=False, repr=False)

@@ -60,12 +60,29 @@ __all__ = ["InteriorPoint", "QPAux", "solve_qp", "warm_start_tensors"]
 @register_aux
 @dataclasses.dataclass(frozen=True)
 class QPAux:
-    """Dual solution and slack of a QP.
+    r"""Dual solution and slack of a QP.
+
+    At a solution of :math:`\min \tfrac12 x^\top Qx + p^\top x` s.t. :math:`Ax = b,\ Gx \le h`:
+    :math:`Qx + p + A^\top\nu + G^\top\lambda = 0`, :math:`s = h - Gx \ge 0`,
+    :math:`\lambda \ge 0` and :math:`\lambda \odot s = 0`.
 
     Attributes:
         ineq_dual: ``(*batch, m)`` multipliers ``λ ≥ 0`` of ``Gx ≤ h``.
         eq_dual: ``(*batch, p)`` multipliers ``ν`` of ``Ax = b``.
         slack: ``(*batch, m)`` the slack ``s = h - Gx ≥ 0``.
+
+    Example:
+        Both constraints of ``min ½‖x‖² − 1ᵀx s.t. x ≤ ½`` are active, with ``λ = 1 − x = ½``:
+
+        >>> import torch
+        >>> from optlayers.solvers.qp import solve_qp
+        >>> Q = torch.eye(2, dtype=torch.float64); p = -torch.ones(2, dtype=torch.float64)
+        >>> G = torch.eye(2, dtype=torch.float64); h = torch.full((2,), 0.5, dtype=torch.float64)
+        >>> aux = solve_qp(Q, p, G, h).aux
+        >>> aux.ineq_dual, aux.eq_dual.shape
+        (tensor([0.5000, 0.5000], dtype=torch.float64), torch.Size([0]))
+        >>> bool((aux.slack.abs() < 1e-9).all())
+        True
     """
 
     ineq_dual: torch.Tensor
@@ -453,6 +470,19 @@ def warm_start_tensors(init: Result | torch.Tensor | tuple | None
 
     Accepts a previous :class:`Result` with :class:`QPAux`, a primal tensor ``x0``, a tuple
     ``(x0, eq_dual0, ineq_dual0)`` or None.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.qp import solve_qp
+        >>> Q = torch.eye(2, dtype=torch.float64); p = -torch.ones(2, dtype=torch.float64)
+        >>> G = torch.eye(2, dtype=torch.float64); h = torch.full((2,), 0.5, dtype=torch.float64)
+        >>> res = solve_qp(Q, p, G, h)
+        >>> x0, nu0, lam0 = warm_start_tensors(res)
+        >>> x0, nu0.shape, lam0
+        (tensor([0.5000, 0.5000], dtype=torch.float64), torch.Size([0]),
+         tensor([0.5000, 0.5000], dtype=torch.float64))
+        >>> warm_start_tensors(torch.zeros(2))
+        (tensor([0., 0.]), None, None)
     """
     if init is None:
         return (None, None, None)
@@ -473,7 +503,14 @@ def solve_qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h:
              A: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
              solver: InteriorPoint | None = None, init: Result | torch.Tensor | None = None,
              throw: bool = True) -> Result[QPAux]:
-    """Solve a batch of QPs ``min ½xᵀQx + pᵀx s.t. Ax = b, Gx ≤ h`` (forward only).
+    r"""Solve a batch of QPs ``min ½xᵀQx + pᵀx s.t. Ax = b, Gx ≤ h`` (forward only).
+
+    .. math::
+
+        x^\star = \operatorname*{argmin}_x \tfrac12 x^\top Q x + p^\top x
+        \quad\text{s.t.}\quad Ax = b,\; Gx \le h, \qquad Q \succeq 0,
+
+    by the interior point of :class:`InteriorPoint` (stopping test in its docstring).
 
     A thin wrapper of :meth:`InteriorPoint.run` that raises on failure. It records no
     gradient; use :func:`optlayers.layers.qp` to differentiate the solution.
@@ -487,6 +524,26 @@ def solve_qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h:
 
     Returns:
         :class:`Result` with solution ``x`` and :class:`QPAux`.
+
+    Raises:
+        ConvergenceError: With ``throw=True``, when an element fails.
+
+    Example:
+        The projection of ``(1, 1)`` onto ``{x ≤ ½, x₁ + x₂ = ½}``, for a batch of two right-hand
+        sides, then warm-started from that result:
+
+        >>> import torch
+        >>> from optlayers.solvers.qp import solve_qp
+        >>> Q = torch.eye(2, dtype=torch.float64); p = -torch.ones(2, dtype=torch.float64)
+        >>> G = torch.eye(2, dtype=torch.float64); h = torch.full((2,), 0.5, dtype=torch.float64)
+        >>> A = torch.ones(1, 2, dtype=torch.float64); b = torch.tensor([[0.5], [1.0]], dtype=torch.float64)
+        >>> res = solve_qp(Q, p, G, h, A, b)
+        >>> res.solution, bool(res.converged.all())
+        (tensor([[0.2500, 0.2500],
+                [0.5000, 0.5000]], dtype=torch.float64), True)
+        >>> warm = solve_qp(Q, p, G, h, A, b, init=res)
+        >>> torch.allclose(warm.solution, res.solution), bool((warm.iterations <= res.iterations).all())
+        (True, True)
     """
     cfg = solver if solver is not None else InteriorPoint()
     res = cfg.run(Q, p, G, h, A, b, init=init)

@@ -77,9 +77,12 @@ def static_delta(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, B: int, reg:
 
 @dataclasses.dataclass
 class KKTFactor:
-    """Factorization of the regularized KKT matrix (see the module docstring).
+    r"""Factorization of the regularized KKT matrix (see the module docstring).
 
-    The equality and inequality rows are stacked into one constraint matrix ``C = [A; G]`` with
+    Holds the Cholesky factor :math:`L` of
+    :math:`H = Q + \delta I + C^\top \operatorname{diag}(d)\, C = L L^\top` with
+    :math:`C = [A; G]` and :math:`d = [1/\delta;\ 1/(W + \delta)]`. The equality and inequality
+    rows are stacked into one constraint matrix ``C = [A; G]`` with
     diagonal ``W_C = [0; W]``, so each product with the constraints is one batched matmul.
 
     Attributes:
@@ -91,6 +94,19 @@ class KKTFactor:
         L: ``(B, n, n)`` Cholesky factor of ``H = Q + δ I + Cᵀ diag(d) C``.
         delta: ``(B, 1)`` the static regularization.
         ok: ``(B,)`` bool, False where the factorization failed.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.qp import factor_kkt
+        >>> Q = torch.eye(3, dtype=torch.float64)[None]
+        >>> A = torch.ones(1, 1, 3, dtype=torch.float64); G = -torch.eye(3, dtype=torch.float64)[None]
+        >>> w, delta = torch.ones(1, 3, dtype=torch.float64), torch.full((1, 1), 1e-8, dtype=torch.float64)
+        >>> f = factor_kkt(Q, A, G, w, delta)
+        >>> f.L.shape, f.C.shape, f.k, bool(f.ok.all())
+        (torch.Size([1, 3, 3]), torch.Size([1, 4, 3]), 1, True)
+        >>> H = Q + 1e-8 * torch.eye(3, dtype=torch.float64) + f.C.mT @ torch.diag_embed(f.d) @ f.C
+        >>> torch.allclose(f.L @ f.L.mT, H)
+        True
     """
 
     Q: torch.Tensor
@@ -175,6 +191,25 @@ def factor_kkt(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tenso
 
     Returns:
         The :class:`KKTFactor`.
+
+    Example:
+        With ``Q`` only PSD and the static regularization ``δ = 10⁻⁸``, one refined solve matches a
+        dense solve of the unregularized ``K``:
+
+        >>> import torch
+        >>> from optlayers.solvers.qp import factor_kkt, kkt_matvec, solve_kkt
+        >>> Q = torch.tensor([[[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+        >>> A = torch.ones(1, 1, 3, dtype=torch.float64)   # (B, p, n) = (1, 1, 3)
+        >>> G = -torch.eye(3, dtype=torch.float64)[None]    # (1, 3, 3)
+        >>> w = torch.tensor([[0.5, 1.0, 2.0]], dtype=torch.float64)
+        >>> K = torch.zeros(7, 7, dtype=torch.float64)     # the dense K, to check against
+        >>> K[:3, :3], K[3:4, :3], K[:3, 3:4], K[4:, :3], K[:3, 4:] = Q[0], A[0], A[0].T, G[0], G[0].T
+        >>> K[4:, 4:] = -torch.diag(w[0])
+        >>> f = factor_kkt(Q, A, G, w, torch.full((1, 1), 1e-8, dtype=torch.float64))
+        >>> r = torch.arange(1.0, 8.0, dtype=torch.float64)
+        >>> x, y, z = solve_kkt(f, r[None, :3], r[None, 3:4], r[None, 4:])
+        >>> torch.allclose(torch.cat([x, y, z], -1)[0], torch.linalg.solve(K, r))
+        True
     """
     B = w.shape[0]
     n, k = Q.shape[-1], A.shape[-2]
@@ -235,7 +270,36 @@ def solve_kkt_c(f: KKTFactor, rx: torch.Tensor, rc: torch.Tensor, *, refine: int
 def kkt_matvec(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, w: torch.Tensor,
                x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The unregularized product ``K [x; y; z]``; vectors ``(B, k)`` or ``(B, k, r)``."""
+    r"""The unregularized product ``K [x; y; z]``; vectors ``(B, k)`` or ``(B, k, r)``.
+
+    .. math::
+
+        K \begin{bmatrix} x \\ y \\ z \end{bmatrix} =
+        \begin{bmatrix} Qx + A^\top y + G^\top z \\ Ax \\ Gx - Wz \end{bmatrix}.
+
+    Args:
+        Q, A, G: ``(B|1, n, n)``, ``(B|1, p, n)``, ``(B|1, m, n)``.
+        w: ``(B, m)`` the diagonal ``W``.
+        x, y, z: ``(B, n)``, ``(B, p)``, ``(B, m)`` (or with a trailing ``r`` dimension).
+
+    Returns:
+        The three blocks of ``K [x; y; z]``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.qp import factor_kkt, kkt_matvec, solve_kkt
+        >>> Q = torch.tensor([[[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+        >>> A = torch.ones(1, 1, 3, dtype=torch.float64)   # (B, p, n) = (1, 1, 3)
+        >>> G = -torch.eye(3, dtype=torch.float64)[None]    # (1, 3, 3)
+        >>> w = torch.tensor([[0.5, 1.0, 2.0]], dtype=torch.float64)
+        >>> K = torch.zeros(7, 7, dtype=torch.float64)     # the dense K, to check against
+        >>> K[:3, :3], K[3:4, :3], K[:3, 3:4], K[4:, :3], K[:3, 4:] = Q[0], A[0], A[0].T, G[0], G[0].T
+        >>> K[4:, 4:] = -torch.diag(w[0])
+        >>> v = torch.arange(1.0, 8.0, dtype=torch.float64)
+        >>> out = kkt_matvec(Q, A, G, w, v[None, :3], v[None, 3:4], v[None, 4:])
+        >>> torch.allclose(torch.cat(out, -1)[0], K @ v)
+        True
+    """
     ww = w if x.dim() == 2 else w.unsqueeze(-1)
     return (bmv(Q, x) + bmtv(A, y) + bmtv(G, z), bmv(A, x), bmv(G, x) - ww * z)
 
@@ -252,6 +316,26 @@ def solve_kkt(f: KKTFactor, rx: torch.Tensor, ry: torch.Tensor, rz: torch.Tensor
 
     Returns:
         ``(x, y, z)`` with the shapes of the right-hand sides.
+
+    Example:
+        Several right-hand sides at once (trailing dimension), against a dense solve of ``K``:
+
+        >>> import torch
+        >>> from optlayers.solvers.qp import factor_kkt, kkt_matvec, solve_kkt
+        >>> Q = torch.tensor([[[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+        >>> A = torch.ones(1, 1, 3, dtype=torch.float64)   # (B, p, n) = (1, 1, 3)
+        >>> G = -torch.eye(3, dtype=torch.float64)[None]    # (1, 3, 3)
+        >>> w = torch.tensor([[0.5, 1.0, 2.0]], dtype=torch.float64)
+        >>> K = torch.zeros(7, 7, dtype=torch.float64)     # the dense K, to check against
+        >>> K[:3, :3], K[3:4, :3], K[:3, 3:4], K[4:, :3], K[:3, 4:] = Q[0], A[0], A[0].T, G[0], G[0].T
+        >>> K[4:, 4:] = -torch.diag(w[0])
+        >>> f = factor_kkt(Q, A, G, w, torch.full((1, 1), 1e-8, dtype=torch.float64))
+        >>> R = torch.randn(7, 2, dtype=torch.float64)
+        >>> x, y, z = solve_kkt(f, R[None, :3], R[None, 3:4], R[None, 4:])
+        >>> x.shape, y.shape, z.shape
+        (torch.Size([1, 3, 2]), torch.Size([1, 1, 2]), torch.Size([1, 3, 2]))
+        >>> torch.allclose(torch.cat([x, y, z], -2)[0], torch.linalg.solve(K, R))
+        True
     """
     vec = rx.dim() == 2
     if vec:
