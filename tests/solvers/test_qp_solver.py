@@ -245,3 +245,19 @@ def test_unconstrained_and_equality_only_closed_form():
     torch.testing.assert_close(res.solution, sol[:, :4], atol=1e-10, rtol=0)
     torch.testing.assert_close(res.aux.eq_dual, sol[:, 4:], atol=1e-10, rtol=0)
     assert res.aux.ineq_dual.shape == (3, 0) and res.aux.slack.shape == (3, 0)
+
+
+@pytest.mark.parametrize("kind", ["ineq_only", "eq_only"])
+def test_warm_start_without_one_kind_of_constraint(kind):
+    """Warm starts work when the QP has no equalities (or no inequalities): empty duals."""
+    Q = torch.eye(2, dtype=torch.float64)
+    p = -torch.ones(2, dtype=torch.float64)
+    if kind == "ineq_only":
+        data = dict(G=torch.eye(2, dtype=torch.float64), h=torch.full((2,), 0.5, dtype=torch.float64))
+    else:
+        data = dict(A=torch.ones(1, 2, dtype=torch.float64), b=torch.ones(1, dtype=torch.float64))
+    cold = solve_qp(Q, p, **data)
+    warm = solve_qp(Q, p, **data, init=cold)
+    torch.testing.assert_close(warm.solution, cold.solution, atol=1e-7, rtol=0)
+    torch.testing.assert_close(warm.solution, torch.full((2,), 0.5, dtype=torch.float64), atol=1e-7, rtol=0)
+    assert int(warm.iterations) <= int(cold.iterations)

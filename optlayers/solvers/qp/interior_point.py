@@ -436,11 +436,11 @@ class InteriorPoint:
         x0, y0, z0 = warm_start_tensors(init)
         if x0 is not None:
             x = x0.to(dtype).reshape(-1, n).expand(Bn, n).clone()
-            y = (y0.to(dtype).reshape(-1, k).expand(Bn, k) if y0 is not None
+            y = (y0.to(dtype).reshape(-1, k).expand(Bn, k) if y0 is not None and k > 0
                  else torch.zeros(Bn, k, dtype=dtype, device=device))
             sl = (bh[..., k:] - bmv(G, x)).expand(Bn, m)
             s = torch.maximum(sl, 1e-2 * (1.0 + _amax(sl)).unsqueeze(-1))
-            if z0 is not None:
+            if z0 is not None and m > 0:
                 zf = z0.to(dtype).reshape(-1, m).expand(Bn, m)
                 z = torch.maximum(zf, 1e-2 * (1.0 + _amax(zf)).unsqueeze(-1))
             else:
