@@ -58,6 +58,7 @@ __all__ = [
     "last_backend",
     "registered_backends",
     "backend_available",
+    "forced_backend",
     "ENV_VAR",
 ]
 
@@ -141,6 +142,24 @@ def backend_available(backend: Backend | str) -> bool:
     if b in _BROKEN:
         return False
     return importlib.util.find_spec(_PACKAGE[b]) is not None
+
+
+def forced_backend() -> Backend | None:
+    """The backend forced by ``OPTLAYERS_KERNELS`` (None when unset or ``auto``).
+
+    Callers that can bypass a kernel altogether (e.g. Sinkhorn's matrix-vector iteration on a
+    stored cost) check this so that a forced backend really runs.
+
+    Raises:
+        ValueError: the variable names no backend.
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    if not env or env.lower() == "auto":
+        return None
+    try:
+        return Backend.parse(env)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {ENV_VAR}={env!r}: {exc}") from None
 
 
 def last_backend(kernel_name: str) -> Backend | None:

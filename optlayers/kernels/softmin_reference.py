@@ -102,8 +102,17 @@ class DenseSource(CostSource):
 
 def _sqdist_block(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Exact ``‖x_i − y_j‖²`` for ``x (B, r, d)``, ``y (B, m, d)`` (zero on identical points)."""
-    diff = x.unsqueeze(-2) - y.unsqueeze(-3)
-    return (diff * diff).sum(-1)
+    d = x.shape[-1]
+    if d > 8:
+        diff = x.unsqueeze(-2) - y.unsqueeze(-3)
+        return (diff * diff).sum(-1)
+    # one coordinate at a time: no (B, r, m, d) temporary
+    out = (x[..., :, None, 0] - y[..., None, :, 0]).square()
+    inplace = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
+    for k in range(1, d):
+        t = (x[..., :, None, k] - y[..., None, :, k]).square()
+        out = out.add_(t) if inplace else out + t
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

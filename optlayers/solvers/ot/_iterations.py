@@ -15,6 +15,13 @@ costs no extra pass. The returned ``(f, g)`` is the pair whose error was measure
 Also here: ε-annealing where every stage runs to its own tolerance, Anderson acceleration
 on ``f``, per-problem convergence masks (a converged problem is frozen while the others
 continue), non-finite detection and the balanced gauge normalization ``⟨a, f⟩ = ⟨b, g⟩``.
+
+Evaluation of the soft-min: through :mod:`optlayers.kernels` (``"ot.softmin"``: reference,
+Numba or Triton, ``OPTLAYERS_KERNELS`` forces one) — except, for a stored cost outside autograd
+and with no backend forced, as two matrix-vector products per iteration on a stabilized kernel
+(:mod:`._scaling`), which computes the same log-domain iterates to working precision and falls
+back to the dispatched soft-min (and re-absorbs the potentials) whenever it cannot vouch for a
+result.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from collections.abc import Callable
 import torch
 
 from ..._result import Result, Status
-from .geometry import Geometry
+from ...kernels import forced_backend
+from ...kernels.softmin_reference import DenseSource
+from ._scaling import MAX_ENTRIES, StabilizedKernel
+from .geometry import Geometry, _needs_autograd
 from .plan import safe_log
 
 __all__ = ["Anneal", "AndersonAcceleration", "solve_potentials", "default_tol", "lambdas"]
@@ -167,6 +177,18 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
     iters = torch.zeros(B, dtype=torch.int64, device=device)
     residual = torch.full((B,), math.inf, dtype=dtype, device=device)
 
+    # stored cost outside autograd: soft-mins as matrix-vector products on a stabilized kernel
+    # (exact to working precision, see _scaling.py) unless a kernel backend is forced
+    stored: torch.Tensor | None = None
+    # (it checks its results on the host, so the fixed-iteration mode check_every=None, which
+    # promises no host synchronisation, keeps the plain soft-min)
+    if (check_every is not None and not geom.is_online and B * n * b.shape[1] <= MAX_ENTRIES
+            and forced_backend() is None
+            and not _needs_autograd(a, b, eps, f0, *geom.tensors())):
+        src = geom.source(False)
+        if isinstance(src, DenseSource):
+            stored = src.cost
+
     f = torch.zeros(B, n, dtype=dtype, device=device) if f0 is None else f0.to(dtype)
     f = torch.where(finite[:, None], f, torch.zeros_like(f))
     g = torch.zeros(B, b.shape[1], dtype=dtype, device=device)
@@ -181,17 +203,31 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
                             torch.full_like(eps_k, anneal.stage_tol if anneal is not None else tol))
         lam_a, lam_b = lambdas(rho_a, eps_k), lambdas(rho_b, eps_k)
         e = eps_k[:, None]
+        sk = StabilizedKernel(stored, eps_k) if stored is not None else None
+        stale = [sk is not None]
+
+        def smin(h: torch.Tensor, axis: int, active: torch.Tensor, eps_k: torch.Tensor = eps_k,
+                 sk: StabilizedKernel | None = sk, stale: list[bool] = stale) -> torch.Tensor:
+            if sk is not None:
+                out = sk.softmin(h, axis, active)
+                if out is not None:
+                    return out
+                stale[0] = True  # computed exactly below; absorb the new potentials next
+            return geom.softmin(h, eps_k, axis=axis)
+
         frozen = done | failed  # finished problems do not move
         if symmetric:
             g = f
         else:
-            g = torch.where(frozen[:, None], g, lam_b * geom.softmin(f + e * loga, eps_k, axis=0))
+            g = torch.where(frozen[:, None], g, lam_b * smin(f + e * loga, 0, ~frozen))
         f_hist: list[torch.Tensor] = []
         r_hist: list[torch.Tensor] = []
         prev_err = torch.full((B,), math.inf, dtype=dtype, device=device)
         stage_iter = 0
         while True:
-            f_new = lam_a * geom.softmin(g + e * logb, eps_k, axis=1)
+            if sk is not None and stale[0]:
+                stale[0] = not sk.rebuild(f, g)
+            f_new = lam_a * smin(g + e * logb, 1, ~frozen)
             ratio_k = torch.exp((f - f_new) / e)
             err = (a * (ratio_k - 1.0).abs()).sum(-1)
             if symmetric:  # rows and columns of P(f, f) have the same error
@@ -234,7 +270,7 @@ def solve_potentials(geom: Geometry, a: torch.Tensor, b: torch.Tensor, eps: torc
             if symmetric:
                 g = f
             else:
-                g = torch.where(move[:, None], lam_b * geom.softmin(f + e * loga, eps_k, axis=0), g)
+                g = torch.where(move[:, None], lam_b * smin(f + e * loga, 0, move), g)
         if total >= max_iter and not last:
             # out of iterations before the last stage: report the current error as residual
             residual = torch.where(done, residual, err)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from ...kernels import softmin as _kernels
 from ...kernels.softmin_reference import (
     CallableSource,
     CostSource,
@@ -32,9 +33,7 @@ from ...kernels.softmin_reference import (
     PNormSource,
     SqEuclideanSource,
     block_rows,
-    kernel_apply_fast,
     kernel_apply_reference,
-    softmin_fast,
     softmin_reference,
 )
 
@@ -188,7 +187,8 @@ class Geometry:
         geom = self if axis == 1 else self.transpose()
         if _needs_autograd(h, eps, *geom.tensors()):
             return softmin_reference(geom.source(True), h, eps, block_elements=self.block_elements)
-        return softmin_fast(geom.source(False), h, eps, block_elements=self.block_elements)
+        # no autograd: the kernel chosen by optlayers.kernels.dispatch ("ot.softmin")
+        return _kernels.softmin(geom.source(False), h, eps, block_elements=self.block_elements)
 
     def kernel_apply(self, alpha: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor,
                      v: torch.Tensor) -> torch.Tensor:
@@ -196,8 +196,9 @@ class Geometry:
         if _needs_autograd(alpha, beta, eps, v, *self.tensors()):
             return kernel_apply_reference(self.source(True), alpha, beta, eps, v,
                                           block_elements=self.block_elements)
-        return kernel_apply_fast(self.source(False), alpha, beta, eps, v,
-                                 block_elements=self.block_elements)
+        # no autograd: the kernel chosen by optlayers.kernels.dispatch ("ot.kernel_apply")
+        return _kernels.kernel_apply(self.source(False), alpha, beta, eps, v,
+                                     block_elements=self.block_elements)
 
     def to_dense(self) -> torch.Tensor:
         """The cost matrix, ``(*batch, n, m)`` (differentiable). Only for small problems."""
@@ -274,6 +275,9 @@ class CostMatrix(Geometry):
         if differentiable:
             return DenseSource(c)
         if self._is_t not in self._cache:
+            other = self._cache.get(not self._is_t)
+            if other is not None:  # the transpose is a view of the cached matrix
+                return DenseSource(other.transpose(-1, -2))
             self._cache[self._is_t] = c.detach().contiguous()
         return DenseSource(self._cache[self._is_t])
 
@@ -358,6 +362,9 @@ class PointCloud(Geometry):
         if differentiable:
             return DenseSource(self._online_source().block(0, self.n))
         if self._is_t not in self._cache:
+            other = self._cache.get(not self._is_t)
+            if other is not None:  # the transpose is a view of the cached matrix
+                return DenseSource(other.transpose(-1, -2))
             with torch.no_grad():
                 self._cache[self._is_t] = self._online_source().block(0, self.n).contiguous()
         return DenseSource(self._cache[self._is_t])

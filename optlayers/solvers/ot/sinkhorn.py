@@ -213,6 +213,9 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
     aw = _weights(a, mask_a, batch, n, dtype, device, "a")
     bw = _weights(b, mask_b, batch, m, dtype, device, "b")
     flat = geom.rebuild(tuple(t.reshape(B, *t.shape[len(batch):]) for t in geom.tensors()))
+    if type(flat) is type(geom) and hasattr(geom, "_cache") and not getattr(geom, "_is_t", True):
+        # the stored (flat, detached) cost is the same for both: build it once
+        flat._cache = geom._cache  # type: ignore[attr-defined]
     af, bf = aw.reshape(B, n), bw.reshape(B, m)
     if rho_a is None and rho_b is None and not _transforms_active():
         gap = (af.sum(-1) - bf.sum(-1)).abs()
