@@ -108,6 +108,7 @@ EXAMPLES_REQUIRED = (
     "optlayers.layers.physics", "optlayers.solvers.pde", "optlayers.solvers.projections",
     "optlayers.solvers.prox", "optlayers.solvers.lp", "optlayers.solvers.dual", "optlayers.layers.constrained",
     "optlayers.solvers.qp", "optlayers.layers.qp",
+    "optlayers.solvers.sparse_ot", "optlayers.layers.sparse_ot",
 )
 
 

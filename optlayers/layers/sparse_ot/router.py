@@ -49,7 +49,15 @@ _MODES = ("expert", "token")
 @register_aux
 @dataclasses.dataclass(frozen=True)
 class RoutingAux:
-    """Extras of :func:`sparse_ot_route` (leading dimensions: the groups).
+    r"""Extras of :func:`sparse_ot_route` (leading dimensions: the groups).
+
+    From the slot tensor :math:`D` (``dispatch``, ``(G, S, E, capacity)``) and the plan :math:`P`:
+
+    .. math::
+
+        \text{expert\_load}_e = \sum_{s, c} D_{sec}, \qquad
+        \text{dropped} = \#\{s : \textstyle\sum_{e, c} D_{sec} = 0\}, \qquad
+        \text{marginal\_violation} = \lVert P1 - 1\rVert_1 + \lVert P^\top 1 - \tfrac{S}{E}1\rVert_1 .
 
     Attributes:
         plan: The token-to-expert :class:`SparseTransportPlan` ``(G, S, E)``.
@@ -58,6 +66,19 @@ class RoutingAux:
         dropped: Tokens dispatched to no expert, ``(G,)``.
         marginal_violation: ``‖P1 − 1‖₁ + ‖Pᵀ1 − S/E‖₁`` per group.
         capacity: Slots per expert (int64, 0-d).
+
+    Example:
+        >>> import torch
+        >>> logits = torch.randn(2, 16, 4, dtype=torch.float64)
+        >>> res = sparse_ot_route(logits, capacity=5)
+        >>> dispatch, combine = res.solution
+        >>> aux = res.aux
+        >>> int(aux.capacity), torch.equal(aux.expert_load, dispatch.sum((1, 3)))
+        (5, True)
+        >>> bool((aux.expert_load <= aux.capacity).all()), tuple(aux.dropped.shape)
+        (True, (2,))
+        >>> torch.allclose(combine.sum(-1), aux.plan.to_dense())  # combine holds the plan entries
+        True
     """
 
     plan: SparseTransportPlan
@@ -86,7 +107,19 @@ def sparse_ot_route(logits: torch.Tensor, *, sparsity: str = "expert", capacity:
                     formulation: str = "semi_dual", solver: DualLBFGS | DualAdam | str = "lbfgs",
                     tol: float | None = None, adjoint: ImplicitAdjoint | None = None,
                     throw: bool = True) -> Result[RoutingAux]:
-    """Route tokens to experts by sparsity-constrained OT (see the module docstring).
+    r"""Route tokens to experts by sparsity-constrained OT (see the module docstring).
+
+    Per group, with ``S`` tokens and ``E`` experts, the plan is
+
+    .. math::
+
+        P = \operatorname*{arg\,min}_{P \ge 0,\ P1 = 1,\ P^\top 1 = (S/E)1}
+            -\langle \mathrm{logits}, P\rangle + \frac{\gamma}{2}\lVert P\rVert^2
+            \quad\text{s.t.}\quad \lVert P_{:, e}\rVert_0 \le \mathrm{capacity}\ \forall e
+            \ \ (\text{or } \lVert P_{s, :}\rVert_0 \le k\ \forall s),
+
+    and ``combine[s, e, c] = P_se`` at the slot ``c`` token ``s`` takes at expert ``e``
+    (``dispatch`` is 1 there).
 
     Args:
         logits: Router scores ``(*groups, S, E)`` (higher is better); gradients flow to them.
@@ -120,7 +153,11 @@ def sparse_ot_route(logits: torch.Tensor, *, sparsity: str = "expert", capacity:
         >>> dispatch, combine = sparse_ot_route(logits, capacity=5).solution
         >>> tuple(combine.shape), bool((dispatch.sum((1, 3)) <= 5).all())
         ((2, 16, 4, 5), True)
-        >>> combine.sum().backward()
+        >>> torch.allclose(combine.sum((1, 3)), torch.full((2, 4), 16 / 4, dtype=torch.float64))  # Pᵀ1 = S/E
+        True
+        >>> (combine * torch.randn(2, 16, 4, 5, dtype=torch.float64)).sum().backward()
+        >>> tuple(logits.grad.shape)
+        (2, 16, 4)
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or not logits.is_floating_point():
         raise ValueError("logits must be a floating tensor of shape (*groups, S, E)")
@@ -175,11 +212,18 @@ def sparse_ot_route(logits: torch.Tensor, *, sparsity: str = "expert", capacity:
 
 def topk_gating(logits: torch.Tensor, k: int = 1, *, capacity: int | None = None,
                 capacity_factor: float = 1.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-``k`` softmax gating baseline (GShard/Switch) in the same layout.
+    r"""The top-``k`` softmax gating baseline (GShard/Switch) in the same layout.
 
     Each token picks its ``k`` highest-scoring experts; slots are given first come, first served
     (by token order) up to ``capacity`` per expert, overflow tokens are dropped; ``combine`` holds
-    the softmax probabilities of the kept assignments.
+    the softmax probabilities of the kept assignments:
+
+    .. math::
+
+        A_{se} = [e \in \operatorname{top}_k(\mathrm{logits}_s)], \quad
+        c_{se} = \sum_{s' < s} A_{s'e}, \quad
+        D_{sec} = A_{se} [c = c_{se} < \text{capacity}], \quad
+        \text{combine}_{sec} = D_{sec}\, \operatorname{softmax}(\mathrm{logits}_s)_e .
 
     Args:
         logits: ``(*groups, S, E)``.
@@ -192,9 +236,15 @@ def topk_gating(logits: torch.Tensor, k: int = 1, *, capacity: int | None = None
 
     Example:
         >>> import torch
-        >>> d, c = topk_gating(torch.randn(2, 16, 4), k=1)
-        >>> tuple(d.shape)
-        (2, 16, 4, 5)
+        >>> logits = torch.randn(2, 16, 4, dtype=torch.float64)
+        >>> d, c = topk_gating(logits, k=1)
+        >>> tuple(d.shape), bool((d.sum((2, 3)) <= 1).all()), bool((d.sum((1, 3)) <= 5).all())
+        ((2, 16, 4, 5), True, True)
+        >>> kept = d.sum(-1) > 0   # the top-1 expert of each token that found a slot
+        >>> torch.equal(kept.nonzero()[:, 2], logits.argmax(-1)[kept.any(-1)])
+        True
+        >>> torch.allclose(c.sum(-1), torch.softmax(logits, -1) * d.sum(-1))
+        True
     """
     groups = tuple(logits.shape[:-2])
     S, E = logits.shape[-2], logits.shape[-1]
@@ -209,12 +259,17 @@ def topk_gating(logits: torch.Tensor, k: int = 1, *, capacity: int | None = None
 
 
 class SparseOTRouter(nn.Module):
-    """Token-to-expert router by sparsity-constrained OT, batched over token groups.
+    r"""Token-to-expert router by sparsity-constrained OT, batched over token groups.
 
     ``router(x)`` with ``x (*groups, S, d_model)`` returns ``(dispatch, combine)`` of shape
     ``(*groups, S, num_experts, capacity)``; :meth:`solve` returns the full :class:`Result`
     (flags per group, :class:`RoutingAux` with loads and the plan). The gate is a bias-free
-    linear map ``logits = x Wᵀ``; its weight gets gradients through ``combine``.
+    linear map ``logits = x Wᵀ``; its weight gets gradients through ``combine``:
+
+    .. math::
+
+        (\text{dispatch}, \text{combine}) = \text{sparse\_ot\_route}(x W^\top), \qquad
+        \frac{\partial L}{\partial W} = \Big(\frac{\partial L}{\partial\, \mathrm{logits}}\Big)^{\!\top} x .
 
     Args:
         d_model: Token dimension.
@@ -224,10 +279,14 @@ class SparseOTRouter(nn.Module):
 
     Example:
         >>> import torch
-        >>> router = SparseOTRouter(8, 4, capacity_factor=1.25)
-        >>> dispatch, combine = router(torch.randn(2, 16, 8))
-        >>> tuple(dispatch.shape)
-        (2, 16, 4, 5)
+        >>> router = SparseOTRouter(8, 4, capacity_factor=1.25).double()
+        >>> x = torch.randn(2, 16, 8, dtype=torch.float64)
+        >>> dispatch, combine = router(x)
+        >>> tuple(dispatch.shape), int(router.solve(x).aux.capacity)   # ceil(1.25 · 16 / 4) slots
+        ((2, 16, 4, 5), 5)
+        >>> (combine * torch.randn(2, 16, 4, 5, dtype=torch.float64)).sum().backward()
+        >>> tuple(router.gate.weight.grad.shape)
+        (4, 8)
     """
 
     def __init__(self, d_model: int, num_experts: int, *, sparsity: str = "expert", capacity: int | None = None,

@@ -21,7 +21,19 @@ _AXES = ("column", "row")
 
 
 class SparseTransportPlan:
-    """Sparse transport plans ``P (*batch, n, m)`` with at most ``w`` nonzeros per column (or row).
+    r"""Sparse transport plans ``P (*batch, n, m)`` with at most ``w`` nonzeros per column (or row).
+
+    For ``axis="column"`` the stored entries are
+
+    .. math::
+
+        P_{I_{jl},\, j} = V_{jl}, \qquad l = 1, \dots, w,
+
+    (``I = indices``, ``V = values``), every other entry of column ``j`` being zero; for
+    ``axis="row"``, :math:`P_{i,\, I_{il}} = V_{il}`. Products, marginals and costs cost
+    :math:`O(Lw)`: :math:`(Pv)_i = \sum_{j, l:\, I_{jl} = i} V_{jl} v_j`,
+    :math:`(P^\top u)_j = \sum_l V_{jl} u_{I_{jl}}`, :math:`\langle C, P\rangle = \sum_{j,l}
+    V_{jl} C_{I_{jl}, j}`.
 
     Attributes:
         indices: ``(*batch, L, w)`` int64; ``L = m`` (row indices of each column) for
@@ -31,12 +43,31 @@ class SparseTransportPlan:
         cost: The cost ``C (*batch, n, m)`` the plan was computed for, or None.
 
     Example:
+        A ``3 × 2`` plan stored by column (the last slot of column 1 is padding):
+
         >>> import torch
+        >>> idx = torch.tensor([[0, 2], [1, 0]])
+        >>> val = torch.tensor([[0.25, 0.25], [0.5, 0.0]], dtype=torch.float64)
+        >>> P = SparseTransportPlan(idx, val, 3, 2, "column")
+        >>> P.to_dense()
+        tensor([[0.2500, 0.0000],
+                [0.0000, 0.5000],
+                [0.2500, 0.0000]], dtype=torch.float64)
+        >>> P.nnz(), P.marginals()[0]
+        (tensor([2, 1]), tensor([0.2500, 0.5000, 0.2500], dtype=torch.float64))
+        >>> v = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> torch.allclose(P.matvec(v), P.to_dense() @ v), torch.equal(P.T.to_dense(), P.to_dense().T)
+        (True, True)
+
+        The plans :func:`sparse_ot` returns:
+
         >>> from optlayers.solvers.sparse_ot import sparse_ot
         >>> C = torch.rand(6, 5, dtype=torch.float64)
         >>> P = sparse_ot(None, None, C, k=2, gamma=0.1).aux.plan
         >>> bool((P.nnz() <= 2).all()), tuple(P.to_dense().shape)
         (True, (6, 5))
+        >>> torch.allclose(P.transport_cost(), (C * P.to_dense()).sum())
+        True
     """
 
     def __init__(self, indices: torch.Tensor, values: torch.Tensor, n: int, m: int, axis: str = "column",

@@ -63,7 +63,17 @@ _SOLVERS: dict[str, Callable[[], DualLBFGS | DualAdam]] = {"lbfgs": DualLBFGS, "
 @register_aux
 @dataclasses.dataclass(frozen=True)
 class SparseOTAux:
-    """Extras of :func:`sparse_ot` (tensors of the batch shape unless said otherwise).
+    r"""Extras of :func:`sparse_ot` (tensors of the batch shape unless said otherwise).
+
+    For the returned plan :math:`P` and potentials :math:`(f, g)`,
+
+    .. math::
+
+        \text{primal\_value} = \langle C, P\rangle + \tfrac{\gamma}{2}\lVert P\rVert_F^2
+        \;\ge\; \text{value} = D(f, g),
+        \qquad \text{marginal\_violation} = \lVert P1 - a\rVert_1 + \lVert P^\top 1 - b\rVert_1,
+
+    with equality of the first two (and no violation, up to ``tol``) when ``k`` does not bind.
 
     Attributes:
         plan: The :class:`SparseTransportPlan` (``to_dense()`` on request).
@@ -76,6 +86,23 @@ class SparseOTAux:
         k: The cardinality bound used (``k`` clipped to the column length; that length for
             ``k=None``), int64.
         gamma: The regularization ``γ``.
+
+    Example:
+        With ``k=2`` nonzeros per column of a ``6 × 4`` plan the constraint binds: the dual value
+        is a lower bound and a marginal violation remains (it is reported, not hidden):
+
+        >>> import torch
+        >>> from optlayers.solvers.sparse_ot import sparse_ot
+        >>> C = torch.rand(6, 4, dtype=torch.float64)
+        >>> aux = sparse_ot(None, None, C, k=2, gamma=0.1).aux
+        >>> P = aux.plan.to_dense()
+        >>> torch.allclose(aux.primal_value, (C * P).sum() + 0.05 * (P * P).sum())
+        True
+        >>> bool(aux.value <= aux.primal_value), int(aux.max_nnz), int(aux.k)
+        (True, 2, 2)
+        >>> r, c = aux.plan.marginals()
+        >>> torch.allclose(aux.marginal_violation, (r - 1 / 6).abs().sum() + (c - 1 / 4).abs().sum())
+        True
     """
 
     plan: SparseTransportPlan
@@ -135,7 +162,17 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
 
     Minimises ``⟨C, P⟩ + (γ/2)‖P‖²`` over transport plans with at most ``k`` nonzeros in each
     column (``sparsity="column"``) or row (``"row"``); see the module docstring for the
-    formulations, limits and gradients.
+    formulations, limits and gradients. For column sparsity the semi-dual maximised is
+
+    .. math::
+
+        \max_{f \in \mathbb R^n}\ \langle f, a\rangle - \sum_j
+        \max_{t \in \Delta_{b_j},\ \lVert t\rVert_0 \le k}
+        \Big[\langle t,\ f - C_{:, j}\rangle - \tfrac{\gamma}{2}\lVert t\rVert^2\Big],
+        \qquad P_{:, j} = \Pi_{k, b_j}\big((f - C_{:, j})/\gamma\big),
+
+    the inner maximiser being the ``k``-sparse projection onto the simplex of mass :math:`b_j`
+    (:func:`sparse_simplex_projection`).
 
     Stopping test (per problem): the L1 marginal violation of the (semi-)dual gradient,
     ``‖P1 − a‖₁`` (semi-dual, column sparsity; ``‖Pᵀ1 − b‖₁`` for rows) or
@@ -179,7 +216,13 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
         >>> res = sparse_ot(None, None, C, k=2, gamma=0.05)
         >>> bool((res.aux.plan.nnz() <= 2).all())
         True
-        >>> res.aux.transport_cost.backward()   # implicit gradient with respect to C
+        >>> res.aux.value.backward()   # envelope theorem: the gradient of the dual value is P
+        >>> torch.allclose(C.grad, res.aux.plan.to_dense())
+        True
+        >>> C.grad = None
+        >>> res.aux.transport_cost.backward()   # implicit gradient through the potentials
+        >>> tuple(C.grad.shape)
+        (8, 6)
     """
     if not isinstance(C, torch.Tensor) or C.dim() < 2 or not C.is_floating_point():
         raise ValueError(f"C must be a floating tensor of shape (*batch, n, m), got "
@@ -361,6 +404,9 @@ def quadratic_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor
         >>> res = quadratic_ot(None, None, torch.rand(5, 4, dtype=torch.float64), gamma=0.1)
         >>> bool(torch.isclose(res.aux.value, res.aux.primal_value))
         True
+        >>> rows, cols = res.aux.plan.marginals()   # P1 = a, Pᵀ1 = b (uniform here)
+        >>> torch.allclose(rows, torch.full_like(rows, 1 / 5)), torch.allclose(cols, torch.full_like(cols, 1 / 4))
+        (True, True)
     """
     return sparse_ot(a, b, C, k=None, gamma=gamma, sparsity="column", formulation=formulation, solver=solver,
                      tol=tol, adjoint=adjoint, backend=backend, callback=callback, throw=throw)
