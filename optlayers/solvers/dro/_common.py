@@ -44,6 +44,10 @@ class Solved:
     converged: Tensor
     iterations: Tensor
     residual: Tensor
+    #: every row converged by construction (a closed form): the front end skips the check
+    closed_form: bool = False
+    #: ``penalty`` is identically zero (a ball): the front end skips the subtraction
+    zero_penalty: bool = False
 
 
 def exact(p: Tensor, *, penalty: Tensor | None = None, eta: Tensor | None = None,
@@ -60,6 +64,8 @@ def exact(p: Tensor, *, penalty: Tensor | None = None, eta: Tensor | None = None
         converged=torch.ones(B, dtype=torch.bool, device=p.device),
         iterations=torch.zeros(B, dtype=torch.int64, device=p.device),
         residual=(p.sum(-1) - 1.0).abs(),
+        closed_form=True,
+        zero_penalty=penalty is None,
     )
 
 

@@ -26,13 +26,16 @@ weights are over the ``n`` losses and the Danskin gradient includes :math:`\nabl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ...kernels import Backend, dispatch, register
 from ._common import Solved, argmax_uniform, exact, newton_bisect, row_dot
 
-__all__ = ["holistic_poisoned_weights", "solve_holistic"]
+__all__ = ["holistic_poisoned_weights", "solve_holistic", "holistic_root_reference"]
 
 
 def holistic_poisoned_weights(L: Tensor, alpha: float) -> Tensor:
@@ -61,7 +64,46 @@ def holistic_poisoned_weights(L: Tensor, alpha: float) -> Tensor:
     return torch.where(below, torch.zeros_like(L), q).clamp(min=0.0)
 
 
-def solve_holistic(L: Tensor, alpha: float, r: float, *, tol: float, max_iter: int) -> Solved:
+def _parts(delta: Tensor, q: Tensor, alpha: float, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y = delta * torch.exp(-u)[:, None]
+    lg = torch.log(y + 1.0)
+    w = (y + 1.0).reciprocal_()
+    qw = q * w
+    G1 = row_dot(q, lg)  # sum_i q_i log(1 + y_i); the extra atom adds 0
+    h = qw.sum(1) + alpha
+    k2 = row_dot(qw, w) + alpha
+    return G1, h, k2, qw
+
+
+def holistic_root_reference(delta: Tensor, q: Tensor, alpha: float, r: float, u0: Tensor, active: Tensor, *,
+                            tol: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""The search of :func:`solve_holistic` (PyTorch reference of the kernel ``"dro.holistic_root"``):
+    root of :math:`g(u) = r - \sum_i q_i\log(1+y_i) - \log(\alpha + \sum_i q_i/(1+y_i))`,
+    :math:`y_i = \delta_i e^{-u}`, feasible side ``hi``. Returns ``(lo, hi, residual, converged,
+    iterations)`` of :func:`._common.newton_bisect`."""
+
+    def fn(u: Tensor) -> tuple[Tensor, Tensor]:
+        G1, h, k2, _ = _parts(delta, q, alpha, u)
+        return r - G1 - torch.log(h), (k2 - h * h) / h  # increasing in u; >= 0 is the feasible side
+
+    inf = torch.full_like(u0, math.inf)
+    _, lo, hi, res, conv, iters = newton_bisect(fn, -inf, inf, u0, tol=tol, max_iter=max_iter, feasible="hi",
+                                                active=active, xmin=-700.0, xmax=700.0)
+    return lo, hi, res, conv, iters
+
+
+def _load_numba() -> Callable[..., Any]:
+    from ...kernels.dro_kernels import holistic_root_numba
+
+    return holistic_root_numba
+
+
+register("dro.holistic_root", Backend.REFERENCE, lambda: holistic_root_reference)
+register("dro.holistic_root", Backend.NUMBA, _load_numba)
+
+
+def solve_holistic(L: Tensor, alpha: float, r: float, *, tol: float, max_iter: int,
+                   backend: Backend | str | None = None) -> Solved:
     r"""HR weights. Duals: ``eta`` = :math:`\eta^\star`, ``lam`` = :math:`\lambda =
     e^{-r}\prod_i(\eta^\star-v_i)^{q_i}` (so :math:`p_i = \lambda q_i/(\eta^\star - v_i)`);
     divergence :math:`\mathrm{KL}(q\|p)` over the ``n + 1`` atoms.
@@ -69,7 +111,8 @@ def solve_holistic(L: Tensor, alpha: float, r: float, *, tol: float, max_iter: i
     The root-find works with :math:`y_i = \delta_i e^{-u}` (:math:`\delta_i = (v_{\max}-v_i)/R`):
     :math:`g(u) = r - \sum_i q_i\log(1+y_i) - \log\sum_i q_i/(1+y_i)` and
     :math:`g'(u) = (\sum_i q_i w_i^2 - h^2)/h` with :math:`w_i = 1/(1+y_i)`,
-    :math:`h = \sum_i q_i w_i` (the :math:`u` terms cancel exactly).
+    :math:`h = \sum_i q_i w_i` (the :math:`u` terms cancel exactly). It is the kernel
+    ``"dro.holistic_root"`` (PyTorch reference, Numba on the CPU).
     """
     B, n = L.shape
     q = holistic_poisoned_weights(L, alpha)
@@ -87,28 +130,14 @@ def solve_holistic(L: Tensor, alpha: float, r: float, *, tol: float, max_iter: i
     Rs = torch.where(flat, torch.ones_like(R), R)
     delta = (lmax[:, None] - L) / Rs[:, None]  # in [0, 1]; the extra atom (delta = 0) is added by hand
 
-    def parts(u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        y = delta * torch.exp(-u)[:, None]
-        lg = torch.log(y + 1.0)
-        w = (y + 1.0).reciprocal_()
-        qw = q * w
-        G1 = row_dot(q, lg)  # sum_i q_i log(1 + y_i); the extra atom adds 0
-        h = qw.sum(1) + alpha
-        k2 = row_dot(qw, w) + alpha
-        return G1, h, k2, qw
-
-    def fn(u: Tensor) -> tuple[Tensor, Tensor]:
-        G1, h, k2, _ = parts(u)
-        return r - G1 - torch.log(h), (k2 - h * h) / h  # increasing in u; >= 0 is the feasible side
-
     active = ~flat
     var = (q * delta * delta).sum(1) - (q * delta).sum(1) ** 2
     u0 = 0.5 * torch.log((var / (2.0 * r)).clamp(min=1e-300))
-    inf = torch.full_like(u0, math.inf)
-    _, lo, hi, res, conv, iters = newton_bisect(fn, -inf, inf, u0, tol=tol, max_iter=max_iter, feasible="hi",
-                                                active=active, xmin=-700.0, xmax=700.0)
+    root = dispatch("dro.holistic_root", backend=backend, device=L.device, size=n)
+    _, hi, res, conv, iters = root(delta, q, alpha, r, u0, active, tol=tol, max_iter=max_iter)
+    hi, res, conv, iters = hi.to(L.device), res.to(L.device), conv.to(L.device), iters.to(L.device)
     u = torch.where(torch.isfinite(hi), hi, u0)
-    G1, h, _, qw = parts(u)
+    G1, h, _, qw = _parts(delta, q, alpha, u)
     p = qw / h[:, None] + (alpha / h)[:, None] * pmax
     lam = Rs * torch.exp(u + G1 - r)
     eta = lmax + Rs * torch.exp(u)

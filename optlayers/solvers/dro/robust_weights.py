@@ -132,7 +132,7 @@ def solve_flat(L: Tensor, spec: DROSpec, *, tol: float, max_iter: int,
     if isinstance(spec, ChiSquarePenalty):
         return solve_chi2_penalty(L, spec.lam)
     if isinstance(spec, KLBall):
-        return solve_kl_ball(L, spec.rho, tol=tol, max_iter=max_iter)
+        return solve_kl_ball(L, spec.rho, tol=tol, max_iter=max_iter, backend=backend)
     if isinstance(spec, KLPenalty):
         return solve_kl_penalty(L, spec.lam, optimistic=spec.optimistic)
     if isinstance(spec, CressieRead):
@@ -141,7 +141,7 @@ def solve_flat(L: Tensor, spec: DROSpec, *, tol: float, max_iter: int,
     if isinstance(spec, Spectral):
         return solve_spectral(L, spec, backend=backend)
     if isinstance(spec, HolisticRobust):
-        return solve_holistic(L, spec.alpha, spec.r, tol=tol, max_iter=max_iter)
+        return solve_holistic(L, spec.alpha, spec.r, tol=tol, max_iter=max_iter, backend=backend)
     raise TypeError(
         f"unknown DRO spec {type(spec).__name__}; expected one of CVaR, TotalVariation, "
         "ChiSquareBall, ChiSquarePenalty, KLBall, KLPenalty, CressieRead, Spectral, HolisticRobust")
@@ -189,34 +189,47 @@ def robust_weights(losses: Tensor, spec: DROSpec, *, tol: float | None = None, m
     tol_ = _default_tol(losses.dtype, tol)
     batch = losses.shape[:-1]
     n = losses.shape[-1]
+    dt = losses.dtype
     with torch.no_grad():
         L = losses.detach().reshape(-1, n).to(torch.float64)
-        finite = torch.isfinite(L).all(1)
-        all_finite = bool(finite.all())
-        Ls = L if all_finite else torch.where(finite[:, None], L, torch.zeros_like(L))
+        # one reduction and one host sync: a finite sum means every entry is finite (float64 sums
+        # of finite losses do not overflow in practice; if one does, the exact check below runs)
+        all_finite = math.isfinite(float(L.sum()))
+        finite = None
+        if not all_finite:
+            finite = torch.isfinite(L).all(1)
+            all_finite = bool(finite.all())
+        Ls = L if finite is None or all_finite else torch.where(finite[:, None], L, torch.zeros_like(L))
         sol = solve_flat(Ls.contiguous(), spec, tol=tol_, max_iter=max_iter, backend=backend)
         p = sol.p
         conv = sol.converged
         res = sol.residual
-        status = torch.where(conv, torch.zeros_like(conv, dtype=torch.int64),
-                             torch.full_like(conv, int(Status.MAX_ITER), dtype=torch.int64))
+        status = torch.where(conv, 0, int(Status.MAX_ITER))
         if not all_finite:
+            assert finite is not None
             p = torch.where(finite[:, None], p, torch.full_like(p, math.nan))
             conv = conv & finite
             res = torch.where(finite, res, torch.full_like(res, math.nan))
             status = torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
-        p_out = p.to(losses.dtype).reshape(losses.shape)
-    value = (p_out * losses).sum(-1) - sol.penalty.to(losses.dtype).reshape(batch)
+        p_out = p.to(dt).reshape(losses.shape)
+    value = torch.linalg.vecdot(p_out, losses)
+    if not sol.zero_penalty:
+        value = value - sol.penalty.to(dt).reshape(batch)
     aux = DROAux(
         value=value,
-        dual=DRODual(eta=sol.eta.to(losses.dtype).reshape(batch), lam=sol.lam.to(losses.dtype).reshape(batch)),
-        divergence=sol.divergence.to(losses.dtype).reshape(batch),
+        dual=DRODual(eta=_out(sol.eta, dt, batch), lam=_out(sol.lam, dt, batch)),
+        divergence=_out(sol.divergence, dt, batch),
     )
     result = Result(solution=p_out, converged=conv.reshape(batch), iterations=sol.iterations.reshape(batch),
-                    residual=res.to(losses.dtype).reshape(batch), status=status.reshape(batch), aux=aux)
+                    residual=_out(res, dt, batch), status=status.reshape(batch), aux=aux)
+    if sol.closed_form and all_finite:  # every row converged by construction: nothing can raise
+        return result
     return raise_if_failed(f"robust_weights[{type(spec).__name__}]", result, throw, tol=tol_,
                            max_iter=max_iter)
 
+
+def _out(t: Tensor, dtype: torch.dtype, batch: torch.Size) -> Tensor:
+    return (t if t.dtype == dtype else t.to(dtype)).reshape(batch)
 
 def _chi2_dual(L: Tensor, eta: Tensor, mu: Tensor, rho: float, lam: float) -> Tensor:
     n = L.shape[-1]
