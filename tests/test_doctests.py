@@ -109,6 +109,8 @@ EXAMPLES_REQUIRED = (
     "optlayers.solvers.prox", "optlayers.solvers.lp", "optlayers.solvers.dual", "optlayers.layers.constrained",
     "optlayers.solvers.qp", "optlayers.layers.qp",
     "optlayers.solvers.sparse_ot", "optlayers.layers.sparse_ot",
+    "optlayers.solvers.ot", "optlayers.layers.ot", "optlayers.kernels",
+    "optlayers.solvers.dro", "optlayers.layers.dro",
 )
 
 

@@ -66,7 +66,18 @@ ENV_VAR = "OPTLAYERS_KERNELS"
 
 
 class Backend(enum.Enum):
-    """Implementations a kernel may have."""
+    """Implementations a kernel may have.
+
+    ``REFERENCE`` is the PyTorch specification (any device, differentiable ops), ``NUMBA`` a
+    compiled CPU loop, ``TRITON`` a CUDA kernel; all compute the same function.
+
+    Example:
+        >>> from optlayers.kernels import Backend
+        >>> Backend.parse("Numba")
+        <Backend.NUMBA: 'numba'>
+        >>> [b.value for b in Backend]
+        ['reference', 'numba', 'triton']
+    """
 
     REFERENCE = "reference"
     NUMBA = "numba"
@@ -78,6 +89,11 @@ class Backend(enum.Enum):
 
         Raises:
             ValueError: for an unknown name; the message lists the valid ones.
+
+        Example:
+            >>> from optlayers.kernels import Backend
+            >>> Backend.parse(" TRITON ") is Backend.TRITON
+            True
         """
         if isinstance(value, Backend):
             return value
@@ -91,7 +107,18 @@ class Backend(enum.Enum):
 
 
 class KernelUnavailableError(RuntimeError):
-    """A forced backend cannot run this kernel (not registered, not importable, wrong device)."""
+    """A forced backend cannot run this kernel (not registered, not importable, wrong device).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels import Backend, KernelUnavailableError, dispatch, register
+        >>> register("doc.unavailable", Backend.REFERENCE, lambda: torch.neg)
+        >>> try:
+        ...     dispatch("doc.unavailable", backend="triton")
+        ... except KernelUnavailableError as err:
+        ...     print(err)
+        kernel 'doc.unavailable' has no triton implementation (backend= argument); registered: reference
+    """
 
 
 @dataclasses.dataclass
@@ -121,6 +148,20 @@ def register(kernel_name: str, backend: Backend | str, fn_loader: Callable[[], C
             first time this backend is chosen, so it may import Numba or Triton.
         min_size: Automatic dispatch picks this backend only for problems of at least this
             size (where it was measured to beat the reference). Ignored when forced.
+
+    Raises:
+        ValueError: ``backend`` names no backend.
+        TypeError: ``fn_loader`` is not callable.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels import Backend, register, registered_backends, dispatch
+        >>> register("doc.square", Backend.REFERENCE, lambda: torch.square)
+        >>> register("doc.square", "numba", lambda: torch.square, min_size=10_000)
+        >>> registered_backends("doc.square")
+        (<Backend.REFERENCE: 'reference'>, <Backend.NUMBA: 'numba'>)
+        >>> dispatch("doc.square", backend="reference")(torch.tensor([3.0])).tolist()
+        [9.0]
     """
     b = Backend.parse(backend)
     if not callable(fn_loader):
@@ -130,12 +171,31 @@ def register(kernel_name: str, backend: Backend | str, fn_loader: Callable[[], C
 
 
 def registered_backends(kernel_name: str) -> tuple[Backend, ...]:
-    """The backends registered for ``kernel_name`` (empty when the name is unknown)."""
+    """The backends registered for ``kernel_name`` (empty when the name is unknown).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels import Backend, register, registered_backends
+        >>> register("doc.registered", Backend.REFERENCE, lambda: torch.abs)
+        >>> registered_backends("doc.registered"), registered_backends("doc.no_such_kernel")
+        ((<Backend.REFERENCE: 'reference'>,), ())
+    """
     return tuple(_REGISTRY.get(kernel_name, {}))
 
 
 def backend_available(backend: Backend | str) -> bool:
-    """Whether the package a backend needs is installed (found without importing it)."""
+    """Whether the package a backend needs is installed (found without importing it).
+
+    The reference backend is always available; Numba and Triton need their package (and report
+    False after it failed to import once).
+
+    Example:
+        >>> from optlayers.kernels import backend_available
+        >>> backend_available("reference")
+        True
+        >>> isinstance(backend_available("numba"), bool)
+        True
+    """
     b = Backend.parse(backend)
     if b is Backend.REFERENCE:
         return True
@@ -152,6 +212,17 @@ def forced_backend() -> Backend | None:
 
     Raises:
         ValueError: the variable names no backend.
+
+    Example:
+        >>> import os
+        >>> from unittest import mock
+        >>> from optlayers.kernels import forced_backend
+        >>> with mock.patch.dict(os.environ, {"OPTLAYERS_KERNELS": "numba"}):
+        ...     forced_backend()
+        <Backend.NUMBA: 'numba'>
+        >>> with mock.patch.dict(os.environ, {"OPTLAYERS_KERNELS": "auto"}):
+        ...     print(forced_backend())
+        None
     """
     env = os.environ.get(ENV_VAR, "").strip()
     if not env or env.lower() == "auto":
@@ -163,7 +234,21 @@ def forced_backend() -> Backend | None:
 
 
 def last_backend(kernel_name: str) -> Backend | None:
-    """The backend that last ran ``kernel_name`` in this process, or None if it never ran."""
+    """The backend that last ran ``kernel_name`` in this process, or None if it never ran.
+
+    Recorded when the function returned by :func:`dispatch` is *called*, not when it is chosen.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels import Backend, dispatch, last_backend, register
+        >>> register("doc.last", Backend.REFERENCE, lambda: torch.exp)
+        >>> fn = dispatch("doc.last", backend="reference")
+        >>> print(last_backend("doc.last"))
+        None
+        >>> _ = fn(torch.zeros(2))
+        >>> last_backend("doc.last")
+        <Backend.REFERENCE: 'reference'>
+    """
     return _LAST.get(kernel_name)
 
 
@@ -238,6 +323,23 @@ def dispatch(kernel_name: str, *, backend: Backend | str | None = None,
     Raises:
         KernelUnavailableError: a forced backend cannot run, or nothing is registered.
         ValueError: ``backend`` or ``OPTLAYERS_KERNELS`` names no backend.
+
+    Example:
+        A Numba version registered with ``min_size=1000`` is never picked automatically for a
+        smaller problem; the reference runs instead:
+
+        >>> import os
+        >>> from unittest import mock
+        >>> import torch
+        >>> from optlayers.kernels import Backend, dispatch, last_backend, register
+        >>> register("doc.sum", Backend.REFERENCE, lambda: torch.sum)
+        >>> register("doc.sum", Backend.NUMBA, lambda: torch.sum, min_size=1000)
+        >>> with mock.patch.dict(os.environ, {"OPTLAYERS_KERNELS": "auto"}):
+        ...     fn = dispatch("doc.sum", device="cpu", size=10)
+        >>> fn(torch.arange(4.0)).item()
+        6.0
+        >>> last_backend("doc.sum")
+        <Backend.REFERENCE: 'reference'>
     """
     device_type = _device_type(device)
     if backend is not None:

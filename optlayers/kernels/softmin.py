@@ -74,13 +74,40 @@ register(KERNEL_APPLY, Backend.TRITON, _triton_apply)
 
 
 def kernel_supported(source: CostSource) -> bool:
-    """Whether the compiled backends can evaluate this cost source (not a user callable)."""
+    """Whether the compiled backends can evaluate this cost source (not a user callable).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels.softmin import kernel_supported
+        >>> from optlayers.kernels.softmin_reference import CallableSource, SqEuclideanSource
+        >>> x, y = torch.rand(1, 4, 2), torch.rand(1, 3, 2)
+        >>> kernel_supported(SqEuclideanSource(x, y, 1.0)), kernel_supported(CallableSource(x, y, torch.cdist))
+        (True, False)
+    """
     return not isinstance(source, CallableSource)
 
 
 def softmin(source: CostSource, h: torch.Tensor, eps: torch.Tensor, *, block_elements: int | None = None,
             backend: Backend | str | None = None) -> torch.Tensor:
-    """Soft-min through the dispatch (no gradient); user costs always run the reference."""
+    """Soft-min through the dispatch (no gradient); user costs always run the reference.
+
+    .. math::
+        \\operatorname{softmin}_\\varepsilon(h)_{bi} = -\\varepsilon_b \\log \\sum_j
+            \\exp\\big((h_{bj} - C_{bij})/\\varepsilon_b\\big)
+
+    for ``h (B, m)`` and ``ε (B,)``; returns ``(B, n)``. ``backend`` forces an implementation
+    (see :func:`optlayers.kernels.dispatch`).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels.softmin import softmin
+        >>> from optlayers.kernels.softmin_reference import DenseSource
+        >>> C = torch.rand(1, 4, 3, dtype=torch.float64)
+        >>> h, eps = torch.zeros(1, 3, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+        >>> out = softmin(DenseSource(C), h, eps, backend="reference")
+        >>> torch.allclose(out, -0.5 * torch.logsumexp(-C / 0.5, dim=-1))
+        True
+    """
     if not kernel_supported(source):
         return softmin_fast(source, h, eps, block_elements=block_elements)
     fn = dispatch(SOFTMIN, backend=backend, device=h.device, size=h.shape[0] * source.n * source.m)
@@ -90,7 +117,24 @@ def softmin(source: CostSource, h: torch.Tensor, eps: torch.Tensor, *, block_ele
 def kernel_apply(source: CostSource, alpha: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor,
                  v: torch.Tensor, *, block_elements: int | None = None,
                  backend: Backend | str | None = None) -> torch.Tensor:
-    """Transport-apply through the dispatch (no gradient); user costs always run the reference."""
+    """Transport-apply through the dispatch (no gradient); user costs always run the reference.
+
+    .. math::
+        (K v)_{bik} = \\sum_j \\exp\\big(\\alpha_{bi} + \\beta_{bj} - C_{bij}/\\varepsilon_b\\big)\\, v_{bjk}
+
+    for ``α (B, n)``, ``β (B, m)``, ``ε (B,)`` and ``v (B, m, k)``; returns ``(B, n, k)``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels.softmin import kernel_apply
+        >>> from optlayers.kernels.softmin_reference import DenseSource
+        >>> C = torch.rand(1, 4, 3, dtype=torch.float64)
+        >>> alpha, beta = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
+        >>> eps, v = torch.tensor([0.5], dtype=torch.float64), torch.ones(1, 3, 1, dtype=torch.float64)
+        >>> out = kernel_apply(DenseSource(C), alpha, beta, eps, v, backend="reference")
+        >>> torch.allclose(out[..., 0], torch.exp(-C / 0.5).sum(-1))
+        True
+    """
     if not kernel_supported(source):
         return kernel_apply_fast(source, alpha, beta, eps, v, block_elements=block_elements)
     fn = dispatch(KERNEL_APPLY, backend=backend, device=alpha.device,
@@ -107,6 +151,18 @@ def transport_displacement(x: torch.Tensor, y: torch.Tensor, source: CostSource,
     One streaming transport-apply with ``v = [1, y]`` (``k = d + 1``); ``P_ij = exp(α_i + β_j −
     C_ij/ε)``. This is the gradient of ``⟨C, P⟩``-type terms with respect to the points for
     ``C = ½‖x − y‖²`` (times ``2·scale`` for other scales).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels.softmin import transport_displacement
+        >>> from optlayers.kernels.softmin_reference import SqEuclideanSource
+        >>> x, y = torch.rand(1, 4, 2, dtype=torch.float64), torch.rand(1, 3, 2, dtype=torch.float64)
+        >>> alpha, beta = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
+        >>> eps = torch.tensor([0.5], dtype=torch.float64)
+        >>> d = transport_displacement(x, y, SqEuclideanSource(x, y, 0.5), alpha, beta, eps, backend="reference")
+        >>> P = torch.exp(-0.5 * torch.cdist(x, y) ** 2 / 0.5)
+        >>> torch.allclose(d, (P[..., None] * (x[:, :, None] - y[:, None, :])).sum(2))
+        True
     """
     ones = torch.ones_like(y[..., :1])
     out = kernel_apply(source, alpha, beta, eps, torch.cat([ones, y], -1), backend=backend)

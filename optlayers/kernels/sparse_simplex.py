@@ -66,6 +66,12 @@ def check_kernel_args(x: torch.Tensor, k: int, s: torch.Tensor, offset: torch.Te
         ValueError: ``x`` not a floating ``(R, n)`` tensor with ``n >= 1``, ``k`` not an int
             ``>= 1``, ``s`` not of shape ``(R,)``, or ``offset`` not ``(G, n)`` with ``G``
             dividing ``R``.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels.sparse_simplex import check_kernel_args
+        >>> check_kernel_args(torch.zeros(3, 5), 8, torch.ones(3))     # k clipped to n
+        5
     """
     if offset is not None:
         if (not isinstance(offset, torch.Tensor) or offset.dim() != 2 or not isinstance(x, torch.Tensor)
@@ -99,6 +105,17 @@ def sparse_simplex_reference(x: torch.Tensor, k: int, s: torch.Tensor,
 
     Returns:
         ``(values, indices)``, each ``(R, min(k, n))``; slots sorted by decreasing entry.
+
+    Example:
+        The two largest entries of ``x`` are 2 and 1; only the first survives the threshold
+        ``τ = 1``:
+
+        >>> import torch
+        >>> from optlayers.kernels.sparse_simplex import sparse_simplex_reference
+        >>> x = torch.tensor([[0.5, 2.0, 1.0, -1.0]], dtype=torch.float64)
+        >>> values, indices = sparse_simplex_reference(x, 2, torch.tensor([1.0], dtype=torch.float64))
+        >>> values.tolist(), indices.tolist()
+        ([[1.0, 0.0]], [[1, 2]])
     """
     kk = check_kernel_args(x, k, s, offset)
     if x.dtype in (torch.float16, torch.bfloat16):
@@ -117,7 +134,17 @@ def sparse_simplex_reference(x: torch.Tensor, k: int, s: torch.Tensor,
 
 
 def sparse_simplex_to_dense(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
-    """Scatter the compact kernel output ``(R, kk)`` into a dense ``(R, n)`` tensor."""
+    """Scatter the compact kernel output ``(R, kk)`` into a dense ``(R, n)`` tensor.
+
+    ``out[r, indices[r, t]] = values[r, t]``, zero elsewhere.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels.sparse_simplex import sparse_simplex_to_dense
+        >>> values = torch.tensor([[0.7, 0.3]], dtype=torch.float64)
+        >>> sparse_simplex_to_dense(values, torch.tensor([[2, 0]]), 4).tolist()
+        [[0.3, 0.0, 0.7, 0.0]]
+    """
     out = torch.zeros(*values.shape[:-1], n, dtype=values.dtype, device=values.device)
     return out.scatter(-1, indices, values)
 

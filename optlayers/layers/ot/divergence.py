@@ -105,7 +105,16 @@ def sinkhorn_divergence(a: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor
 class SinkhornLoss(nn.Module):
     """``nn.Module`` form of :func:`sinkhorn_divergence`, a drop-in for ``geomloss.SamplesLoss``.
 
-    Call as ``loss(x, y)`` (uniform weights) or ``loss(a, x, b, y)``.
+    Call as ``loss(x, y)`` (uniform weights) or ``loss(a, x, b, y)``. Computes the debiased
+    Sinkhorn divergence with ``C(x, y) = ‖x − y‖^p / p`` and ``ε = blur^p``:
+
+    .. math::
+        S_\\varepsilon(\\alpha, \\beta) = \\mathrm{OT}_\\varepsilon(\\alpha, \\beta)
+            - \\tfrac12 \\mathrm{OT}_\\varepsilon(\\alpha, \\alpha)
+            - \\tfrac12 \\mathrm{OT}_\\varepsilon(\\beta, \\beta),
+
+    nonnegative and zero when ``α = β`` (plus ``ε/2 (m(α) − m(β))²`` when ``reach`` relaxes the
+    marginals).
 
     Args:
         p, blur, reach, scaling, debias: As in :func:`sinkhorn_divergence` / GeomLoss.
@@ -113,10 +122,18 @@ class SinkhornLoss(nn.Module):
 
     Example:
         >>> import torch
-        >>> from optlayers.layers.ot import SinkhornLoss
+        >>> from optlayers.layers.ot import SinkhornLoss, sinkhorn_divergence
         >>> loss = SinkhornLoss(p=2, blur=0.05)
-        >>> x = torch.randn(64, 2, requires_grad=True)
-        >>> loss(x, torch.randn(64, 2)).backward()
+        >>> x = torch.randn(64, 2, dtype=torch.float64, requires_grad=True)
+        >>> y = torch.randn(64, 2, dtype=torch.float64)
+        >>> value = loss(x, y)
+        >>> torch.allclose(value, sinkhorn_divergence(None, x, None, y, p=2, blur=0.05))
+        True
+        >>> bool(value > 0), float(loss(y, y))
+        (True, 0.0)
+        >>> value.backward()
+        >>> x.grad.shape
+        torch.Size([64, 2])
     """
 
     def __init__(self, p: float = 2, blur: float = 0.05, reach: float | None = None,

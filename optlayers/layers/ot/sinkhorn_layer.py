@@ -37,7 +37,13 @@ class Sinkhorn(nn.Module):
     """Entropic OT as a module: ``layer(x, y, a=None, b=None)`` returns ``OT_ε`` per problem.
 
     With ``y=None`` the first argument is a cost tensor ``(*batch, n, m)``. :meth:`solve` returns
-    the full :class:`~optlayers.Result` (potentials, plan operator, flags).
+    the full :class:`~optlayers.Result` (potentials, plan operator, flags). The value is
+
+    .. math::
+        \\mathrm{OT}_\\varepsilon(a, b) = \\min_{P \\ge 0,\\ P\\mathbf 1 = a,\\ P^\\top\\mathbf 1 = b}
+            \\langle C, P\\rangle + \\varepsilon\\,\\mathrm{KL}(P \\,\\|\\, a \\otimes b)
+
+    (KL-relaxed marginals with ``rho_a``/``rho_b``), with ``C_ij = c(x_i, y_j)``.
 
     Args:
         epsilon: Entropic regularization (absolute unless ``relative_epsilon``).
@@ -50,7 +56,12 @@ class Sinkhorn(nn.Module):
         >>> from optlayers.layers.ot import Sinkhorn, Implicit
         >>> layer = Sinkhorn(epsilon=0.1, gradient=Implicit())
         >>> x = torch.rand(2, 8, 3, dtype=torch.float64, requires_grad=True)
-        >>> layer(x, torch.rand(2, 6, 3, dtype=torch.float64)).sum().backward()
+        >>> out = layer(x, torch.rand(2, 6, 3, dtype=torch.float64))
+        >>> out.shape
+        torch.Size([2])
+        >>> out.sum().backward()
+        >>> x.grad.shape
+        torch.Size([2, 8, 3])
     """
 
     def __init__(self, epsilon: float, *, cost: Cost | str | Callable[..., torch.Tensor] = "sqeuclidean",

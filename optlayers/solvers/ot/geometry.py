@@ -51,6 +51,15 @@ class SqEuclidean:
 
     Args:
         scale: Positive factor (GeomLoss's ``p=2`` convention is ``scale=0.5``).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.ot import PointCloud, SqEuclidean
+        >>> x = torch.rand(5, 3, dtype=torch.float64)
+        >>> y = torch.rand(4, 3, dtype=torch.float64)
+        >>> C = PointCloud(x, y, SqEuclidean(scale=0.5)).to_dense()
+        >>> torch.allclose(C, 0.5 * torch.cdist(x, y) ** 2)
+        True
     """
 
     scale: float = 1.0
@@ -67,6 +76,15 @@ class PNorm:
     Args:
         p: Positive exponent (``p=2`` is :class:`SqEuclidean`, ``p=1`` the Euclidean distance).
         scale: Positive factor (GeomLoss's convention is ``1/p``).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.ot import PointCloud, PNorm
+        >>> x = torch.rand(5, 3, dtype=torch.float64)
+        >>> y = torch.rand(4, 3, dtype=torch.float64)
+        >>> C = PointCloud(x, y, PNorm(1.5)).to_dense()
+        >>> torch.allclose(C, torch.cdist(x, y) ** 1.5)
+        True
     """
 
     p: float
@@ -84,7 +102,20 @@ class CustomCost:
     """A user cost ``fn(x (B, r, d), y (B, m, d)) -> (B, r, m)``, evaluated block by block.
 
     The function must be batched over the leading dimension, differentiable in PyTorch ops and
-    free of data-dependent control flow (``torch.func`` transforms go through it).
+    free of data-dependent control flow (``torch.func`` transforms go through it). The cost is
+    ``C_ij = fn(x, y)[b, i, j]``, computed for blocks of rows ``x[:, i0:i1]`` at a time.
+
+    Args:
+        fn: The batched cost function.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.ot import PointCloud, CustomCost
+        >>> l1 = CustomCost(lambda u, v: (u[:, :, None, :] - v[:, None, :, :]).abs().sum(-1))
+        >>> x = torch.rand(5, 3, dtype=torch.float64)
+        >>> y = torch.rand(4, 3, dtype=torch.float64)
+        >>> torch.allclose(PointCloud(x, y, l1).to_dense(), torch.cdist(x, y, p=1))
+        True
     """
 
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,10 +152,32 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
 class Geometry:
     """Base class: a batch of ``B`` cost matrices ``(n, m)`` accessed only through reductions.
 
+    A subclass supplies the cost (:meth:`source`); the base class derives the two reductions
+    Sinkhorn needs,
+
+    .. math::
+        \\operatorname{softmin}_\\varepsilon(h)_i = -\\varepsilon \\log \\sum_j
+            e^{(h_j - C_{ij})/\\varepsilon}, \\qquad
+        (K v)_{ik} = \\sum_j e^{\\alpha_i + \\beta_j - C_{ij}/\\varepsilon} v_{jk},
+
+    streamed over blocks of rows, so an online geometry never stores ``C``. Use
+    :class:`CostMatrix` or :class:`PointCloud`.
+
     Attributes:
         batch_shape: The leading batch shape given by the user (``()`` when unbatched).
         n: Number of source points (rows).
         m: Number of target points (columns).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.ot import CostMatrix, Geometry
+        >>> geom = CostMatrix(torch.rand(5, 4, dtype=torch.float64))
+        >>> isinstance(geom, Geometry)
+        True
+        >>> h, eps = torch.zeros(1, 4, dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)
+        >>> expected = -0.1 * torch.logsumexp(-geom.cost / 0.1, dim=-1)
+        >>> torch.allclose(geom.softmin(h, eps, axis=1), expected[None])
+        True
     """
 
     batch_shape: tuple[int, ...]
@@ -238,6 +291,10 @@ class Geometry:
 class CostMatrix(Geometry):
     """A dense cost matrix ``C`` of shape ``(*batch, n, m)``.
 
+    ``C_ij`` is the cost of moving a unit of mass from source point ``i`` to target point ``j``;
+    OT solvers minimize ``⟨C, P⟩ = Σ_ij C_ij P_ij`` (plus regularization) over plans ``P``.
+    Gradients flow to ``C``.
+
     Args:
         cost: The cost matrix (any real values; gradients flow to it).
         block_elements: Entries per streamed block (default: about 1 MiB of float32).
@@ -245,9 +302,9 @@ class CostMatrix(Geometry):
     Example:
         >>> import torch
         >>> from optlayers.solvers.ot import CostMatrix
-        >>> geom = CostMatrix(torch.rand(5, 4))
-        >>> (geom.n, geom.m)
-        (5, 4)
+        >>> geom = CostMatrix(torch.rand(2, 5, 4, dtype=torch.float64))
+        >>> geom.batch_shape, geom.n, geom.m
+        ((2,), 5, 4)
     """
 
     def __init__(self, cost: torch.Tensor, *, block_elements: int | None = None) -> None:
@@ -299,6 +356,10 @@ class CostMatrix(Geometry):
 class PointCloud(Geometry):
     """Point clouds ``x (*batch, n, d)`` and ``y (*batch, m, d)`` with a ground cost.
 
+    The cost matrix is ``C_ij = c(x_i, y_j)`` for a ground cost ``c`` (``scale · ‖x − y‖²`` by
+    default); online, it is recomputed block by block and never stored, so memory is
+    ``O(n + m)`` per problem. Gradients flow to ``x`` and ``y`` through ``c``.
+
     Args:
         x: Source points.
         y: Target points (same batch shape and ``d``).
@@ -311,9 +372,13 @@ class PointCloud(Geometry):
     Example:
         >>> import torch
         >>> from optlayers.solvers.ot import PointCloud
-        >>> geom = PointCloud(torch.rand(100, 2), torch.rand(80, 2), online=True)
+        >>> x = torch.rand(100, 2, dtype=torch.float64)
+        >>> y = torch.rand(80, 2, dtype=torch.float64)
+        >>> geom = PointCloud(x, y, online=True)
         >>> geom.to_dense().shape
         torch.Size([100, 80])
+        >>> torch.allclose(geom.to_dense(), torch.cdist(x, y) ** 2)
+        True
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cost: Cost | str | Callable[..., torch.Tensor] = "sqeuclidean",
