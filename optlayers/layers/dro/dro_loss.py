@@ -55,7 +55,15 @@ def per_example_losses(inputs: tuple[Tensor, ...], criterion: Criterion | None) 
 
 
 class DROLoss(nn.Module):
-    """Distributionally robust loss over the last dimension of per-example losses.
+    r"""Distributionally robust loss over the last dimension of per-example losses.
+
+    For per-example losses :math:`\ell_i(\theta)` it returns
+
+    .. math:: R(\ell) = \max_{p \in \mathcal U} \langle p, \ell\rangle - \lambda D(p),
+              \qquad \nabla_\theta R = \sum_i p^\star_i \nabla_\theta \ell_i,
+
+    with :math:`\mathcal U`, :math:`\lambda D` given by ``spec`` and :math:`p^\star` the
+    maximiser (:func:`~optlayers.solvers.dro.robust_weights`).
 
     Args:
         spec: Uncertainty set (``CVaR(0.1)``, ``ChiSquareBall(1.0)``, ``KLPenalty(0.5)``, ...).

@@ -36,11 +36,15 @@ __all__ = ["GroupDROLoss"]
 
 
 class GroupDROLoss(nn.Module):
-    """Online group DRO loss with exponentiated-gradient group weights.
+    r"""Online group DRO loss with exponentiated-gradient group weights.
+
+    Each training step updates :math:`q_g \leftarrow q_g e^{\eta_q(\hat L_g + C_g/\sqrt{n_g})} /
+    \sum_h q_h e^{\eta_q(\hat L_h + C_h/\sqrt{n_h})}` (groups present in the batch) and returns
+    :math:`\sum_g q_g \hat L_g` with :math:`q` held constant.
 
     Args:
         n_groups: Number of groups ``G``.
-        step_size: :math:`\\eta_q` of the exponentiated-gradient update.
+        step_size: :math:`\eta_q` of the exponentiated-gradient update.
         adjustment: Generalisation adjustment :math:`C` (a scalar or ``G`` values); needs
             ``group_counts``.
         group_counts: Training-set size of each group (``G`` positive values).
@@ -56,6 +60,9 @@ class GroupDROLoss(nn.Module):
         >>> loss = loss_fn(losses, group_ids=torch.tensor([0, 0, 1]))
         >>> bool(loss_fn.q[1] > loss_fn.q[0])
         True
+        >>> q = torch.softmax(0.1 * torch.tensor([1.0, 3.0]), 0)  # from uniform, group means 1 and 3
+        >>> torch.allclose(loss_fn.q.float(), q), torch.isclose(loss, q @ torch.tensor([1.0, 3.0]))
+        (True, tensor(True))
     """
 
     q: Tensor

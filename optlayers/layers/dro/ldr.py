@@ -56,8 +56,34 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 def ldr_loss(logits: Tensor, target: Tensor, *, lam: float | Tensor = 1.0, margin: float = 1.0,
              normalize_logits: bool = True, reduction: str = "mean") -> Tensor:
-    """LDR-KL loss (see module doc). ``logits``: ``(N, K)``; ``target``: ``(N,)`` class indices;
-    ``lam`` a positive scalar or ``(N,)`` per-example values."""
+    r"""LDR-KL loss (see module doc). ``logits``: ``(N, K)``; ``target``: ``(N,)`` class indices;
+    ``lam`` a positive scalar or ``(N,)`` per-example values.
+
+    Per example, with :math:`z` the (optionally normalised) logits,
+
+    .. math:: \ell_\lambda(z, y) = \lambda\Big(\log\sum_k e^{(z_k - z_y + c\,[k\ne y])/\lambda}
+              - \log K\Big),
+
+    then reduced over the batch by ``reduction``.
+
+    Example:
+        With ``margin=0``, ``lam=1`` and raw logits it is cross-entropy minus :math:`\log K`; a
+        small ``lam`` approaches the Crammer–Singer hinge
+        :math:`\max(0, \max_{k\ne y} z_k - z_y + c)`:
+
+        >>> import math
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from optlayers.layers.dro import ldr_loss
+        >>> logits = torch.tensor([[2.0, 1.5, -1.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
+        >>> target = torch.tensor([0, 1])
+        >>> loss = ldr_loss(logits, target, lam=1.0, margin=0.0, normalize_logits=False, reduction="none")
+        >>> torch.allclose(loss, F.cross_entropy(logits, target, reduction="none") - math.log(3))
+        True
+        >>> hinge = ldr_loss(logits, target, lam=1e-3, normalize_logits=False, reduction="none")
+        >>> [round(v, 2) for v in hinge.tolist()]
+        [0.5, 3.0]
+    """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, K), got shape {tuple(logits.shape)}")
     lam_t = torch.as_tensor(lam, dtype=logits.dtype, device=logits.device)
@@ -71,21 +97,37 @@ def ldr_loss(logits: Tensor, target: Tensor, *, lam: float | Tensor = 1.0, margi
 
 
 class LDRLoss(nn.Module):
-    """LDR-KL loss, optionally adaptive (ALDR-KL) with one :math:`\\lambda_i` per example.
+    r"""LDR-KL loss, optionally adaptive (ALDR-KL) with one :math:`\lambda_i` per example.
+
+    Per example (see :func:`ldr_loss`), adaptive or not,
+
+    .. math:: \lambda_i\Big(\log\sum_k e^{(z_k - z_y + c[k\ne y])/\lambda_i} - \log K\Big)
+              - \frac{\alpha\log K}{2\lambda_0}(\lambda_i - \lambda_0)^2,
+
+    with :math:`\lambda_i = \lambda_0` when not adaptive, and in training mode the adaptive
+    update :math:`\lambda_i \leftarrow \lambda_0(1 - \mathrm{KL}(p^\star\|u)/(\alpha\log K))`
+    first.
 
     Args:
-        lam: :math:`\\lambda_0 > 0`.
+        lam: :math:`\lambda_0 > 0`.
         margin: Margin ``c`` for the wrong classes.
-        adaptive: Use per-example :math:`\\lambda_i` (needs ``n_examples`` and ``index=``).
+        adaptive: Use per-example :math:`\lambda_i` (needs ``n_examples`` and ``index=``).
         n_examples: Training-set size (adaptive only).
-        alpha: :math:`\\alpha > 1` of the adaptive update.
+        alpha: :math:`\alpha > 1` of the adaptive update.
         normalize_logits: Softplus + mean normalisation as in the reference code.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Example:
         >>> import torch
         >>> from optlayers.layers.dro import LDRLoss
-        >>> loss = LDRLoss(lam=1.0)(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+        >>> from optlayers.layers.dro import ldr_loss
+        >>> logits, target = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+        >>> torch.equal(LDRLoss(lam=1.0)(logits, target), ldr_loss(logits, target, lam=1.0))
+        True
+        >>> adaptive = LDRLoss(lam=1.0, adaptive=True, n_examples=10)
+        >>> loss = adaptive(logits, target, index=torch.tensor([0, 1, 2, 3]))
+        >>> bool((adaptive.lams[:4] < 1.0).all()), bool((adaptive.lams[4:] == 1.0).all())
+        (True, True)
     """
 
     lams: Tensor

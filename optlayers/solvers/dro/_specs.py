@@ -78,7 +78,21 @@ def _set(obj: object, name: str, value: object) -> None:
 
 
 class DROSpec:
-    """Base class of every uncertainty-set spec (frozen dataclasses)."""
+    r"""Base class of every uncertainty-set spec (frozen dataclasses).
+
+    A spec fixes the inner problem that :func:`~optlayers.solvers.dro.robust_weights` solves over
+    the last dimension of the losses :math:`\ell \in \mathbb{R}^n`,
+
+    .. math:: R(\ell) = \max_{p \in \mathcal U \subseteq \Delta_n} \langle p, \ell\rangle - \lambda D(p),
+
+    with :math:`\mathcal U` a ball (``CVaR``, ``ChiSquareBall``, ...) or the whole simplex with a
+    penalty (``ChiSquarePenalty``, ``KLPenalty``, ...); see the module table for each convention.
+
+    Example:
+        >>> from optlayers.solvers.dro import CVaR, DROSpec, KLPenalty
+        >>> isinstance(CVaR(0.1), DROSpec), isinstance(KLPenalty(0.5), DROSpec)
+        (True, True)
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +115,20 @@ class CVaR(DROSpec):
     Args:
         alpha: Tail fraction in (0, 1].
         smoothing: KL regularisation strength :math:`s \ge 0`.
+
+    Example:
+        The worst half of four losses, and the dual formula at :math:`\eta = 3` (the VaR):
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import CVaR, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> res = robust_weights(losses, CVaR(0.5))
+        >>> res.solution.tolist(), float(res.aux.value)
+        ([0.0, 0.0, 0.5, 0.5], 3.5)
+        >>> float(3.0 + (losses - 3.0).clamp(min=0).sum() / (0.5 * 4))
+        3.5
+        >>> robust_weights(losses, CVaR(0.3)).solution.tolist()  # alpha n = 1.2: a fractional atom
+        [0.0, 0.0, 0.16666666666666663, 0.8333333333333334]
     """
 
     alpha: float
@@ -139,6 +167,18 @@ class TotalVariation(DROSpec):
 
     Args:
         eps: Radius in [0, 1].
+
+    Example:
+        The value is :math:`(1-\varepsilon)\,\mathrm{CVaR}_{1-\varepsilon} + \varepsilon\max_i\ell_i`:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import CVaR, TotalVariation, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> res = robust_weights(losses, TotalVariation(0.25))
+        >>> res.solution.tolist(), float(res.aux.value)
+        ([0.0, 0.25, 0.25, 0.5], 3.25)
+        >>> float(0.75 * robust_weights(losses, CVaR(0.75)).aux.value + 0.25 * losses.max())
+        3.25
     """
 
     eps: float
@@ -167,6 +207,20 @@ class ChiSquareBall(DROSpec):
     Args:
         rho: Radius :math:`\rho \ge 0` (0 gives the mean).
         lam: Penalty :math:`\lambda \ge 0` (keyword only).
+
+    Example:
+        The weights sit on the boundary :math:`D(p) = \rho` and equal
+        :math:`(\ell - \eta)_+ / (2\mu n)` with the returned duals :math:`(\eta, \mu)`:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import ChiSquareBall, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> res = robust_weights(losses, ChiSquareBall(1.0))
+        >>> p, (eta, mu) = res.solution, (res.aux.dual.eta, res.aux.dual.lam)
+        >>> round(float(res.aux.value), 6), round(float(((4 * p - 1) ** 2).mean()), 6)
+        (3.57735, 1.0)
+        >>> torch.allclose(p, (losses - eta).clamp(min=0) / (2 * mu * 4))
+        True
     """
 
     rho: float
@@ -205,6 +259,20 @@ class ChiSquarePenalty(DROSpec):
 
     Args:
         lam: Penalty :math:`\lambda > 0`.
+
+    Example:
+        Here :math:`u + \ell/(2\lambda n)` = (0.375, 0.5, 0.625, 0.75), whose simplex projection
+        subtracts 0.3125 from each entry:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import ChiSquarePenalty, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> res = robust_weights(losses, ChiSquarePenalty(1.0))
+        >>> p = res.solution
+        >>> p.tolist()
+        [0.0625, 0.1875, 0.3125, 0.4375]
+        >>> float(res.aux.value), float(p @ losses - 1.0 * ((4 * p - 1) ** 2).mean())
+        (2.8125, 2.8125)
     """
 
     lam: float
@@ -237,6 +305,20 @@ class KLBall(DROSpec):
 
     Args:
         rho: Radius :math:`\rho \ge 0`.
+
+    Example:
+        The weights are :math:`\mathrm{softmax}(\ell/\lambda^\star)` (``lam`` of the duals) and
+        their KL divergence from uniform is the radius:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import KLBall, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> res = robust_weights(losses, KLBall(0.1))
+        >>> p = res.solution
+        >>> torch.allclose(p, torch.softmax(losses / res.aux.dual.lam, dim=-1))
+        True
+        >>> round(float((p * (4 * p).log()).sum()), 8), round(float(res.aux.value), 6)
+        (0.1, 2.994274)
     """
 
     rho: float
@@ -261,6 +343,20 @@ class KLPenalty(DROSpec):
     Args:
         lam: Temperature :math:`\lambda > 0`.
         optimistic: Minimise instead of maximise over :math:`p` (keyword only).
+
+    Example:
+        >>> import math
+        >>> import torch
+        >>> from optlayers.solvers.dro import KLPenalty, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> res = robust_weights(losses, KLPenalty(0.5))
+        >>> torch.allclose(res.solution, torch.softmax(losses / 0.5, dim=-1))
+        True
+        >>> torch.isclose(res.aux.value, 0.5 * (torch.logsumexp(losses / 0.5, 0) - math.log(4)))
+        tensor(True)
+        >>> opt = robust_weights(losses, KLPenalty(0.5, optimistic=True))  # down-weights large losses
+        >>> torch.allclose(opt.solution, torch.softmax(-losses / 0.5, dim=-1))
+        True
     """
 
     lam: float
@@ -293,6 +389,20 @@ class CressieRead(DROSpec):
         k: Exponent :math:`k > 1`.
         rho: Ball radius (keyword only); exactly one of ``rho`` and ``lam``.
         lam: Penalty strength :math:`> 0` (keyword only).
+
+    Example:
+        ``k = 2`` is half the :math:`\chi^2` divergence, and ``k = 3`` gives
+        :math:`p_i \propto (\ell_i - \tilde\eta)_+^{1/2}`:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import ChiSquareBall, CressieRead, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> cr = robust_weights(losses, CressieRead(2, rho=0.5))
+        >>> torch.allclose(cr.solution, robust_weights(losses, ChiSquareBall(1.0)).solution)
+        True
+        >>> p = robust_weights(losses, CressieRead(3, lam=1.0)).solution
+        >>> [round(v, 4) for v in p.tolist()]
+        [0.0, 0.1151, 0.3718, 0.5131]
     """
 
     k: float
@@ -324,8 +434,23 @@ class CressieRead(DROSpec):
 
 
 class Spectrum:
-    """A spectrum: non-decreasing weights :math:`\\sigma_1 \\le \\dots \\le \\sigma_n` summing to 1,
-    :math:`\\sigma_i` applied to the :math:`i`-th *smallest* loss."""
+    r"""A spectrum: non-decreasing weights :math:`\sigma_1 \le \dots \le \sigma_n` summing to 1,
+    :math:`\sigma_i` applied to the :math:`i`-th *smallest* loss.
+
+    The spectral risk of losses :math:`\ell` is
+    :math:`R_\sigma(\ell) = \sum_i \sigma_i \ell_{(i)}` with
+    :math:`\ell_{(1)} \le \dots \le \ell_{(n)}`. Subclasses implement :meth:`weights`.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import Spectrum, extremile
+        >>> sigma = extremile(2.0)
+        >>> isinstance(sigma, Spectrum), sigma.weights(4).tolist()
+        (True, [0.0625, 0.1875, 0.3125, 0.4375])
+        >>> losses = torch.tensor([4.0, 1.0, 3.0, 2.0], dtype=torch.float64)
+        >>> float(sigma.weights(4) @ losses.sort().values)
+        3.125
+    """
 
     def weights(self, n: int, *, dtype: torch.dtype = torch.float64,
                 device: torch.device | str | None = None) -> torch.Tensor:
@@ -345,7 +470,17 @@ def _cached_weights(spectrum: Spectrum, n: int, dtype: torch.dtype, device: torc
 @dataclasses.dataclass(frozen=True)
 class Superquantile(Spectrum):
     r"""Superquantile (CVaR) at quantile level ``q``: weight :math:`1/(n(1-q))` on the top
-    :math:`(1-q)n` losses, with one fractional atom. ``Superquantile(q)`` = ``CVaR(1 - q)``."""
+    :math:`(1-q)n` losses, with one fractional atom. ``Superquantile(q)`` = ``CVaR(1 - q)``.
+
+    .. math:: \sigma_i = \frac{1}{(1-q)n}\Big[\min\big(n - i + 1,\ (1-q)n\big) - (n - i)\Big]_+ .
+
+    Example:
+        >>> from optlayers.solvers.dro import Superquantile
+        >>> Superquantile(0.5).weights(4).tolist()
+        [0.0, 0.0, 0.5, 0.5]
+        >>> Superquantile(0.75).weights(4).tolist()
+        [0.0, 0.0, 0.0, 1.0]
+    """
 
     q: float
 
@@ -367,7 +502,15 @@ class Superquantile(Spectrum):
 @dataclasses.dataclass(frozen=True)
 class Extremile(Spectrum):
     r"""Extremile of order ``r >= 1``: :math:`\sigma_i = (i^r - (i-1)^r)/n^r`
-    (``r = 1`` is the mean)."""
+    (``r = 1`` is the mean).
+
+    Example:
+        >>> from optlayers.solvers.dro import Extremile
+        >>> Extremile(2.0).weights(4).tolist()
+        [0.0625, 0.1875, 0.3125, 0.4375]
+        >>> Extremile(1.0).weights(4).tolist()
+        [0.25, 0.25, 0.25, 0.25]
+    """
 
     r: float
 
@@ -387,7 +530,18 @@ class Extremile(Spectrum):
 @dataclasses.dataclass(frozen=True)
 class ESRM(Spectrum):
     r"""Exponential spectral risk measure of aversion ``rho > 0``:
-    :math:`\sigma_i = e^{-\rho}(e^{\rho i/n} - e^{\rho(i-1)/n})/(1 - e^{-\rho})`."""
+    :math:`\sigma_i = e^{-\rho}(e^{\rho i/n} - e^{\rho(i-1)/n})/(1 - e^{-\rho})`.
+
+    Example:
+        >>> import math
+        >>> import torch
+        >>> from optlayers.solvers.dro import ESRM
+        >>> w = ESRM(1.0).weights(4)
+        >>> i = torch.arange(1, 5, dtype=torch.float64)
+        >>> ref = math.exp(-1.0) * (torch.exp(i / 4) - torch.exp((i - 1) / 4)) / (1 - math.exp(-1.0))
+        >>> torch.allclose(w, ref), round(float(w.sum()), 12)
+        (True, 1.0)
+    """
 
     rho: float
 
@@ -408,7 +562,20 @@ class ESRM(Spectrum):
 
 @dataclasses.dataclass(frozen=True)
 class CustomSpectrum(Spectrum):
-    """A user spectrum: ``values`` non-decreasing, non-negative, summing to 1 (length ``n``)."""
+    r"""A user spectrum: ``values`` non-decreasing, non-negative, summing to 1 (length ``n``).
+
+    :math:`\sigma_i` = ``values[i - 1]``; it only applies to exactly ``n = len(values)`` losses.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import CustomSpectrum, Spectral, robust_weights
+        >>> sigma = CustomSpectrum((0.1, 0.2, 0.3, 0.4))
+        >>> sigma.weights(4).tolist()
+        [0.1, 0.2, 0.3, 0.4]
+        >>> losses = torch.tensor([4.0, 1.0, 3.0, 2.0], dtype=torch.float64)
+        >>> robust_weights(losses, Spectral(sigma)).solution.tolist()  # sigma_i to the i-th smallest
+        [0.4, 0.1, 0.3, 0.2]
+    """
 
     values: tuple[float, ...]
 
@@ -432,17 +599,51 @@ class CustomSpectrum(Spectrum):
 
 
 def superquantile(q: float) -> Superquantile:
-    """Superquantile spectrum at quantile level ``q`` (the worst ``1 - q`` fraction)."""
+    r"""Superquantile spectrum at quantile level ``q`` (the worst ``1 - q`` fraction).
+
+    :math:`R_\sigma(\ell)` is then :math:`\mathrm{CVaR}_{1-q}(\ell)`, the mean of the worst
+    :math:`(1-q)n` losses (see :class:`Superquantile`).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import CVaR, Spectral, robust_weights, superquantile
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> a = robust_weights(losses, Spectral(superquantile(0.7))).aux.value
+        >>> b = robust_weights(losses, CVaR(0.3)).aux.value
+        >>> bool(torch.isclose(a, b)), round(float(a), 6)
+        (True, 3.833333)
+    """
     return Superquantile(q)
 
 
 def extremile(r: float) -> Extremile:
-    """Extremile spectrum of order ``r``."""
+    r"""Extremile spectrum of order ``r``: :math:`\sigma_i = (i^r - (i-1)^r)/n^r` (see
+    :class:`Extremile`); :math:`R_\sigma(\ell)` is the expected maximum of ``r`` i.i.d. draws from
+    the losses when ``r`` is an integer.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import Spectral, extremile, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> value = robust_weights(losses, Spectral(extremile(2.0))).aux.value
+        >>> pairs = torch.maximum(losses[:, None], losses[None, :]).mean()  # E max of two draws
+        >>> float(value), float(pairs)
+        (3.125, 3.125)
+    """
     return Extremile(r)
 
 
 def esrm(rho: float) -> ESRM:
-    """Exponential spectral risk measure with aversion ``rho``."""
+    r"""Exponential spectral risk measure with aversion ``rho``:
+    :math:`\sigma_i = e^{-\rho}(e^{\rho i/n} - e^{\rho(i-1)/n})/(1 - e^{-\rho})` (see :class:`ESRM`).
+
+    Example:
+        Larger aversion puts more weight on the largest loss:
+
+        >>> from optlayers.solvers.dro import esrm
+        >>> [round(float(esrm(rho).weights(4)[-1]), 4) for rho in (0.5, 1.0, 4.0)]
+        [0.2986, 0.3499, 0.6439]
+    """
     return ESRM(rho)
 
 
@@ -464,6 +665,19 @@ class Spectral(DROSpec):
             sequence of ``n`` ascending weights.
         lam: Penalty :math:`\lambda \ge 0` (0: the plain spectral risk).
         divergence: ``"chi2"`` or ``"kl"``.
+
+    Example:
+        Without a penalty the weights are the spectrum in the order of the losses; a penalty pulls
+        them towards uniform:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import Spectral, extremile, robust_weights
+        >>> losses = torch.tensor([4.0, 1.0, 3.0, 2.0], dtype=torch.float64)
+        >>> robust_weights(losses, Spectral(extremile(2.0))).solution.tolist()
+        [0.4375, 0.0625, 0.3125, 0.1875]
+        >>> p = robust_weights(losses, Spectral(extremile(2.0), lam=10.0)).solution
+        >>> [round(v, 5) for v in p.tolist()]
+        [0.26875, 0.23125, 0.25625, 0.24375]
     """
 
     sigma: Spectrum
@@ -522,6 +736,19 @@ class HolisticRobust(DROSpec):
     Args:
         alpha: Poisoning budget in [0, 1].
         r: KL radius :math:`\ge 0`.
+
+    Example:
+        With ``r = 0`` it is the total-variation ball; a KL radius makes it more pessimistic:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import HolisticRobust, TotalVariation, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> hr = robust_weights(losses, HolisticRobust(0.25, 0.0))
+        >>> hr.solution.tolist() == robust_weights(losses, TotalVariation(0.25)).solution.tolist()
+        True
+        >>> res = robust_weights(losses, HolisticRobust(0.25, 0.1))
+        >>> bool(res.converged), bool(res.aux.value > hr.aux.value), round(float(res.aux.divergence), 8)
+        (True, True, 0.1)
     """
 
     alpha: float

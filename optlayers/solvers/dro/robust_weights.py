@@ -87,7 +87,24 @@ __all__ = ["DRODual", "DROAux", "robust_weights", "dual_value", "solve_flat"]
 @register_aux
 @dataclasses.dataclass(frozen=True)
 class DRODual:
-    """Dual variables of the inner problem (batch shape); see the module table."""
+    r"""Dual variables of the inner problem (batch shape); see the module table.
+
+    ``eta`` is the threshold or normaliser :math:`\eta` and ``lam`` the multiplier
+    :math:`\lambda` of the divergence; for CVaR, say, :math:`\eta` is the VaR and
+    :math:`\mathrm{CVaR}_\alpha(\ell) = \eta + \frac{1}{\alpha n}\sum_i(\ell_i-\eta)_+`.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import CVaR, KLPenalty, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> dual = robust_weights(losses, CVaR(0.5)).aux.dual
+        >>> float(dual.eta), float(dual.lam)
+        (3.0, 0.0)
+        >>> res = robust_weights(losses, KLPenalty(0.5))  # p = exp((l - eta) / lam) / n
+        >>> eta, lam = res.aux.dual.eta, res.aux.dual.lam
+        >>> float(lam), torch.allclose(res.solution, torch.exp((losses - eta) / lam) / 4)
+        (0.5, True)
+    """
 
     eta: Tensor
     lam: Tensor
@@ -96,13 +113,27 @@ class DRODual:
 @register_aux
 @dataclasses.dataclass(frozen=True)
 class DROAux:
-    """Extras of :func:`robust_weights`.
+    r"""Extras of :func:`robust_weights`.
+
+    ``value`` is :math:`R(\ell) = \langle p^\star, \ell\rangle - \lambda D(p^\star)`, whose
+    gradient in :math:`\ell` is :math:`p^\star` (Danskin).
 
     Attributes:
         value: Robust value, batch shape, differentiable w.r.t. the losses (Danskin).
         dual: :class:`DRODual`.
         divergence: Divergence of the weights from uniform in the spec's own measure (CVaR:
-            :math:`\\max_i np_i`; TV: :math:`\\frac12\\|p-u\\|_1`; HR: :math:`\\mathrm{KL}(q\\|p)`).
+            :math:`\max_i np_i`; TV: :math:`\frac12\|p-u\|_1`; HR: :math:`\mathrm{KL}(q\|p)`).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import CVaR, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64, requires_grad=True)
+        >>> aux = robust_weights(losses, CVaR(0.5)).aux
+        >>> float(aux.value.detach()), float(aux.divergence)  # max_i n p_i = 4 * 0.5
+        (3.5, 2.0)
+        >>> aux.value.backward()
+        >>> losses.grad.tolist()
+        [0.0, 0.0, 0.5, 0.5]
     """
 
     value: Tensor
@@ -160,7 +191,16 @@ def _check_losses(losses: object) -> Tensor:
 
 def robust_weights(losses: Tensor, spec: DROSpec, *, tol: float | None = None, max_iter: int = 100,
                    backend: Backend | str | None = None, throw: bool = True) -> Result[DROAux]:
-    """Worst-case weights over the last dimension of ``losses`` for the uncertainty set ``spec``.
+    r"""Worst-case weights over the last dimension of ``losses`` for the uncertainty set ``spec``.
+
+    For each row :math:`\ell \in \mathbb{R}^n` of ``losses``,
+
+    .. math:: p^\star = \operatorname*{arg\,max}_{p \in \mathcal U} \langle p, \ell\rangle - \lambda D(p),
+              \qquad R(\ell) = \langle p^\star, \ell\rangle - \lambda D(p^\star),
+              \qquad \nabla_\ell R = p^\star,
+
+    with :math:`\mathcal U \subseteq \Delta_n` and :math:`\lambda D` given by ``spec`` (see the
+    module docstring for the exactness, duals and tolerances of each spec).
 
     Args:
         losses: ``(*batch, n)`` floating tensor (any device); each row is one problem.
@@ -180,6 +220,22 @@ def robust_weights(losses: Tensor, spec: DROSpec, *, tol: float | None = None, m
     Raises:
         ConvergenceError: when ``throw`` and a row failed.
         TypeError, ValueError: invalid losses or spec.
+
+    Example:
+        A batch of two problems: each row of weights lies on the simplex, and the value is the
+        weighted loss minus the penalty:
+
+        >>> import torch
+        >>> from optlayers.solvers.dro import ChiSquarePenalty, robust_weights
+        >>> losses = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 8.0]], dtype=torch.float64)
+        >>> res = robust_weights(losses, ChiSquarePenalty(1.0))
+        >>> res.solution.shape, res.aux.value.shape, res.converged.tolist()
+        (torch.Size([2, 4]), torch.Size([2]), [True, True])
+        >>> res.solution[1].tolist(), res.solution.sum(-1).tolist()
+        ([0.0, 0.0, 0.0, 1.0], [1.0, 1.0])
+        >>> D = ((4 * res.solution - 1) ** 2).mean(-1)
+        >>> torch.allclose(res.aux.value, (res.solution * losses).sum(-1) - 1.0 * D)
+        True
     """
     losses = _check_losses(losses)
     if not isinstance(spec, DROSpec):
@@ -244,7 +300,25 @@ def dual_value(losses: Tensor, spec: DROSpec, dual: DRODual) -> Tensor:
     are feasible; equal at the optimum). Differentiable in ``losses``.
 
     Implemented for CVaR (unsmoothed), the :math:`\chi^2` and KL balls and penalties (not the
-    optimistic KL), Cressie–Read and holistic robustness.
+    optimistic KL), Cressie–Read and holistic robustness. For the KL ball, say,
+
+    .. math:: g(\eta, \lambda) = \eta + \lambda\rho
+              + \lambda\Big(\frac1n\sum_i e^{(\ell_i-\eta)/\lambda} - 1\Big)
+              \;\ge\; \max_{\mathrm{KL}(p\|u)\le\rho}\langle p, \ell\rangle
+              \quad (\lambda > 0),
+
+    with equality at the returned duals (weak and strong duality).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import DRODual, KLBall, dual_value, robust_weights
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        >>> res = robust_weights(losses, KLBall(0.1))
+        >>> torch.isclose(dual_value(losses, KLBall(0.1), res.aux.dual), res.aux.value)
+        tensor(True)
+        >>> other = DRODual(eta=torch.tensor(3.0, dtype=torch.float64), lam=torch.tensor(1.0, dtype=torch.float64))
+        >>> bool(dual_value(losses, KLBall(0.1), other) > res.aux.value)  # any other duals: a bound
+        True
 
     Raises:
         NotImplementedError: for specs without a scalar dual (TV, spectral, smoothed CVaR,
