@@ -142,12 +142,15 @@ def test_numba_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyP
 
 
 def test_user_cost_and_forced_device() -> None:
-    src = CallableSource(torch.rand(1, 3, 2), torch.rand(1, 4, 2), lambda u, w: torch.cdist(u, w))
-    with pytest.raises(ValueError, match="user costs run on the reference"):
-        from optlayers.kernels.softmin_triton import _source_args  # noqa: PLC0415
-        _source_args(src, torch.zeros(1))
-    with pytest.raises(KernelUnavailableError, match="cannot run on a cpu"):
+    with pytest.raises(KernelUnavailableError, match="cannot run on a cpu|not importable|cannot run"):
         dispatch(SOFTMIN, backend="triton", device="cpu")
+    if not HAS_TRITON:
+        return  # the Triton module itself needs triton; the dispatch refusal above is the CI check
+    src = CallableSource(torch.rand(1, 3, 2), torch.rand(1, 4, 2), lambda u, w: torch.cdist(u, w))
+    from optlayers.kernels.softmin_triton import _source_args  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="user costs run on the reference"):
+        _source_args(src, torch.zeros(1))
 
 
 def test_transport_displacement_matches_dense() -> None:
