@@ -25,15 +25,7 @@ from optlayers.kernels.softmin_reference import (
     softmin_reference,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: intra-op threads only add contention (measured: a 3600-entry
-    ``exp_`` takes ~4 ms with 2 threads on a loaded 2-core machine, 0.08 ms with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see tests/conftest.py
 
 
 HAS_NUMBA = D.backend_available(Backend.NUMBA)

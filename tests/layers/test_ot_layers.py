@@ -12,15 +12,7 @@ import torch
 from optlayers.layers.ot import Envelope, Implicit, Sinkhorn, SinkhornLoss, Unroll, sinkhorn, sinkhorn_divergence
 from optlayers.solvers.ot import PointCloud
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: intra-op threads only add contention (measured: a 3600-entry
-    ``exp_`` takes ~4 ms with 2 threads on a loaded 2-core machine, 0.08 ms with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see tests/conftest.py
 
 
 f64 = torch.float64
