@@ -58,6 +58,7 @@ def test_root_kernels_match_reference(spec, kernel: str, rows: str) -> None:
 @pytest.mark.parametrize("spec,kernel", CASES[::2])
 def test_root_kernels_dispatch_and_iteration_limit(spec, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     L = _rows("random").float()
+    monkeypatch.delenv(D.ENV_VAR, raising=False)  # this test sets the override itself
     robust_weights(L, spec)  # automatic on the CPU: Numba
     assert last_backend(kernel) is Backend.NUMBA
     monkeypatch.setenv(D.ENV_VAR, "reference")
