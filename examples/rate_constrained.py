@@ -31,36 +31,10 @@ import sys
 import numpy as np
 import torch
 
-from optlayers.layers.constrained import (
-    ConstrainedOptimizer,
-    ConstrainedProblem,
-    Constraint,
-    ConstraintState,
-    GradientAscent,
-    ProblemState,
-)
+from optlayers.demo.constrained import RateConstrained  # the same problem class the demo uses
+from optlayers.layers.constrained import ConstrainedOptimizer, GradientAscent
 
 RATE = 0.35
-
-
-class RateConstrained(ConstrainedProblem):
-    """Logistic regression with a positive-prediction-rate constraint."""
-
-    def __init__(self, d: int, rate: float) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(d, 1, dtype=torch.float64)
-        self.rate = rate
-        self.positive_rate = Constraint("ineq", dtype=torch.float64)
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return self.linear(X).squeeze(-1)
-
-    def compute(self, X: torch.Tensor, y: torch.Tensor) -> ProblemState:
-        logits = self(X)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-        proxy = torch.sigmoid(logits).mean() - self.rate
-        strict = (logits > 0).to(logits.dtype).mean() - self.rate
-        return ProblemState(loss, {"positive_rate": ConstraintState(proxy, strict)})
 
 
 def load(seed: int = 0):

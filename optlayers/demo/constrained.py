@@ -19,39 +19,37 @@ from pathlib import Path
 
 import torch
 
+from ..layers.constrained import ConstrainedProblem, Constraint, ConstraintState, ProblemState
 from . import StageResult, progress
 
 RATE, MARGIN, TOL = 0.35, 0.02, 0.02
 
 
+class RateConstrained(ConstrainedProblem):
+    """Logistic regression with a positive-prediction-rate constraint ``P(f(x) > 0) ≤ rate``
+    (smooth proxy ``mean(sigmoid(f)) − rate`` for the primal step, the strict rate for the dual)."""
+
+    def __init__(self, d: int, rate: float) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(d, 1, dtype=torch.float64)
+        self.rate = rate
+        self.positive_rate = Constraint("ineq", dtype=torch.float64)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.linear(X).squeeze(-1)
+
+    def compute(self, X: torch.Tensor, y: torch.Tensor) -> ProblemState:
+        logits = self(X)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        proxy = torch.sigmoid(logits).mean() - self.rate
+        strict = (logits > 0).to(logits.dtype).mean() - self.rate
+        return ProblemState(loss, {"positive_rate": ConstraintState(proxy, strict)})
+
+
 def run(quick: bool, out: Path) -> StageResult:
     from sklearn.datasets import load_digits
 
-    from ..layers.constrained import (
-        ConstrainedOptimizer,
-        ConstrainedProblem,
-        Constraint,
-        ConstraintState,
-        GradientAscent,
-        ProblemState,
-    )
-
-    class RateConstrained(ConstrainedProblem):
-        def __init__(self, d: int, rate: float) -> None:
-            super().__init__()
-            self.linear = torch.nn.Linear(d, 1, dtype=torch.float64)
-            self.rate = rate
-            self.positive_rate = Constraint("ineq", dtype=torch.float64)
-
-        def forward(self, X: torch.Tensor) -> torch.Tensor:
-            return self.linear(X).squeeze(-1)
-
-        def compute(self, X: torch.Tensor, y: torch.Tensor) -> ProblemState:
-            logits = self(X)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-            proxy = torch.sigmoid(logits).mean() - self.rate
-            strict = (logits > 0).to(logits.dtype).mean() - self.rate
-            return ProblemState(loss, {"positive_rate": ConstraintState(proxy, strict)})
+    from ..layers.constrained import ConstrainedOptimizer, GradientAscent
 
     X, digit = load_digits(return_X_y=True)
     gen = torch.Generator().manual_seed(0)
