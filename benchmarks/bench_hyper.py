@@ -28,12 +28,13 @@ relative to the explicit network at ``K``; ``accuracy`` is the relative fixed-po
 ``‖f(z) − z‖ / ‖z‖`` of the output. TorchDEQ is run when importable, otherwise its row says
 skipped.
 
-Every measurement process first runs ``torch.func``, a hypergradient and a DEQ on tiny inputs, so
-one-off lazy initialisation is not charged to the implicit methods. Time: median of repeated
-runs, one intra-op thread (``OPTLAYERS_BENCH_THREADS``); peak memory: growth of the peak resident
-set of a fresh subprocess per configuration (:func:`optlayers.bench.isolated`). Default sizes:
-MLP 64-32-10 (d = 2,410), T in (20, 200), DEQ hidden 128 × batch 512 (about 5 minutes on 2
-cores); ``--full``: MLP 64-64-10 (d = 4,810), T in (100, 1000), DEQ hidden 256 × batch 1024.
+Every measurement process first runs ``torch.func``, a hypergradient and a DEQ on tiny inputs,
+so one-off lazy initialisation is not charged to the implicit methods. Time: median of repeated
+runs (the hypergradient rows: one run by default, three with ``--full``), one intra-op thread
+(``OPTLAYERS_BENCH_THREADS``); peak memory: growth of the peak resident set of a fresh
+subprocess per configuration (:func:`optlayers.bench.isolated`). Default sizes: MLP 64-32-10 (d
+= 2,410), T in (20, 200), DEQ hidden 128 × batch 512 (about 2 minutes of CPU time); ``--full``:
+MLP 64-64-10 (d = 4,810), T in (100, 1000), DEQ hidden 256 × batch 1024.
 Run ``python -m optlayers bench hyper`` or ``python benchmarks/bench_hyper.py [--full]``.
 """
 
@@ -370,7 +371,7 @@ def run(full: bool = False) -> list[dict[str, Any]]:
         configs.append((f"{T} inner steps + implicit CG", "steps_then_cg", {"steps": T}))
     base = None
     for label, case, kw in configs:
-        repeats = 21 if case == "train_step" else 3
+        repeats = 21 if case == "train_step" else (3 if full else 1)  # one run of a seconds-long solve by default
         res = isolated(HERE, case, repeats=repeats, hidden=hidden, **kw)
         if case == "train_step":
             base = res["median_s"]

@@ -7,18 +7,19 @@ mixture (PI-HC-MoE, ``K`` experts with ``m/K`` points each) stays nearly flat: 1
 
 Here: diffusion–sorption on a 256 × 64 grid (:class:`optlayers.solvers.pde.DiffusionSorption`), a
 batch of 4 initial conditions, an MLP ``(x, t, u₀, a) → 16`` basis functions (width 32), and one
-full training step — network forward, the constraint solve (batched Levenberg–Marquardt in float64
-over samples × experts), the physics loss, the implicit backward and an Adam update — for ``K = 1``
-(:class:`~optlayers.layers.physics.HardConstraintLayer`) and ``K = 2, 4, 8`` spatial experts
-(:class:`~optlayers.layers.physics.PhysicsConstrainedMoE`, global initial/boundary rows as in the
-paper) at ``m = 10², 10³, 10⁴`` total points (``--full``: also ``3·10²``, ``3·10³`` and
-``1.5·10⁴``, the most the 8-expert tiles hold on this grid). Columns: ``median_s`` — median step
-time; ``ratio`` — ``K``-expert time / single-constraint time at the same ``m`` (below 1: the
-mixture is faster); ``accuracy`` — the worst inner stationarity ``‖Jᵀr‖/‖Jᵀr₀‖`` over all
-problems; ``iterations`` — mean LM iterations; ``solve_s`` — the constraint layer's forward alone;
-``exponent`` (last ``m`` of each ``K``) — the slope of ``log time`` vs ``log m`` over the whole
-sweep (1: linear, 2: quadratic). Each configuration runs in a fresh subprocess (peak memory: growth
-of its peak resident set), one intra-op thread (``OPTLAYERS_BENCH_THREADS``), after a warm-up step.
+full training step — network forward, the constraint solve (batched Levenberg–Marquardt in
+float64 over samples × experts), the physics loss, the implicit backward and an Adam update —
+for ``K = 1`` (:class:`~optlayers.layers.physics.HardConstraintLayer`) and ``K = 2, 4, 8``
+spatial experts (:class:`~optlayers.layers.physics.PhysicsConstrainedMoE`, global
+initial/boundary rows as in the paper) at ``m = 10², 10³, 10⁴`` total points (``--full``: also
+``3·10²``, ``3·10³`` and ``1.5·10⁴``, the most the 8-expert tiles hold on this grid). Columns:
+``median_s`` — median step time (of 3 steps; 5–7 with ``--full``); ``ratio`` — ``K``-expert time
+/ single-constraint time at the same ``m`` (below 1: the mixture is faster); ``accuracy`` — the
+worst inner stationarity ``‖Jᵀr‖/‖Jᵀr₀‖`` over all problems; ``iterations`` — mean LM
+iterations; ``solve_s`` — the constraint layer's forward alone; ``exponent`` (last ``m`` of each
+``K``) — the slope of ``log time`` vs ``log m`` over the whole sweep (1: linear, 2: quadratic).
+Each configuration runs in a fresh subprocess (peak memory: growth of its peak resident set),
+one intra-op thread (``OPTLAYERS_BENCH_THREADS``), after a warm-up step.
 
 The structured solve costs ``O(m N²)`` per LM iteration whatever ``K`` (the experts split the
 rows, not the work), so on one CPU the mixture can only win through fewer or less variable LM
@@ -94,7 +95,8 @@ def run(full: bool = False) -> list[dict[str, Any]]:
     times: dict[tuple[int, int], float] = {}
     for m in ms:
         for k in ks:
-            res = isolated(HERE, "step", repeats=7 if m <= 1000 else 5, experts=k, n_points=m)
+            repeats = (7 if m <= 1000 else 5) if full else 3
+            res = isolated(HERE, "step", repeats=repeats, experts=k, n_points=m)
             times[(k, m)] = res["median_s"]
             rows.append({"problem": f"diffusion_sorption {NX}x{NT}, m={m}", "library": f"optlayers K={k}",
                          "median_s": res["median_s"], "ratio": res["median_s"] / times[(1, m)],
