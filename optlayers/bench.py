@@ -87,7 +87,7 @@ def run_bench(suites: list[str], *, full: bool = False, device: str = "cpu",
     if unknown:
         print(f"unknown suite(s) {unknown}; valid: {sorted(available)}")
         return 2
-    results: dict[str, Any] = {"machine": machine_info(device), "suites": {}}
+    results: dict[str, Any] = {"machine": machine_info(device), "suites": {}, "wall_s": {}}
     failed = []
     for name in suites or list(available):
         spec = importlib.util.spec_from_file_location(f"optlayers_bench_{name}", available[name])
@@ -98,17 +98,22 @@ def run_bench(suites: list[str], *, full: bool = False, device: str = "cpu",
         if "device" in inspect.signature(module.run).parameters:
             kwargs["device"] = device
         print(f"\n## {name}")
+        start = time.perf_counter()
         try:
             rows = module.run(**kwargs)
         except Exception as err:  # noqa: BLE001 - report and continue with the next suite
             print(f"suite {name} failed: {type(err).__name__}: {err}")
             failed.append(name)
             continue
+        elapsed = time.perf_counter() - start
         print(format_table(rows))
+        print(f"({name}: {elapsed:.0f} s wall)")
         results["suites"][name] = rows
+        results["wall_s"][name] = elapsed
     with open(json_path, "w") as fh:
         json.dump(results, fh, indent=2, default=str)
-    print(f"\nresults written to {json_path}")
+    total = sum(results["wall_s"].values())
+    print(f"\n{len(results['wall_s'])} suite(s) in {total / 60:.1f} min; results written to {json_path}")
     return 1 if failed else 0
 
 
