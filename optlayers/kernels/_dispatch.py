@@ -14,9 +14,10 @@ Choice of backend, in order:
 1. the explicit ``backend=`` argument of :func:`dispatch`;
 2. the environment variable ``OPTLAYERS_KERNELS=reference|numba|triton``;
 3. automatic: Triton for CUDA tensors when it is importable and registered; Numba for CPU
-   tensors when it is importable, registered, and the problem is at least the size from which
-   the registered Numba version wins (``min_size`` of :func:`register`); otherwise the
-   reference.
+   tensors when it is importable, registered, and the problem size lies in the range where the
+   registered Numba version was measured to win (``min_size ≤ size ≤ max_size`` of
+   :func:`register`: some compiled loops win only on large problems, others — whose gain is
+   the reference's per-call overhead — only on small ones); otherwise the reference.
 
 A backend chosen by 1 or 2 (a *forced* backend) that is not registered for the kernel, whose
 package cannot be imported, or that cannot run on the device raises
@@ -24,7 +25,9 @@ package cannot be imported, or that cannot run on the device raises
 is installed but fails to import falls back to the reference with a warning.
 
 :func:`last_backend` reports which backend last *ran* a kernel (recorded when the function
-returned by :func:`dispatch` is called), so tests can assert it.
+returned by :func:`dispatch` is called), so tests can assert it; :func:`call_count` counts the
+calls per kernel and backend (e.g. to prove that a convergence check costs no extra kernel
+call).
 
 Example:
     >>> import torch
@@ -56,6 +59,7 @@ __all__ = [
     "register",
     "dispatch",
     "last_backend",
+    "call_count",
     "registered_backends",
     "backend_available",
     "forced_backend",
@@ -125,12 +129,14 @@ class KernelUnavailableError(RuntimeError):
 class _Entry:
     loader: Callable[[], Callable[..., Any]]
     min_size: int = 0
+    max_size: int | None = None
     fn: Callable[..., Any] | None = None
     wrapped: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, dict[Backend, _Entry]] = {}
 _LAST: dict[str, Backend] = {}
+_CALLS: dict[tuple[str, Backend], int] = {}
 _BROKEN: dict[Backend, str] = {}
 _LOCK = threading.Lock()
 
@@ -138,7 +144,7 @@ _PACKAGE = {Backend.NUMBA: "numba", Backend.TRITON: "triton"}
 
 
 def register(kernel_name: str, backend: Backend | str, fn_loader: Callable[[], Callable[..., Any]],
-             *, min_size: int = 0) -> None:
+             *, min_size: int = 0, max_size: int | None = None) -> None:
     """Register one implementation of a kernel.
 
     Args:
@@ -148,9 +154,11 @@ def register(kernel_name: str, backend: Backend | str, fn_loader: Callable[[], C
             first time this backend is chosen, so it may import Numba or Triton.
         min_size: Automatic dispatch picks this backend only for problems of at least this
             size (where it was measured to beat the reference). Ignored when forced.
+        max_size: Automatic dispatch picks this backend only for problems of at most this
+            size (None: no upper bound). Ignored when forced.
 
     Raises:
-        ValueError: ``backend`` names no backend.
+        ValueError: ``backend`` names no backend, or ``max_size < min_size``.
         TypeError: ``fn_loader`` is not callable.
 
     Example:
@@ -166,8 +174,12 @@ def register(kernel_name: str, backend: Backend | str, fn_loader: Callable[[], C
     b = Backend.parse(backend)
     if not callable(fn_loader):
         raise TypeError("fn_loader must be a zero-argument callable returning the kernel function")
+    if max_size is not None and int(max_size) < int(min_size):
+        raise ValueError(f"max_size={max_size} is below min_size={min_size}: the backend could never be "
+                         "chosen automatically")
     with _LOCK:
-        _REGISTRY.setdefault(kernel_name, {})[b] = _Entry(fn_loader, int(min_size))
+        _REGISTRY.setdefault(kernel_name, {})[b] = _Entry(
+            fn_loader, int(min_size), None if max_size is None else int(max_size))
 
 
 def registered_backends(kernel_name: str) -> tuple[Backend, ...]:
@@ -252,6 +264,25 @@ def last_backend(kernel_name: str) -> Backend | None:
     return _LAST.get(kernel_name)
 
 
+def call_count(kernel_name: str, backend: Backend | str | None = None) -> int:
+    """How many times ``kernel_name`` ran in this process (through :func:`dispatch`), on one
+    backend or (``backend=None``) on all of them together.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.kernels import call_count, dispatch, register
+        >>> register("doc.count", "reference", lambda: torch.neg)
+        >>> before = call_count("doc.count")
+        >>> fn = dispatch("doc.count", backend="reference")
+        >>> _ = fn(torch.ones(1)); _ = fn(torch.ones(1))
+        >>> call_count("doc.count") - before, call_count("doc.count", "numba")
+        (2, 0)
+    """
+    if backend is None:
+        return sum(c for (name, _), c in list(_CALLS.items()) if name == kernel_name)
+    return _CALLS.get((kernel_name, Backend.parse(backend)), 0)
+
+
 def _device_type(device: torch.device | str | None) -> str:
     if device is None:
         return "cpu"
@@ -271,9 +302,23 @@ def _load(kernel_name: str, backend: Backend, entry: _Entry) -> Callable[..., An
         fn = entry.loader()
         entry.fn = fn
 
+        key = (kernel_name, backend)
+        numba = backend is Backend.NUMBA
+
         def run(*args: Any, **kwargs: Any) -> Any:
             _LAST[kernel_name] = backend
-            return fn(*args, **kwargs)
+            _CALLS[key] = _CALLS.get(key, 0) + 1
+            if not numba:
+                return fn(*args, **kwargs)
+            # Numba's OpenMP threading layer shares the OpenMP runtime with PyTorch and, when it
+            # starts, resets the thread count to NUMBA_NUM_THREADS: a user's
+            # torch.set_num_threads(k) would silently be undone. Keep PyTorch's setting.
+            threads = torch.get_num_threads()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
 
         run.__name__ = getattr(fn, "__name__", kernel_name)
         run.__doc__ = getattr(fn, "__doc__", None)
@@ -315,7 +360,7 @@ def dispatch(kernel_name: str, *, backend: Backend | str | None = None,
             to the automatic choice.
         device: Device of the tensors the kernel will run on (default CPU).
         size: Problem size (kernel-specific, e.g. the number of losses), compared with the
-            ``min_size`` a backend was registered with.
+            ``min_size`` and ``max_size`` a backend was registered with.
 
     Returns:
         The function; calling it records its backend for :func:`last_backend`.
@@ -357,7 +402,8 @@ def dispatch(kernel_name: str, *, backend: Backend | str | None = None,
     order = (Backend.TRITON,) if device_type == "cuda" else (Backend.NUMBA,)
     for b in order:
         entry = entries.get(b)
-        if entry is None or size < entry.min_size or not backend_available(b):
+        if (entry is None or size < entry.min_size
+                or (entry.max_size is not None and size > entry.max_size) or not backend_available(b)):
             continue
         try:
             return _load(kernel_name, b, entry)

@@ -13,8 +13,44 @@ The compiled backends take dense, squared-Euclidean and p-norm sources (:func:`k
 a user cost (:class:`~optlayers.kernels.softmin_reference.CallableSource`) can only be evaluated
 by PyTorch, so callers send it to the reference directly. None of these define gradients.
 
-Automatic choice on the CPU: the Numba soft-min is registered with a ``min_size`` (entries
-``B·n·m``) from the measurements in ``benchmarks/bench_kernels.py``.
+Automatic choice on the CPU: the PyTorch reference, at every size and dtype. Measured with
+``benchmarks/bench_kernels.py`` and an interleaved sweep (process CPU time, one thread for
+PyTorch and Numba, squared Euclidean cost from points, ``d = 2``, ``B = 1`` unless noted; a
+2-core machine shared with other jobs, load average 9–13, so entries vary between runs), ns per
+cost entry ``B·n·m``, float32 / float64, ranges over two or three runs (2026-11-26)::
+
+    kernel           n = m     reference             Numba               torch.compile
+    soft-min            50     117 / 118             31 / 31             -
+    soft-min           100     33 / 32               13 / 13             -
+    soft-min           200     13.6-17 / 12-29       8.8-24 / 9.8-17     3.8-10.8 / 4.9-9.9
+    soft-min          1000     3.5-5.4 / 5.9-7.6     7.1-9.4 / 7.3-11    2.2-2.4 / 3.8-5.0
+    soft-min          4000     2.8-3.3 / 5.1-5.7     7.6-11 / 7.0-9.7    5.4-6.0 / 10.8-11.5
+    soft-min      64 x 32²     24 / 18               20 / 11             -
+    transport-apply     50     97 / 101              38 / 39             -
+    transport-apply    100     31 / 32               18 / 20             -
+    transport-apply    200     13-28 / 11-33         22-32 / 13-33       6.4-9.4 / 10.8
+    transport-apply   1000     5.2-6.9 / 6.2-8.2     12-17 / 11-18       4.1-5.3 / 5.9-6.0
+    transport-apply   4000     4.3-4.4 / 5.2-6.2     11-15 / 16-17       7.6-8.0 / 11.8-12.4
+    transport-apply 64 x 32²   24 / 19               18 / 14             -
+
+* Numba (scalar ``exp``, no SVML here) beats the reference per call only on small problems,
+  where the reference's fixed per-call cost dominates: 2.4–3.8× (soft-min) and 1.6–2.6×
+  (transport-apply) at ``50²``–``100²``, a tie at ``200²``, 1.2–1.6× on a batch of 64
+  problems of ``32²``; from ``10⁵``–``10⁶`` entries on the reference's GEMM plus vectorized
+  ``exp`` wins (Numba at 0.3–0.9× of its speed; the float64 soft-min ties up to ~2·10⁵). The
+  per-call gain on small problems is at most ~0.2 ms, while Numba's one-off cost in a process is
+  0.74 s CPU with its on-disk cache warm and 3–4 s per dtype when it compiles: ≥ ~4000 calls
+  (10–20 small solves) before it pays, so a single small solve would be dominated by it.
+  Automatic dispatch therefore never picks it; force it (``backend="numba"`` or
+  ``OPTLAYERS_KERNELS=numba``) in a long loop over small problems.
+* ``torch.compile`` of the fused expressions (Inductor) is the fastest per call from ``200²`` to
+  ``1000²`` (1.1–3×) but slower than the reference at ``4000²`` (1.7–2.4× slower), and its first
+  call costs 3–8 s CPU (Dynamo/Inductor start-up; 7–8 s in a fresh process) plus 0.13–1.4 s for
+  every new shape (``dynamic=False``): it would need ~10⁹–10¹⁰ entries of work per process and
+  shape to repay, so it is not registered as a backend; the benchmark keeps measuring it.
+
+The Numba kernels stay registered (``min_size`` = :data:`NUMBA_MIN_SIZE`, never reached) so that
+forcing them works and the forced-backend test passes run them.
 """
 
 from __future__ import annotations
@@ -38,10 +74,9 @@ __all__ = ["SOFTMIN", "KERNEL_APPLY", "kernel_supported", "softmin", "kernel_app
 SOFTMIN = "ot.softmin"
 KERNEL_APPLY = "ot.kernel_apply"
 
-#: Entries ``B·n·m`` from which automatic dispatch uses the Numba kernels on the CPU. Measured
-#: (``benchmarks/bench_kernels.py``): the eager reference (one GEMM plus vectorized ``exp``)
-#: beats Numba's scalar ``exp`` at every size on the development machine, so automatic dispatch
-#: does not pick Numba for the soft-min; it stays available by forcing it.
+#: Entries ``B·n·m`` from which automatic dispatch would use the Numba kernels on the CPU: never
+#: (see the module docstring: the reference wins from ~4·10⁴ entries on, and below that Numba's
+#: one-off load outweighs its per-call gain for any single solve). Forcing still runs them.
 NUMBA_MIN_SIZE = 1 << 62
 
 

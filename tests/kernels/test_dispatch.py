@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,15 @@ import pytest
 import torch
 
 import optlayers.kernels._dispatch as D
-from optlayers.kernels import Backend, KernelUnavailableError, dispatch, last_backend, register, registered_backends
+from optlayers.kernels import (
+    Backend,
+    KernelUnavailableError,
+    call_count,
+    dispatch,
+    last_backend,
+    register,
+    registered_backends,
+)
 from optlayers.solvers.dro import ChiSquareBall, CVaR, Spectral, esrm, extremile, robust_weights, superquantile
 from optlayers.solvers.dro.chi_square import chi2_ball_reference
 from optlayers.solvers.dro.cvar import cvar_reference
@@ -73,6 +82,32 @@ def test_automatic_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         dispatch("test.toy3", backend="numba")
 
 
+def test_automatic_size_window() -> None:
+    """``max_size``: a backend that wins only on small problems is not chosen above it."""
+    register("test.window", Backend.REFERENCE, lambda: (lambda: "ref"))
+    register("test.window", "numba", lambda: (lambda: "numba"), min_size=10, max_size=100)
+    want = "numba" if HAS_NUMBA else "ref"
+    assert [dispatch("test.window", size=s)() for s in (9, 10, 100, 101)] == ["ref", want, want, "ref"]
+    # forcing ignores the window
+    if HAS_NUMBA:
+        assert dispatch("test.window", backend="numba", size=10**9)() == "numba"
+    with pytest.raises(ValueError, match="max_size=5 is below min_size=10"):
+        register("test.window_bad", "numba", lambda: (lambda: 0), min_size=10, max_size=5)
+
+
+def test_call_count_per_backend() -> None:
+    _toy("test.count")
+    assert call_count("test.count") == 0
+    ref = dispatch("test.count", backend="reference")
+    for _ in range(3):
+        ref(0)
+    assert call_count("test.count") == 3 and call_count("test.count", "reference") == 3
+    assert call_count("test.count", Backend.NUMBA) == 0
+    if HAS_NUMBA:
+        dispatch("test.count", backend="numba")(0)
+        assert call_count("test.count") == 4 and call_count("test.count", "numba") == 1
+
+
 def test_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
     _toy("test.toy4")
     monkeypatch.setenv(D.ENV_VAR, "reference")
@@ -92,6 +127,23 @@ def test_importing_optlayers_imports_no_numba_or_triton() -> None:
             "optlayers.layers.dro; print('numba' in sys.modules, 'triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+@needs_numba
+def test_numba_kernel_keeps_torch_thread_count() -> None:
+    """Numba's OpenMP layer resets the shared OpenMP thread count when it starts; the dispatch
+    restores PyTorch's setting (fresh process: the layer starts once per process)."""
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from optlayers.kernels import dispatch\n"
+            "from optlayers.kernels.softmin_reference import SqEuclideanSource\n"
+            "x, y = torch.rand(1, 40, 2), torch.rand(1, 30, 2)\n"
+            "for _ in range(2):\n"
+            "    dispatch('ot.softmin', backend='numba')(SqEuclideanSource(x, y), torch.zeros(1, 30), torch.ones(1))\n"
+            "print(torch.get_num_threads())")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    env.pop(D.ENV_VAR, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[-1] == "1", out.stdout + out.stderr
 
 
 # ------------------------------------------------------------------------------- DRO kernels
