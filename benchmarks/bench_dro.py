@@ -1,14 +1,15 @@
 """DRO losses: forward + backward cost on CPU, a small MLP's training step, and optlayers vs the
 ``dro`` package on a linear model.
 
-Three parts (each configuration runs in a fresh subprocess; ``threads`` sets
+Three parts (each part runs in a fresh subprocess, all its configurations in that one process —
+with ``--full`` the loss rows get one process each, for their peak memory; ``threads`` sets
 ``torch.set_num_threads`` there, default 1):
 
 * ``losses n=<n> <dtype>``: ``DROLoss(spec)(losses).backward()`` on ``n`` per-example losses
   (n = 4,096 and 65,536; float32 and float64), against ``losses.mean().backward()``. ``accuracy``
   is the relative gap between the robust value and the dual objective at the returned duals (a
-  certificate of optimality; None where the spec has no scalar dual). The peak memory is the peak
-  resident set minus the baseline after imports.
+  certificate of optimality; None where the spec has no scalar dual). The peak memory (``--full``
+  only) is the peak resident set minus the baseline after imports.
 * ``mlp step batch=<n> <dtype>``: one SGD step (forward, backward, update) of a small MLP
   (32-64-10, cross-entropy) at batch ``n`` (4,096 and 65,536, so the DRO weights are over ``n``
   losses) with each robust loss, against the same step with the plain mean. The two steps are
@@ -16,7 +17,9 @@ Three parts (each configuration runs in a fresh subprocess; ``threads`` sets
   the same machine load; ``ratio`` is the median over pairs of spec time / mean time, with its
   25-75 % spread (``ratio_q1``, ``ratio_q3``).
 * ``fit logistic``: minimise the robust logistic loss of a linear model (d = 10, labels +-1) with
-  optlayers (``DROLoss`` / ``wasserstein_linear_risk`` + ``torch.optim.LBFGS``, float64) and with the
+  optlayers (``DROLoss`` / ``wasserstein_linear_risk`` + ``torch.optim.LBFGS``, float64; for the TV
+  ball, whose ``eps * max`` term stalls L-BFGS at its kink, a short continuation on a
+  log-sum-exp smoothing of the max comes first, timed with the rest) and with the
   ``dro`` package (cvxpy + CLARABEL), for the sets both implement: CVaR, chi-square ball, KL ball,
   total variation, Wasserstein (labels fixed, and label flips with cost kappa). ``objective`` is
   the robust objective at each returned model, evaluated *exactly by the same code* (optlayers'
@@ -128,6 +131,12 @@ def _parse_spec(expr: str) -> tuple[Any, str | None]:
     return eval(body, _spec_namespace()), (backend or None)  # noqa: S307 - a fixed table of expressions above
 
 
+def _worker_batch(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Several configurations in this one process (``cfg["items"]``: configs of one kind)."""
+    worker = {"losses": _worker_losses, "mlp": _worker_mlp, "fit_ours": _worker_fit_ours}[cfg["sub"]]
+    return [worker({**item, "batched": True}) for item in cfg["items"]]
+
+
 def _worker_losses(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -154,7 +163,8 @@ def _worker_losses(cfg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = _peak_rss_mb() - baseline
+    # peak resident set: meaningful only when this configuration has the process to itself
+    peak = None if cfg.get("batched") else round(_peak_rss_mb() - baseline, 2)
     accuracy = None
     if spec is not None:
         lv = base.to(torch.float64)
@@ -165,7 +175,7 @@ def _worker_losses(cfg: dict[str, Any]) -> dict[str, Any]:
         except NotImplementedError:
             accuracy = None
     q1, med, q3 = _quartiles(times)
-    return {"median_s": med, "q1_s": q1, "q3_s": q3, "peak_mem_mb": round(peak, 2), "accuracy": accuracy}
+    return {"median_s": med, "q1_s": q1, "q3_s": q3, "peak_mem_mb": peak, "accuracy": accuracy}
 
 
 def _worker_mlp(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +257,10 @@ def _worker_fit_ours(cfg: dict[str, Any]) -> dict[str, Any]:
             return wasserstein_linear_risk(w, b, X, y, eps, kappa=kappa, loss="logistic", p=2.0)
 
         exact = objective
-    else:
+    stages: list[tuple[Any, int]] = []  # smoothed stages before the exact objective: (objective, max_iter)
+    if not isinstance(what, list):
+        from optlayers.solvers.dro import CVaR, KLPenalty, TotalVariation
+
         spec, _ = _parse_spec(what)
         loss = DROLoss(spec)
 
@@ -257,15 +270,31 @@ def _worker_fit_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         def exact(w: Any, b: Any) -> Any:
             return robust_weights(F.softplus(-y * (X @ w + b)), spec, tol=1e-14).aux.value
 
+        if isinstance(spec, TotalVariation) and 0.0 < spec.eps < 1.0:
+            # TV = (1 - eps) CVaR_{1-eps} + eps max. L-BFGS (strong Wolfe) stalls at the kink of the
+            # max term (several examples tie at the worst loss at the optimum): continuation on
+            # max ~ KLPenalty(s) = s log mean exp(l / s) (error <= s log n), s = 0.1 ... 1e-6, 60
+            # iterations each from the previous stage, then the exact objective (all timed)
+            eps = spec.eps
+            cvar = DROLoss(CVaR(1.0 - eps))
+            for s in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
+                soft = DROLoss(KLPenalty(s))
+
+                def smoothed(w: Any, b: Any, soft: Any = soft) -> Any:
+                    losses = F.softplus(-y * (X @ w + b))
+                    return (1.0 - eps) * cvar(losses) + eps * soft(losses)
+
+                stages.append((smoothed, 60))
+
     def fit() -> tuple[Any, Any, int]:
         # warm start at the plain logistic regression (at w = 0 all losses tie at log 2, a kink of
-        # CVaR/TV), then L-BFGS on the robust objective; both stages are timed
+        # CVaR/TV), then L-BFGS on the robust objective; all stages are timed
         w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
         evals = [0]
         erm = lambda w, b: F.softplus(-y * (X @ w + b)).mean()  # noqa: E731
-        for obj in (erm, objective):
-            opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=cfg["max_iter"], max_eval=2 * cfg["max_iter"],
+        for obj, max_iter in [(erm, cfg["max_iter"]), *stages, (objective, cfg["max_iter"])]:
+            opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter,
                                     tolerance_grad=1e-10, tolerance_change=1e-15, history_size=20,
                                     line_search_fn="strong_wolfe")
 
@@ -301,6 +330,8 @@ def _import_dro_linear_models() -> Any:
     import importlib.util
     import types
 
+    if "dro.linear_model" in sys.modules:  # a second fit in the same process
+        return sys.modules["dro.linear_model"]
     found = importlib.util.find_spec("dro")
     if found is None or not found.submodule_search_locations:
         raise ImportError("the dro package is not installed in this environment")
@@ -350,30 +381,34 @@ def _root() -> str:
 
 
 def _loss_rows(full: bool, threads: int) -> list[dict[str, Any]]:
+    """Default: every configuration in one process (no peak memory); ``--full``: one process per
+    configuration (with its peak memory) and more repeats."""
     repeats = 41 if full else 11
+    cfgs = [{"kind": "losses", "n": n, "dtype": dtype, "spec": expr, "repeats": repeats, "threads": threads}
+            for dtype in ("float32", "float64") for n in (4096, 65536) for expr in SPECS.values()]
+    results = [_spawn(c) for c in cfgs] if full else _spawn({"kind": "batch", "sub": "losses", "items": cfgs,
+                                                              "threads": threads})
+    names = list(SPECS) * (len(cfgs) // len(SPECS))
     rows: list[dict[str, Any]] = []
-    for dtype in ("float32", "float64"):
-        for n in (4096, 65536):
-            base = None
-            for name, expr in SPECS.items():
-                res = _spawn({"kind": "losses", "n": n, "dtype": dtype, "spec": expr, "repeats": repeats,
-                              "threads": threads})
-                base = res["median_s"] if name == "mean" else base
-                rows.append({"problem": f"losses n={n} {dtype}", "library": f"optlayers {name}",
-                             "ratio": res["median_s"] / base if base else None, **res})
+    base = None
+    for name, c, res in zip(names, cfgs, results):
+        base = res["median_s"] if name == "mean" else base
+        rows.append({"problem": f"losses n={c['n']} {c['dtype']}", "library": f"optlayers {name}",
+                     "ratio": res["median_s"] / base if base else None, **res})
     return rows
 
 
 def _mlp_rows(full: bool, threads: int) -> list[dict[str, Any]]:
+    """All specs of one batch size in one process (batch 65,536 only with ``--full``: minutes)."""
     rows: list[dict[str, Any]] = []
-    for n in (4096, 65536) if full else (4096,):  # batch 65,536 steps only with --full (minutes each)
+    for n in (4096, 65536) if full else (4096,):
         repeats = (101 if full else 31) if n == 4096 else 41
-        for dtype in ("float32", "float64"):
-            for name in MLP_SPECS:
-                res = _spawn({"kind": "mlp", "n": n, "dtype": dtype, "spec": SPECS[name], "repeats": repeats,
-                              "threads": threads})
-                rows.append({"problem": f"mlp step batch={n} {dtype}", "library": f"optlayers {name}",
-                             "peak_mem_mb": None, "accuracy": None, **res})
+        cfgs = [{"kind": "mlp", "n": n, "dtype": dtype, "spec": SPECS[name], "repeats": repeats, "threads": threads}
+                for dtype in ("float32", "float64") for name in MLP_SPECS]
+        results = _spawn({"kind": "batch", "sub": "mlp", "items": cfgs, "threads": threads})
+        for name, c, res in zip(MLP_SPECS * 2, cfgs, results):
+            rows.append({"problem": f"mlp step batch={n} {c['dtype']}", "library": f"optlayers {name}",
+                         "peak_mem_mb": None, "accuracy": None, **res})
     return rows
 
 
@@ -389,6 +424,7 @@ def _make_logistic_data(path: str, n: int, d: int, seed: int) -> None:
 
 
 def _fit_rows(full: bool, threads: int) -> list[dict[str, Any]]:
+    """All ``dro`` fits in one process of its environment, then all optlayers fits in one process."""
     py = dro_python()
     sizes = (1000, 5000) if full else (1000,)
     rows: list[dict[str, Any]] = []
@@ -397,23 +433,25 @@ def _fit_rows(full: bool, threads: int) -> list[dict[str, Any]]:
             data = os.path.join(tmp, f"logistic_{n}.npz")
             _make_logistic_data(data, n, 10, seed=0)
             problem = f"fit logistic n={n} d=10"
-            for name, what, cls, config in FIT_SPECS:
-                dro_res: dict[str, Any] | None = None
-                note = None
-                if py is None:
-                    note = ("skipped: no dro environment (run benchmarks/envs/dro.sh, or set OPTLAYERS_DRO_VENV "
-                            "to a venv with the dro package)")
-                else:
-                    try:
-                        dro_res = _spawn({"kind": "fit_dro", "data": data, "cls": cls, "config": config,
-                                          "repeats": 3 if full else 1, "threads": threads}, python=py)
-                    except RuntimeError as exc:
-                        note = f"dro failed: {str(exc).strip().splitlines()[-1][:160]}"
-                spec_arg = list(what) if isinstance(what, tuple) else what
-                ours = _spawn({"kind": "fit_ours", "data": data, "spec": spec_arg,
-                               "repeats": 5 if full else 3, "max_iter": 500, "threads": threads,
-                               "dro_theta": None if dro_res is None else dro_res["theta"],
-                               "dro_b": None if dro_res is None else dro_res["b"]})
+            dro_all: list[dict[str, Any] | None] = [None] * len(FIT_SPECS)
+            note = None
+            if py is None:
+                note = ("skipped: no dro environment (run benchmarks/envs/dro.sh, or set OPTLAYERS_DRO_VENV "
+                        "to a venv with the dro package)")
+            else:
+                items = [{"kind": "fit_dro", "data": data, "cls": cls, "config": config, "repeats": 3 if full else 1,
+                          "threads": threads} for _, _, cls, config in FIT_SPECS]
+                out = _spawn({"kind": "fit_dro_batch", "items": items, "threads": threads}, python=py)
+                dro_all = [r if "error" not in r else None for r in out]
+                errors = [r.get("error") for r in out]
+            ours_items = []
+            for (_name, what, _cls, _config), dro_res in zip(FIT_SPECS, dro_all):
+                ours_items.append({"kind": "fit_ours", "data": data, "spec": list(what) if isinstance(what, tuple)
+                                   else what, "repeats": 5 if full else 3, "max_iter": 500, "threads": threads,
+                                   "dro_theta": None if dro_res is None else dro_res["theta"],
+                                   "dro_b": None if dro_res is None else dro_res["b"]})
+            ours_all = _spawn({"kind": "batch", "sub": "fit_ours", "items": ours_items, "threads": threads})
+            for i, ((name, _what, _cls, _config), dro_res, ours) in enumerate(zip(FIT_SPECS, dro_all, ours_all)):
                 best = ours["objective"] if ours["objective_dro"] is None else min(ours["objective"],
                                                                                  ours["objective_dro"])
                 rows.append({"problem": f"{problem} {name}", "library": "optlayers L-BFGS",
@@ -426,9 +464,10 @@ def _fit_rows(full: bool, threads: int) -> list[dict[str, Any]]:
                                  "peak_mem_mb": None, "accuracy": (ours["objective_dro"] - best) / abs(best),
                                  "objective": ours["objective_dro"], "reported": dro_res["reported"]})
                 else:
+                    why = note if py is None else f"dro failed: {str(errors[i]).strip().splitlines()[-1][:160]}"
                     rows.append({"problem": f"{problem} {name}", "library": "dro", "median_s": None, "ratio": None,
                                  "peak_mem_mb": None, "accuracy": None, "objective": None, "reported": None,
-                                 "note": note})
+                                 "note": why})
     return rows
 
 
@@ -508,10 +547,20 @@ def main() -> None:
         if cfg["kind"] == "fit_dro":
             print(json.dumps(_worker_fit_dro(cfg)))
             return
+        if cfg["kind"] == "fit_dro_batch":  # one failing fit does not lose the others
+            out = []
+            for item in cfg["items"]:
+                try:
+                    out.append(_worker_fit_dro(item))
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    out.append({"error": f"{type(exc).__name__}: {exc}"})
+            print(json.dumps(out))
+            return
         import torch
 
         torch.set_num_threads(int(cfg.get("threads") or 1))
-        worker = {"losses": _worker_losses, "mlp": _worker_mlp, "fit_ours": _worker_fit_ours}[cfg["kind"]]
+        worker = {"losses": _worker_losses, "mlp": _worker_mlp, "fit_ours": _worker_fit_ours,
+                  "batch": _worker_batch}[cfg["kind"]]
         print(json.dumps(worker(cfg)))
         return
     parts = tuple(p.strip() for p in args.only.split(",") if p.strip())

@@ -29,13 +29,17 @@ Inputs are ``(B, n)`` float64 CPU tensors; rows are independent.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
 import torch
 
 __all__ = ["cvar_numba", "chi2_ball_numba", "perm_proj_l2_numba", "perm_proj_kl_numba", "kl_ball_root_numba",
-           "cr_ball_root_numba", "cr_penalty_root_numba", "holistic_root_numba"]
+           "cr_ball_root_numba", "cr_penalty_root_numba", "holistic_root_numba", "fused_kl_ball_row",
+           "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row", "fused_kl_penalty_row",
+           "fused_chi2_penalty_row", "fused_cvar_row", "fused_chi2_ball_row", "fused_spectral_row",
+           "fused_rows"]
 
 
 @numba.njit(cache=True)
@@ -300,6 +304,18 @@ _KL_BALL, _CR_BALL, _CR_PEN, _HOLISTIC = 0, 1, 2, 3
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _powb(t, beta):  # pragma: no cover - compiled
+    """``t ** beta`` for ``t > 0`` with the common exponents done without ``pow``."""
+    if beta == 0.5:
+        return math.sqrt(t)
+    if beta == 1.0:
+        return t
+    if beta == 2.0:
+        return t * t
+    return t ** beta
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _cr_f(t, k):  # pragma: no cover - compiled
     """Scalar ``cressie_read_f`` (same branches as the PyTorch version)."""
     h = t - 1.0
@@ -353,7 +369,7 @@ def _eval(kind, a, q, prm, x):  # pragma: no cover - compiled
         for i in range(n):
             t = 1.0 + a[i] * c
             if t > 0.0:
-                tb = t ** beta
+                tb = _powb(t, beta)
                 s_m += tb / t
                 s_0 += tb
                 s_1 += tb * t
@@ -364,7 +380,7 @@ def _eval(kind, a, q, prm, x):  # pragma: no cover - compiled
             D = 0.0
             for i in range(n):
                 t = 1.0 + a[i] * c
-                tb = t ** beta if t > 0.0 else 0.0
+                tb = _powb(t, beta) if t > 0.0 else 0.0
                 D += _cr_f(n * (tb / s_0), k)
             D = D / n
         else:
@@ -379,7 +395,7 @@ def _eval(kind, a, q, prm, x):  # pragma: no cover - compiled
         for i in range(n):
             t = 1.0 + a[i] * c
             if t > 0.0:
-                tb = t ** beta
+                tb = _powb(t, beta)
                 s_m += tb / t
                 s_0 += tb
         return logT - beta * np.log(m) - np.log(s_0), beta * s_m / (m * s_0)
@@ -562,3 +578,408 @@ def holistic_root_numba(delta: torch.Tensor, q: torch.Tensor, alpha: float, r: f
     _, lo, hi, res, conv, its = _root(_HOLISTIC, delta, q, P, -inf, inf, u0, active, tol=tol, max_iter=max_iter,
                                       feasible="hi", xmin=-700.0, xmax=700.0)
     return lo, hi, res, conv, its
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused one-row solvers: the whole inner problem of one spec in one compiled call (used by the
+# training fast path ``optlayers.solvers.dro.fused``). Each takes one float64 row ``l``, writes
+# the weights into ``p`` and returns ``(value, x, converged)``: the robust value
+# ``<p, l> - penalty`` and the root-find variable ``x`` (NaN for closed forms), which a caller
+# may pass back as ``warm`` on the next, similar row (a warm start: the search then begins at
+# the previous root, and the tolerance test at the end is the same). They transcribe the
+# PyTorch solvers of :mod:`optlayers.solvers.dro` step by step.
+# ---------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _max_min_top(l):  # pragma: no cover - compiled
+    n = l.shape[0]
+    lmax = l[0]
+    lmin = l[0]
+    for i in range(1, n):
+        v = l[i]
+        if v > lmax:
+            lmax = v
+        if v < lmin:
+            lmin = v
+    n_top = 0
+    for i in range(n):
+        if l[i] == lmax:
+            n_top += 1
+    return lmax, lmin, n_top
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _argmax_row(l, lmax, n_top, p, scale, add):  # pragma: no cover - compiled
+    """``p = add * p + scale * argmax_uniform(l)`` (``add`` 0 or 1)."""
+    w = scale / n_top
+    for i in range(l.shape[0]):
+        base = p[i] if add else 0.0
+        p[i] = base + (w if l[i] == lmax else 0.0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _dot(a, b):  # pragma: no cover - compiled
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scaled_z(l, lmax, R):  # pragma: no cover - compiled
+    """``Z = (l - max) / R`` and its mean and (population) variance."""
+    n = l.shape[0]
+    Z = np.empty(n)
+    zs = 0.0
+    for i in range(n):
+        z = (l[i] - lmax) / R
+        Z[i] = z
+        zs += z
+    zbar = zs / n
+    v = 0.0
+    for i in range(n):
+        d = Z[i] - zbar
+        v += d * d
+    return Z, zbar, v / n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_kl_ball_row(l, rho, tol, max_iter, warm, p):  # pragma: no cover - compiled
+    """KL ball (``solve_kl_ball``)."""
+    n = l.shape[0]
+    lmax, lmin, n_top = _max_min_top(l)
+    if rho <= 0.0:
+        for i in range(n):
+            p[i] = 1.0 / n
+        return _dot(p, l), np.nan, True
+    if rho >= math.log(n / n_top):
+        _argmax_row(l, lmax, n_top, p, 1.0, False)
+        return lmax, np.nan, True
+    Z, zbar, var_u = _scaled_z(l, lmax, lmax - lmin)
+    logrho = math.log(rho)
+    hi = -logrho
+    x0 = 0.5 * np.log(var_u / (2.0 * rho))
+    x0 = min(x0, hi) if math.isfinite(x0) else hi - 1.0
+    if math.isfinite(warm) and warm < hi:
+        x0 = warm
+    prm = np.empty(2)
+    prm[0] = logrho
+    prm[1] = zbar
+    _, _, hi, _, done, _ = _newton_bisect_row(_KL_BALL, Z, Z, prm, -np.inf, hi, x0, tol, max_iter, 1, 4e-16, True,
+                                              1.0, -700.0, np.inf)
+    c = math.exp(-hi)
+    shift = c * zbar if c * abs(zbar) <= 30.0 else 0.0
+    A = 0.0
+    for i in range(n):
+        em = math.expm1(Z[i] * c - shift)
+        p[i] = em
+        A += em
+    S0 = n * (1.0 + A / n)
+    for i in range(n):
+        p[i] = (p[i] + 1.0) / S0
+    return _dot(p, l), hi, done
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _cr_weights(Z, c, beta, p):  # pragma: no cover - compiled
+    """``p = t^beta / sum(t^beta)`` with ``t = (1 + c Z)_+``."""
+    s0 = 0.0
+    for i in range(Z.shape[0]):
+        t = 1.0 + Z[i] * c
+        tb = _powb(t, beta) if t > 0.0 else 0.0
+        p[i] = tb
+        s0 += tb
+    for i in range(Z.shape[0]):
+        p[i] /= s0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_cr_ball_row(l, k, rho, tol, max_iter, warm, p):  # pragma: no cover - compiled
+    """Cressie–Read ball, ``k != 2`` (``solve_cressie_read`` with ``rho``)."""
+    n = l.shape[0]
+    lmax, lmin, n_top = _max_min_top(l)
+    if rho <= 0.0:
+        for i in range(n):
+            p[i] = 1.0 / n
+        return _dot(p, l), np.nan, True
+    beta = 1.0 / (k - 1.0)
+    kk = k * (k - 1.0)
+    R = lmax - lmin
+    dmax = (n_top * _cr_f(n / n_top, k) + (n - n_top) / k) / n
+    if R <= 0.0 or rho >= dmax:
+        _argmax_row(l, lmax, n_top, p, 1.0, False)
+        return lmax, np.nan, True
+    Z, _, var = _scaled_z(l, lmax, R)
+    u0 = 0.5 * np.log(beta * beta * var / (2.0 * rho))
+    if not math.isfinite(u0):
+        u0 = 0.0
+    x0 = warm if math.isfinite(warm) else u0
+    prm = np.empty(6)
+    prm[0] = math.log(rho)
+    prm[1] = beta
+    prm[2] = k
+    prm[3] = kk
+    prm[4] = (k - 1.0) * math.log(n)
+    prm[5] = 1.0 if kk * rho < 1e-3 else 0.0
+    _, _, hi, _, done, _ = _newton_bisect_row(_CR_BALL, Z, Z, prm, -np.inf, np.inf, x0, tol, max_iter, 1, 4e-16,
+                                              True, 1.0, -700.0, 700.0)
+    u = hi if math.isfinite(hi) else u0
+    _cr_weights(Z, math.exp(-u), beta, p)
+    return _dot(p, l), hi, done
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_cr_penalty_row(l, k, lam, tol, max_iter, warm, p):  # pragma: no cover - compiled
+    """Cressie–Read penalty, ``k != 2`` (``solve_cressie_read`` with ``lam``)."""
+    n = l.shape[0]
+    lmax, lmin, _ = _max_min_top(l)
+    beta = 1.0 / (k - 1.0)
+    R = lmax - lmin
+    Rs = R if R > 0.0 else 1.0
+    Z, _, _ = _scaled_z(l, lmax, Rs)
+    lam_s = lam / Rs
+    zmin = 0.0
+    for i in range(n):
+        zmin = min(zmin, Z[i])
+    lo = zmin - lam_s / (k - 1.0)
+    hi = 0.0
+    x0 = warm if (math.isfinite(warm) and warm > lo and warm < hi) else 0.5 * (lo + hi)
+    prm = np.empty(2)
+    prm[0] = math.log(n) + beta * math.log(lam_s / (k - 1.0))
+    prm[1] = beta
+    x, _, _, _, done, _ = _newton_bisect_row(_CR_PEN, Z, Z, prm, lo, hi, x0, tol, max_iter, 0, 4e-16, True, 1.0,
+                                             -np.inf, np.inf)
+    c = 1.0 / max(-x, 1e-300)
+    s0 = 0.0
+    s1 = 0.0
+    for i in range(n):
+        t = 1.0 + Z[i] * c
+        tb = _powb(t, beta) if t > 0.0 else 0.0
+        p[i] = tb
+        s0 += tb
+        s1 += tb * t
+    for i in range(n):
+        p[i] /= s0
+    # D_k(p) = (n^{k-1} sum_i p_i^k - 1) / (k(k-1)) and p_i^k = t_i^{beta+1} / s0^k; the closed
+    # form cancels for small divergences, where the terms are summed one by one instead
+    kk = k * (k - 1.0)
+    D = (math.exp((k - 1.0) * math.log(n) + math.log(s1) - k * math.log(s0)) - 1.0) / kk
+    if not (kk * D >= 1e-3):
+        D = 0.0
+        for i in range(n):
+            D += _cr_f(n * p[i], k)
+        D /= n
+    return _dot(p, l) - lam * D, x, done
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_holistic_row(l, alpha, r, tol, max_iter, warm, p):  # pragma: no cover - compiled
+    """Holistic robustness (``solve_holistic``; ``p`` must not alias ``l``)."""
+    n = l.shape[0]
+    lmax, lmin, n_top = _max_min_top(l)
+    # poisoned weights q (holistic_poisoned_weights), stored in p for now
+    m = alpha * n
+    if m <= 0.0:
+        for i in range(n):
+            p[i] = 1.0 / n
+    elif m >= n:
+        for i in range(n):
+            p[i] = 0.0
+    else:
+        j = min(max(math.ceil(m), 1), n)
+        tau = _select_desc(l.copy(), n - j + 1)  # the j-th smallest
+        n_below = 0
+        n_eq = 0
+        for i in range(n):
+            if l[i] < tau:
+                n_below += 1
+            elif l[i] == tau:
+                n_eq += 1
+        share = min(max(m - n_below, 0.0), n_eq) / (n * n_eq)
+        for i in range(n):
+            if l[i] < tau:
+                p[i] = 0.0
+            elif l[i] == tau:
+                p[i] = max(1.0 / n - share, 0.0)
+            else:
+                p[i] = 1.0 / n
+    if r <= 0.0:
+        _argmax_row(l, lmax, n_top, p, alpha, True)
+        return _dot(p, l), np.nan, True
+    spread = np.inf
+    for i in range(n):
+        if p[i] > 0.0 and l[i] < spread:
+            spread = l[i]
+    if lmax - spread <= 0.0:
+        _argmax_row(l, lmax, n_top, p, alpha, True)
+        return _dot(p, l), np.nan, True
+    R = lmax - lmin
+    q = p.copy()
+    delta = np.empty(n)
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(n):
+        d = (lmax - l[i]) / R
+        delta[i] = d
+        s1 += q[i] * d
+        s2 += q[i] * d * d
+    u0 = 0.5 * np.log(max((s2 - s1 * s1) / (2.0 * r), 1e-300))
+    x0 = warm if math.isfinite(warm) else u0
+    prm = np.empty(2)
+    prm[0] = r
+    prm[1] = alpha
+    _, _, hi, _, done, _ = _newton_bisect_row(_HOLISTIC, delta, q, prm, -np.inf, np.inf, x0, tol, max_iter, 1,
+                                              4e-16, True, 1.0, -700.0, 700.0)
+    u = hi if math.isfinite(hi) else u0
+    e = math.exp(-u)
+    h = alpha
+    for i in range(n):
+        qw = q[i] / (delta[i] * e + 1.0)
+        p[i] = qw
+        h += qw
+    for i in range(n):
+        p[i] /= h
+    _argmax_row(l, lmax, n_top, p, alpha / h, True)
+    return _dot(p, l), hi, done
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_kl_penalty_row(l, lam, sign, p):  # pragma: no cover - compiled
+    """KL penalty (``solve_kl_penalty``; ``sign = -1`` the optimistic variant)."""
+    n = l.shape[0]
+    zmax = -np.inf
+    for i in range(n):
+        zmax = max(zmax, sign * l[i] / lam)
+    se = 0.0
+    for i in range(n):
+        e = math.exp(sign * l[i] / lam - zmax)
+        p[i] = e
+        se += e
+    # KL(p || u) = sum_i p_i log(n p_i) with log p_i = z_i - zmax - log(se): no log per entry
+    ez = 0.0
+    for i in range(n):
+        pi = p[i] / se
+        p[i] = pi
+        ez += pi * (sign * l[i] / lam)
+    kl = max(ez - zmax - math.log(se) + math.log(n), 0.0)
+    return _dot(p, l) - sign * lam * kl, np.nan, True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_chi2_penalty_row(l, s, lam, p):  # pragma: no cover - compiled
+    """Chi-square penalty (``solve_chi2_penalty``); ``s`` is ``l`` sorted in descending order."""
+    n = l.shape[0]
+    c = 1.0 / (2.0 * lam * n)
+    cs = 0.0
+    eta = s[0] - 1.0 / c
+    for j in range(n):
+        cs += s[j]
+        e = (cs - 1.0 / c) / (j + 1)
+        if s[j] > e:
+            eta = e
+    tot = 0.0
+    for i in range(n):
+        v = c * (l[i] - eta)
+        v = v if v > 0.0 else 0.0
+        p[i] = v
+        tot += v
+    div = 0.0
+    for i in range(n):
+        p[i] /= tot
+        d = n * p[i] - 1.0
+        div += d * d
+    return _dot(p, l) - lam * (div / n), np.nan, True
+
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_cvar_row(l, alpha, k, eps, p):  # pragma: no cover - compiled
+    """CVaR(alpha) (``eps = 0``) or the TV ball ``(1-eps) CVaR_{1-eps} + eps max`` (``alpha = 1-eps``)."""
+    n = l.shape[0]
+    _cvar_rows(l.reshape(1, n), alpha, k, p.reshape(1, n), np.empty(1))
+    if eps > 0.0:
+        lmax, _, n_top = _max_min_top(l)
+        for i in range(n):
+            p[i] *= 1.0 - eps
+        _argmax_row(l, lmax, n_top, p, eps, True)
+    return _dot(p, l), np.nan, True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_chi2_ball_row(l, s, rho, p):  # pragma: no cover - compiled
+    """Chi-square ball, ``rho > 0`` (``chi2_ball_reference``); ``s`` is ``l`` sorted descending."""
+    n = l.shape[0]
+    _chi2_rows(l.reshape(1, n), s.reshape(1, n), rho, p.reshape(1, n), np.empty(1), np.empty(1))
+    return _dot(p, l), np.nan, True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_spectral_row(l, order, w, lam, kl, p):  # pragma: no cover - compiled
+    """Spectral risk with a chi-square (``kl = False``) or KL penalty ``lam > 0`` (``solve_spectral``);
+    ``order`` sorts ``l`` in descending order, ``w`` is the spectrum in descending order."""
+    n = l.shape[0]
+    scale = 1.0 / lam if kl else 1.0 / (2.0 * lam * n)
+    z = np.empty((1, n))
+    for i in range(n):
+        z[0, i] = l[i] * scale
+    if kl:
+        _perm_kl_rows(z, order.reshape(1, n), w, p.reshape(1, n))
+        div = 0.0
+        for i in range(n):
+            if p[i] > 0.0:
+                div += p[i] * math.log(p[i] * n)
+    else:
+        _perm_l2_rows(z, order.reshape(1, n), w, p.reshape(1, n))
+        div = 0.0
+        for i in range(n):
+            d = n * p[i] - 1.0
+            div += d * d
+        div /= n
+    return _dot(p, l) - lam * div, np.nan, True
+
+_ROW_FNS = {"kl_ball": fused_kl_ball_row, "cr_ball": fused_cr_ball_row, "cr_penalty": fused_cr_penalty_row,
+            "holistic": fused_holistic_row}
+
+
+def fused_rows(kind: str, a: np.ndarray, prm: tuple[Any, ...], tol: float, max_iter: int,
+               warm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run a fused row solver on every row of the C-contiguous float64 ``(B, n)`` array ``a``.
+
+    ``kind`` is ``"kl_ball"``, ``"cr_ball"``, ``"cr_penalty"``, ``"holistic"`` (root-finds, with
+    ``prm`` their spec parameters and ``warm`` an optional ``(B,)`` array of previous roots, NaN
+    for none), or a closed form: ``"kl_penalty"`` (``prm = (lam, sign)``), ``"chi2_penalty"``
+    (``(lam,)``), ``"chi2_ball"`` (``(rho,)``, ``rho > 0``), ``"cvar"`` (``(alpha, k, eps)``:
+    CVaR, or the TV ball with ``eps > 0``) or ``"spectral"`` (``(w, lam, kl)``, ``lam > 0``).
+    Returns ``(p, value, x, converged)``.
+    """
+    B, n = a.shape
+    p = np.empty_like(a)
+    val = np.empty(B)
+    xs = np.full(B, np.nan)
+    conv = np.ones(B, dtype=np.bool_)
+    if kind == "kl_penalty":
+        for b in range(B):
+            val[b], _, _ = fused_kl_penalty_row(a[b], prm[0], prm[1], p[b])
+        return p, val, xs, conv
+    if kind == "cvar":  # prm = (alpha, k, eps)
+        for b in range(B):
+            val[b], _, _ = fused_cvar_row(a[b], prm[0], int(prm[1]), prm[2], p[b])
+        return p, val, xs, conv
+    if kind in ("chi2_penalty", "chi2_ball"):  # prm = (lam,) or (rho,)
+        S = -np.sort(-a, axis=1)
+        row = fused_chi2_penalty_row if kind == "chi2_penalty" else fused_chi2_ball_row
+        for b in range(B):
+            val[b], _, _ = row(a[b], S[b], prm[0], p[b])
+        return p, val, xs, conv
+    if kind == "spectral":  # prm = (w, lam, kl)
+        spectrum = np.ascontiguousarray(prm[0], dtype=np.float64)
+        for b in range(B):
+            order = np.argsort(-a[b])
+            val[b], _, _ = fused_spectral_row(a[b], order, spectrum, float(prm[1]), bool(prm[2]), p[b])
+        return p, val, xs, conv
+    fn: Any = _ROW_FNS[kind]
+    for b in range(B):
+        x0 = np.nan if warm is None else float(warm[b])
+        val[b], xs[b], conv[b] = fn(a[b], *prm, tol, max_iter, x0, p[b])
+    return p, val, xs, conv

@@ -1,0 +1,135 @@
+"""The fused (Numba) training fast path of ``DROLoss`` against ``robust_weights``."""
+
+from __future__ import annotations
+
+import math
+import os
+from unittest import mock
+
+import pytest
+import torch
+
+from optlayers import ConvergenceError
+from optlayers.layers.dro import DROLoss
+from optlayers.solvers.dro import (
+    ChiSquareBall,
+    ChiSquarePenalty,
+    CressieRead,
+    CVaR,
+    HolisticRobust,
+    KLBall,
+    KLPenalty,
+    Spectral,
+    TotalVariation,
+    esrm,
+    extremile,
+    robust_weights,
+)
+from optlayers.solvers.dro.fused import fused_robust_value, fused_supported
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture(autouse=True)
+def _automatic_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fast path is the automatic (and the forced-Numba) choice; CI passes that force another
+    # backend would turn it off
+    monkeypatch.delenv("OPTLAYERS_KERNELS", raising=False)
+
+SPECS = [
+    CVaR(0.1), CVaR(0.37), CVaR(1.0), TotalVariation(0.1), TotalVariation(1.0), TotalVariation(0.0),
+    ChiSquareBall(1.0), ChiSquareBall(0.0), ChiSquareBall(50.0), ChiSquarePenalty(1.0), ChiSquarePenalty(0.01),
+    KLBall(0.5), KLBall(1e-4), KLBall(20.0), KLPenalty(1.0), KLPenalty(0.3, optimistic=True),
+    CressieRead(3.0, rho=0.5), CressieRead(1.5, rho=0.01), CressieRead(1.5, rho=1e-5), CressieRead(4.0, rho=100.0),
+    CressieRead(1.5, lam=1.0), CressieRead(4.0, lam=0.1), CressieRead(3.0, lam=0.05),
+    Spectral(esrm(1.0), lam=0.1), Spectral(extremile(2.0), lam=0.1, divergence="kl"),
+    HolisticRobust(0.05, 0.1), HolisticRobust(0.05, 0.0), HolisticRobust(0.3, 1.0),
+]
+
+
+def _losses(shape: tuple[int, ...], dtype: torch.dtype, seed: int, ties: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    L = torch.rand(shape, generator=gen, dtype=torch.float64) * 3.0
+    if ties and shape[-1] >= 4:
+        L[..., :3] = L.amax(-1, keepdim=True)  # tied maxima
+        L[..., 3] = L[..., 4:].amin(-1) if shape[-1] > 4 else L[..., 3]
+    return L.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_fused_matches_robust_weights(spec, dtype) -> None:
+    assert fused_supported(spec)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    for shape, ties in (((1,), False), ((7,), False), ((300,), True), ((2, 3, 40), True), ((2, 5), False)):
+        L = _losses(shape, dtype, seed=shape[-1], ties=ties)
+        ref = robust_weights(L, spec)
+        out = fused_robust_value(L, spec)
+        assert out is not None
+        value, p = out
+        assert value.dtype == dtype and value.shape == shape[:-1] and p.shape == shape
+        scale = L.abs().amax().item() + 1.0
+        torch.testing.assert_close(value, ref.aux.value, rtol=0, atol=rtol * scale)
+        # the weights: identical algorithm; the root-finds agree to their tolerance
+        torch.testing.assert_close(p, ref.solution, rtol=0, atol=1e-9 if dtype == torch.float64 else 1e-5)
+        pd = p.double()
+        assert (pd >= 0).all()
+        torch.testing.assert_close(pd.sum(-1), torch.ones(shape[:-1], dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [CVaR(0.3), ChiSquareBall(1.0), KLBall(0.5), KLPenalty(0.7),
+                                  CressieRead(3.0, rho=0.5), CressieRead(1.5, lam=1.0),
+                                  Spectral(esrm(1.0), lam=0.1), HolisticRobust(0.1, 0.2)], ids=repr)
+def test_dro_loss_fast_path_gradient_and_gradcheck(spec) -> None:
+    L = _losses((2, 9), torch.float64, seed=3).requires_grad_(True)
+    loss = DROLoss(spec)
+    out = loss(L)
+    out.sum().backward()
+    ref = robust_weights(L.detach(), spec)
+    torch.testing.assert_close(L.grad, ref.solution, rtol=0, atol=1e-12)
+    x0 = L.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: DROLoss(spec, warm_start=False)(x), (x0,))
+
+
+@pytest.mark.parametrize("spec", [KLBall(0.5), CressieRead(3.0, rho=0.5), CressieRead(1.5, lam=1.0),
+                                  HolisticRobust(0.05, 0.1)], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_warm_start_agrees_with_cold_start(spec, dtype) -> None:
+    warm, cold = DROLoss(spec), DROLoss(spec, warm_start=False)
+    L = _losses((500,), torch.float64, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(6):  # a drifting sequence of batches, as in training
+        L = (L * (1.0 + 0.05 * torch.randn(L.shape, generator=gen, dtype=torch.float64))).abs()
+        x = L.to(dtype)
+        vw, vc = warm(x), cold(x)
+        ref = robust_weights(x, spec)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        assert abs(float(vw) - float(vc)) <= tol * 4.0
+        assert abs(float(vw) - float(ref.aux.value)) <= tol * 4.0
+        if step > 0:
+            assert math.isfinite(float(warm._warm["x"][0]))  # the state is being carried
+    assert cold._warm == {}
+    # a new batch shape drops the old root
+    warm(_losses((3, 20), dtype, seed=5))
+    assert warm._warm["key"] == ((3,), 20)
+
+
+def test_fallbacks_to_robust_weights() -> None:
+    L = _losses((50,), torch.float64, seed=0)
+    assert fused_robust_value(L, CVaR(0.1, smoothing=0.5)) is None  # not covered
+    assert fused_robust_value(L, CVaR(0.1), backend="reference") is None
+    assert fused_robust_value(L, ChiSquareBall(1.0, lam=0.5)) is None
+    assert fused_robust_value(_losses((100, 5), torch.float64, seed=0), CVaR(0.5)) is None  # many rows
+    with mock.patch.dict(os.environ, {"OPTLAYERS_KERNELS": "reference"}):
+        assert fused_robust_value(L, CVaR(0.1)) is None
+    bad = L.clone()
+    bad[3] = math.nan
+    assert fused_robust_value(bad, KLBall(0.5)) is None
+    with pytest.raises(ConvergenceError):
+        DROLoss(KLBall(0.5))(bad)  # the front end reports it, as before
+    # a root-find that cannot converge in the budget falls back and raises there
+    with pytest.raises(ConvergenceError):
+        DROLoss(KLBall(0.5), max_iter=1, tol=1e-15)(L)
+    # the reference backend gives the same value
+    torch.testing.assert_close(DROLoss(KLBall(0.5), backend="reference")(L), DROLoss(KLBall(0.5))(L),
+                               rtol=0, atol=1e-12)
