@@ -261,3 +261,94 @@ def test_warm_start_without_one_kind_of_constraint(kind):
     torch.testing.assert_close(warm.solution, cold.solution, atol=1e-7, rtol=0)
     torch.testing.assert_close(warm.solution, torch.full((2,), 0.5, dtype=torch.float64), atol=1e-7, rtol=0)
     assert int(warm.iterations) <= int(cold.iterations)
+
+
+# ---- the inequality Schur-complement form of the KKT solves (kkt_form="schur") ----------------
+def test_schur_solve_matches_dense_kkt():
+    from optlayers.solvers.qp.kkt import factor_schur, schur_constant, solve_schur, solve_schur_ineq
+
+    g = torch.Generator().manual_seed(3)
+    for k in (0, 2):
+        B, n, m = 3, 5, 7
+        L = torch.randn(B, n, n, dtype=F64, generator=g)
+        Q = L @ L.mT + 0.1 * torch.eye(n, dtype=F64)
+        A = torch.randn(B, k, n, dtype=F64, generator=g)
+        G = torch.randn(1, m, n, dtype=F64, generator=g)  # shared G
+        w = torch.rand(B, m, dtype=F64, generator=g) + 0.01
+        sc = schur_constant(Q, A, G, 1e8)  # no regularization: the solve is exact
+        f = factor_schur(sc, w)
+        K = torch.zeros(B, n + k + m, n + k + m, dtype=F64)
+        K[:, :n, :n], K[:, n:n + k, :n], K[:, :n, n:n + k] = Q, A, A.mT
+        K[:, n + k:, :n], K[:, :n, n + k:], K[:, n + k:, n + k:] = G, G.mT, -torch.diag_embed(w)
+        r = torch.randn(B, n + k + m, 2, dtype=F64, generator=g)
+        x, yc = solve_schur(f, r[:, :n], r[:, n:])
+        torch.testing.assert_close(torch.cat([x, yc], -2), torch.linalg.solve(K, r), atol=1e-10, rtol=0)
+        r[:, : n + k] = 0.0
+        x, yc = solve_schur_ineq(f, r[:, n + k:])
+        torch.testing.assert_close(torch.cat([x, yc], -2), torch.linalg.solve(K, r), atol=1e-10, rtol=0)
+    # W = s/λ is infinite at an inactive constraint of an exact solution (λ = 0): the factor stays
+    # finite and that row's dz is 0, as for a very large W.
+    w_inf = w.clone()
+    w_inf[:, 0] = float("inf")
+    K[:, n + k, n + k] = -1e30
+    x, yc = solve_schur(factor_schur(sc, w_inf), r[:, :n], r[:, n:])
+    assert bool(torch.isfinite(x).all() & torch.isfinite(yc).all())
+    torch.testing.assert_close(torch.cat([x, yc], -2), torch.linalg.solve(K, r), atol=1e-10, rtol=0)
+
+
+def test_schur_constant_declines_unsuitable_data():
+    from optlayers.solvers.qp.kkt import schur_constant
+
+    Q, _, G, _, A, _ = random_qp(3, 6, 4, 2, seed=1)
+    assert schur_constant(Q, A, G, 1e8) is not None
+    Qpsd = Q.clone()
+    Qpsd[1] = Q[1, :, :2] @ Q[1, :2, :]  # rank 2: Q only PSD in element 1
+    assert schur_constant(Qpsd, A, G, 1e8) is None
+    A_dup = torch.cat([A, A[:, :1]], 1)  # rank-deficient equalities
+    assert schur_constant(Q, A_dup, G, 1e8) is None
+    assert schur_constant(Q, A, G, 1.0) is None  # condition number above the limit
+    # ... unless that element is excluded from the check (non-finite data is handled elsewhere)
+    assert schur_constant(Qpsd, A, G, 1e8, valid=torch.tensor([True, False, True])) is not None
+
+
+@pytest.mark.parametrize("B,n,m,p", [(4, 12, 5, 3), (3, 8, 16, 0), (2, 30, 10, 6)])
+def test_schur_form_matches_normal_form_and_cvxpy(B, n, m, p, monkeypatch):
+    import optlayers.solvers.qp.interior_point as ip_mod
+
+    data = random_qp(B, n, m, p, seed=11 + n)
+    with monkeypatch.context() as mp:  # the Schur form must really run (no silent fallback)
+        mp.setattr(ip_mod, "factor_kkt", lambda *a, **k: (_ for _ in ()).throw(AssertionError("normal form ran")))
+        schur = solve_qp(*data, solver=InteriorPoint(kkt_form="schur"))
+    normal = solve_qp(*data, solver=InteriorPoint(kkt_form="normal"))
+    torch.testing.assert_close(schur.solution, normal.solution, atol=1e-8, rtol=0)
+    torch.testing.assert_close(schur.aux.ineq_dual, normal.aux.ineq_dual, atol=1e-7, rtol=0)
+    for i in range(B):
+        x_ref, lam_ref = cvxpy_qp(*(t[i] for t in data))
+        np.testing.assert_allclose(schur.solution[i].numpy(), x_ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(schur.aux.ineq_dual[i].numpy(), lam_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("check_every", [1, None])
+def test_schur_form_infeasible_element_and_fallback(check_every):
+    Q, q, G, h = _infeasible_batch()  # element 2 infeasible
+    cfg = InteriorPoint(kkt_form="schur", check_every=check_every, max_iter=50)
+    res = solve_qp(Q, q, G, h, solver=cfg, throw=False)
+    ref = solve_qp(Q, q, G, h, solver=InteriorPoint(kkt_form="normal", check_every=check_every, max_iter=50),
+                   throw=False)
+    assert res.status.tolist() == ref.status.tolist() == [0, 0, int(Status.INFEASIBLE), 0]
+    ok = res.status == 0
+    torch.testing.assert_close(res.solution[ok], ref.solution[ok], atol=1e-9, rtol=0)
+    # An LP (Q = 0) cannot use the Schur form: kkt_form="schur" falls back to the normal form.
+    Z = torch.zeros(2, 2, dtype=F64)
+    c = -torch.tensor([1.0, 2.0], dtype=F64)
+    Gl = torch.tensor([[-1.0, 0.0], [0.0, -1.0], [1.0, 1.0]], dtype=F64)
+    hl = torch.tensor([0.0, 0.0, 1.0], dtype=F64)
+    lp = solve_qp(Z, c, Gl, hl, solver=cfg)
+    torch.testing.assert_close(lp.solution, torch.tensor([0.0, 1.0], dtype=F64), atol=1e-9, rtol=0)
+
+
+def test_kkt_form_validation():
+    with pytest.raises(ValueError, match="kkt_form"):
+        InteriorPoint(kkt_form="dense")
+    with pytest.raises(ValueError, match="schur_max_cond"):
+        InteriorPoint(schur_max_cond=-1.0)

@@ -52,7 +52,20 @@ import torch
 
 from ..._result import Result, Status, raise_if_failed, register_aux
 from ._data import QPData, prepare_qp
-from .kkt import bmtv, bmv, factor_kkt, kkt_constant, solve_kkt_c, stack_constraints, static_delta
+from .kkt import (
+    SchurConstant,
+    SchurFactor,
+    bmtv,
+    bmv,
+    factor_kkt,
+    factor_schur,
+    kkt_constant,
+    schur_constant,
+    solve_any,
+    solve_schur_ineq,
+    stack_constraints,
+    static_delta,
+)
 
 __all__ = ["InteriorPoint", "QPAux", "solve_qp", "warm_start_tensors"]
 
@@ -141,6 +154,21 @@ class InteriorPoint:
             and stop when every element is done; ``None`` runs exactly ``max_iter`` iterations
             without host synchronisation (elements still freeze once done).
         callback: Called as ``callback(iteration, residual)`` with the ``(B,)`` residuals.
+        kkt_form: How each iteration solves the KKT system. ``"normal"``: the regularized
+            normal equations of :func:`.kkt.factor_kkt` (an ``n × n`` Cholesky factorization of
+            ``Q + Gᵀ W⁻¹ G + …`` per iteration; any PSD ``Q``, LPs included). ``"schur"``: the
+            inequality Schur complement of :class:`.kkt.SchurConstant` (``K₀ = [[Q, Aᵀ], [A, 0]]``
+            inverted once per solve, then an ``m × m`` Cholesky factorization of ``M + W`` per
+            iteration and no ``n²m`` product); needs ``Q ≻ 0`` and ``A`` of full row rank, and
+            falls back to ``"normal"`` when their condition number exceeds ``schur_max_cond``.
+            ``"auto"``: ``"schur"`` in float64 when ``0 < m ≤ 3n/4`` (where it is faster: about
+            1.7× at ``n = 100, m = 20``; at ``m = n`` both forms cost the same, and at ``m = 2n``
+            the normal form is 1.7× faster), else ``"normal"``. In float32 the Schur form reaches
+            the tolerance with a less accurate solution (about 1e-4 against 1e-5 relative on the
+            benchmark problems), so ``"auto"`` keeps the normal form there, as it does without
+            host synchronisation (``check_every=None``): choosing the form is one.
+        schur_max_cond: Largest condition number of ``Q`` and ``A Q⁻¹ Aᵀ`` for the Schur form;
+            ``None``: ``1e8`` (float64) / ``1e5`` (float32).
     Example:
         >>> import torch
         >>> from optlayers.solvers import solve_qp
@@ -159,11 +187,15 @@ class InteriorPoint:
     step_fraction: float = 0.99
     check_every: int | None = 1
     callback: Callable[[int, torch.Tensor], None] | None = None
+    kkt_form: str = "auto"
+    schur_max_cond: float | None = None
 
     def __post_init__(self) -> None:
+        if self.kkt_form not in ("auto", "normal", "schur"):
+            raise ValueError(f"kkt_form must be 'auto', 'normal' or 'schur', got {self.kkt_form!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive int, got {self.max_iter!r}")
-        for name in ("rtol", "atol", "infeasibility_tol", "regularization"):
+        for name in ("rtol", "atol", "infeasibility_tol", "regularization", "schur_max_cond"):
             v = getattr(self, name)
             if v is not None and not (v >= 0):
                 raise ValueError(f"{name} must be nonnegative or None, got {v!r}")
@@ -215,9 +247,10 @@ class InteriorPoint:
         Args:
             d: The data.
             init: Warm start.
-            factor_out: When a list, ``(H0, C, delta)`` is appended: the constant part of the
-                reduced KKT matrix (:func:`.kkt.kkt_constant`), the stacked constraints and the
-                static regularization, which the gradient's factorization reuses
+            factor_out: When a list, ``(H0, C, delta, sc)`` is appended: the constant part of
+                the reduced KKT matrix (:func:`.kkt.kkt_constant`), the stacked constraints, the
+                static regularization and the :class:`.kkt.SchurConstant` of the whole batch (None
+                when the normal-equation form ran), which the gradient's factorization reuses
                 (:class:`.adjoint.KKTCache`).
         """
         dtype, device = d.Q.dtype, d.Q.device
@@ -245,11 +278,16 @@ class InteriorPoint:
         delta = static_delta(Q, d.A, d.G, Bn, self.regularization_for(dtype))  # (B, 1)
         H0 = kkt_constant(Q, d.A, delta)
         A, G = d.A, d.G
+        sc: SchurConstant | None = None
+        if m and (self.kkt_form == "schur"
+                  or (self.kkt_form == "auto" and sync and dtype == torch.float64 and 4 * m <= 3 * n)):
+            sc = schur_constant(Q, A, G, _tol(dtype, self.schur_max_cond, 1e8, 1e5), valid=finite,
+                                reg=self.regularization_for(dtype))
         Gt = G.transpose(-1, -2)
         norm_p = _amax(p).expand(Bn)
         norm_bh = _amax(bh).expand(Bn)
 
-        x, yc, s, tau, kappa = self._initial_point(Q, p, C, bh, A, G, k, Bn, delta, H0, init)
+        x, yc, s, tau, kappa = self._initial_point(Q, p, C, bh, A, G, k, Bn, delta, H0, init, sc)
 
         done = ~finite
         status = torch.where(finite, torch.full((Bn,), int(Status.MAX_ITER), dtype=torch.int64, device=device),
@@ -263,7 +301,7 @@ class InteriorPoint:
                 "iterations": iterations, "residual": residual}
         idx: torch.Tensor | None = None  # None: the working set is the whole batch
         if factor_out is not None:
-            factor_out.append((H0, C, delta))
+            factor_out.append((H0, C, delta, sc))
         flushed = False
 
         def rows(t: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -343,6 +381,8 @@ class InteriorPoint:
                         A, G = C[:, :k], C[:, k:]
                         Gt = G.transpose(-1, -2)
                     delta, H0 = rows(delta, kp), rows(H0, kp)
+                    if sc is not None:
+                        sc = sc.rows(kp)
                     norm_p, norm_bh = norm_p[kp], norm_bh[kp]
                     Bw = n_active
                     z = yc[:, k:]
@@ -355,14 +395,15 @@ class InteriorPoint:
 
             # ---- Newton step (Mehrotra predictor-corrector) ---------------------------------
             mu = (_dot(s, z) + tau * kappa) / (m + 1)
-            f = factor_kkt(Q, A, G, s / z, delta, retry=sync, H0=H0, C=C, Gt=Gt)
+            f = (factor_kkt(Q, A, G, s / z, delta, retry=sync, H0=H0, C=C, Gt=Gt) if sc is None
+                 else factor_schur(sc, s / z, retry=sync))
             c_x = p + (2.0 / tc) * Qx
             xiQxi = xQx / t2
             k_t = kappa / tau
             # Two right-hand sides in one solve: [-p; b; h] and the affine direction.
             rhs_c = torch.stack([bh.expand(Bw, k + m), -rc], -1)
             rhs_c[:, k:, 1] += s
-            ux, uc = solve_kkt_c(f, torch.stack([-p.expand(Bw, n), -rx], -1), rhs_c, refine=self.refine)
+            ux, uc = solve_any(f, torch.stack([-p.expand(Bw, n), -rx], -1), rhs_c, refine=self.refine)
             u1x, u1c = ux[..., 0], uc[..., 0]
             denom = _dot(c_x, u1x) + _dot(bh, u1c) - xiQxi - k_t
             denom = torch.where(denom < 0, denom, -torch.ones_like(denom))  # < 0 in exact arithmetic
@@ -387,9 +428,16 @@ class InteriorPoint:
             smu = sigma * mu
             d_s = d_s + smu.unsqueeze(-1) - dsa * dyca[:, k:]
             d_k = -tau * kappa + smu - dta * dka
-            rc2 = -eta.unsqueeze(-1) * rc
-            rc2[:, k:] -= d_s / z
-            cx, cc = solve_kkt_c(f, (-eta.unsqueeze(-1) * rx).unsqueeze(-1), rc2.unsqueeze(-1), refine=self.refine)
+            if isinstance(f, SchurFactor):
+                # By linearity, K⁻¹[-η r; -η r_c - d_s/z] = η·(affine solve) + K⁻¹[0; -η s - d_s/z],
+                # and the second solve skips the products with K₀⁻¹.
+                cx, cc = solve_schur_ineq(f, (-eta.unsqueeze(-1) * s - d_s / z).unsqueeze(-1))
+                cx, cc = cx + eta[:, None, None] * ux[..., 1:], cc + eta[:, None, None] * uc[..., 1:]
+            else:
+                rc2 = -eta.unsqueeze(-1) * rc
+                rc2[:, k:] -= d_s / z
+                cx, cc = solve_any(f, (-eta.unsqueeze(-1) * rx).unsqueeze(-1), rc2.unsqueeze(-1),
+                                   refine=self.refine)
             dx, dyc, ds, dt, dk = direction(cx[..., 0], cc[..., 0], eta, d_s, d_k)
             alpha = self.step_fraction * _max_step(cone, torch.cat([ds, dyc[:, k:], dt.unsqueeze(-1),
                                                                     dk.unsqueeze(-1)], -1))
@@ -429,7 +477,8 @@ class InteriorPoint:
 
     def _initial_point(self, Q: torch.Tensor, p: torch.Tensor, C: torch.Tensor, bh: torch.Tensor,
                        A: torch.Tensor, G: torch.Tensor, k: int, Bn: int, delta: torch.Tensor, H0: torch.Tensor,
-                       init: Result | torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
+                       init: Result | torch.Tensor | tuple | None,
+                       sc: SchurConstant | None = None) -> tuple[torch.Tensor, ...]:
         dtype, device = Q.dtype, Q.device
         n, m = p.shape[-1], G.shape[-2]
         one = torch.ones(Bn, dtype=dtype, device=device)
@@ -450,8 +499,10 @@ class InteriorPoint:
                 return x, yc, s, one.clone(), one.clone()
         # Cold start: solve K(W = I) [x; y; z] = [-p; b; h], then shift (s, z) into the cone.
         ones = torch.ones(Bn, m, dtype=dtype, device=device)
-        f = factor_kkt(Q, A, G, ones, delta, retry=self.check_every is not None, H0=H0, C=C)
-        x, yc = solve_kkt_c(f, -p.expand(Bn, n).unsqueeze(-1), bh.expand(Bn, bh.shape[-1]).unsqueeze(-1),
+        retry = self.check_every is not None
+        f = (factor_kkt(Q, A, G, ones, delta, retry=retry, H0=H0, C=C) if sc is None
+             else factor_schur(sc, ones, retry=retry))
+        x, yc = solve_any(f, -p.expand(Bn, n).unsqueeze(-1), bh.expand(Bn, bh.shape[-1]).unsqueeze(-1),
                             refine=self.refine)
         x, yc = x[..., 0], yc[..., 0]
         zz = yc[:, k:]
@@ -478,9 +529,10 @@ def warm_start_tensors(init: Result | torch.Tensor | tuple | None
         >>> G = torch.eye(2, dtype=torch.float64); h = torch.full((2,), 0.5, dtype=torch.float64)
         >>> res = solve_qp(Q, p, G, h)
         >>> x0, nu0, lam0 = warm_start_tensors(res)
-        >>> x0, nu0.shape, lam0
-        (tensor([0.5000, 0.5000], dtype=torch.float64), torch.Size([0]),
-         tensor([0.5000, 0.5000], dtype=torch.float64))
+        >>> x0, nu0.shape
+        (tensor([0.5000, 0.5000], dtype=torch.float64), torch.Size([0]))
+        >>> lam0
+        tensor([0.5000, 0.5000], dtype=torch.float64)
         >>> warm_start_tensors(torch.zeros(2))
         (tensor([0., 0.]), None, None)
     """

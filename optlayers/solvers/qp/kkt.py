@@ -34,7 +34,9 @@ import dataclasses
 import torch
 
 __all__ = ["KKTFactor", "static_delta", "kkt_constant", "factor_kkt", "stack_constraints", "solve_kkt",
-           "solve_kkt_c", "solve_regularized", "kkt_matvec", "kkt_matvec_c", "chol_solve", "bmv", "bmtv"]
+           "solve_kkt_c", "solve_regularized", "kkt_matvec", "kkt_matvec_c", "chol_solve", "bmv", "bmtv",
+           "SchurConstant", "SchurFactor", "schur_constant", "factor_schur", "solve_schur", "solve_schur_ineq",
+           "solve_any"]
 
 
 def bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -345,3 +347,195 @@ def solve_kkt(f: KKTFactor, rx: torch.Tensor, ry: torch.Tensor, rz: torch.Tensor
     if vec:
         x, y, z = x.squeeze(-1), y.squeeze(-1), z.squeeze(-1)
     return x, y, z
+
+
+# ------------------------------------------------------------------------------------------
+# Inequality Schur-complement form: for Q ≻ 0 and A of full row rank, the equality-constrained
+# part K₀ = [[Q, Aᵀ], [A, 0]] does not change between interior-point iterations, so its inverse is
+# formed once per solve and each iteration factors only the m × m matrix M + W.
+@dataclasses.dataclass
+class SchurConstant:
+    r"""The iteration-independent part of the Schur-complement form of the KKT system.
+
+    With :math:`K_0 = \begin{bmatrix} Q & A^\top \\ A & 0 \end{bmatrix}` (invertible when
+    :math:`Q \succ 0` and ``A`` has full row rank), eliminating ``(x, y)`` from
+
+    .. math::
+
+        Q\,dx + A^\top dy + G^\top dz = r_x,\quad A\,dx = r_y,\quad G\,dx - W dz = r_z
+
+    leaves :math:`(M + W)\,dz = [G\ 0]\,K_0^{-1} [r_x; r_y] - r_z` with the constant
+    :math:`M = [G\ 0]\,K_0^{-1}\,[G\ 0]^\top \succeq 0`, and then
+    :math:`[dx; dy] = K_0^{-1}[r_x; r_y] - ([G\ 0] K_0^{-1})^\top dz`. Every iteration therefore
+    costs one ``m × m`` Cholesky factorization of ``M + W`` and a few matrix–vector products,
+    instead of forming :math:`G^\top D G` (``n²m``) and factoring an ``n × n`` matrix.
+
+    Attributes:
+        KG: ``(B|1, n + k + m, n + k)``: ``K₀⁻¹`` stacked over ``[G 0] K₀⁻¹``.
+        M: ``(B|1, m, m)``.
+        delta: ``(B|1, 1)`` static regularization added to ``W`` (``reg · max diag M``), which
+            keeps ``M + W`` definite when rounding leaves ``M`` slightly indefinite and ``W``
+            vanishes (degenerate or infeasible problems); the interior point's Newton directions
+            tolerate that relative error.
+        n, k: Numbers of variables and of equality rows.
+    """
+
+    KG: torch.Tensor
+    M: torch.Tensor
+    delta: torch.Tensor
+    n: int
+    k: int
+
+    def rows(self, sel: torch.Tensor) -> SchurConstant:
+        """The constant part for the batch rows ``sel`` (shared data is kept)."""
+        KG = self.KG if self.KG.shape[0] == 1 else self.KG[sel]
+        M = self.M if self.M.shape[0] == 1 else self.M[sel]
+        delta = self.delta if self.delta.shape[0] == 1 else self.delta[sel]
+        return SchurConstant(KG=KG, M=M, delta=delta, n=self.n, k=self.k)
+
+
+def _cond1(M: torch.Tensor, Minv: torch.Tensor) -> torch.Tensor:
+    """The 1-norm condition number ``‖M‖₁ ‖M⁻¹‖₁`` per batch element (NaN stays NaN)."""
+    return M.abs().sum(-2).amax(-1) * Minv.abs().sum(-2).amax(-1)
+
+
+def schur_constant(Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, max_cond: float,
+                   valid: torch.Tensor | None = None, reg: float = 0.0) -> SchurConstant | None:
+    r"""Form :class:`SchurConstant` when ``K₀`` is safely invertible, else return None.
+
+    Computed in float64 (whatever the data's dtype) from the Cholesky factors of ``Q`` and of
+    :math:`S_A = A Q^{-1} A^\top`; with :math:`R = Q^{-1}A^\top S_A^{-1}`,
+
+    .. math::
+
+        K_0^{-1} = \begin{bmatrix} Q^{-1} - R\,A Q^{-1} & R \\ R^\top & -S_A^{-1} \end{bmatrix}.
+
+    Returns None (the caller then uses the regularized normal-equation form of
+    :func:`factor_kkt`) when a factorization fails or the 1-norm condition number of ``Q`` or of
+    ``S_A`` exceeds ``max_cond`` for any element marked in ``valid`` (PSD-only ``Q``, LPs,
+    rank-deficient ``A``).
+
+    Args:
+        Q, A, G: ``(B|1, n, n)``, ``(B|1, k, n)``, ``(B|1, m, n)``.
+        max_cond: Largest accepted condition number.
+        reg: Relative static regularization of ``M + W`` (:attr:`SchurConstant.delta`).
+        valid: ``(B,)`` bool, the elements that count (non-finite data is handled elsewhere).
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.qp.kkt import schur_constant
+        >>> Q, G = torch.eye(2, dtype=torch.float64)[None], torch.eye(2, dtype=torch.float64)[None]
+        >>> sc = schur_constant(Q, torch.ones(1, 1, 2, dtype=torch.float64), G, 1e8)
+        >>> sc.KG.shape, sc.M.shape
+        (torch.Size([1, 5, 3]), torch.Size([1, 2, 2]))
+        >>> schur_constant(0 * Q, torch.zeros(1, 0, 2, dtype=torch.float64), G, 1e8) is None  # an LP
+        True
+    """
+    n, k, m = Q.shape[-1], A.shape[-2], G.shape[-2]
+    f64 = torch.float64
+    Qd, Ad, Gd = Q.to(f64), A.to(f64), G.to(f64)
+
+    def failed(info: torch.Tensor, cond: torch.Tensor | None = None) -> bool:
+        fail = info != 0
+        if cond is not None:
+            fail = fail | ~(cond <= max_cond)
+        if valid is not None and fail.shape[0] == valid.shape[0]:
+            fail = fail & valid
+        return bool(fail.any())
+
+    def inverse(L: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+        # Elements outside `valid` may hold a failed factor: invert the identity there instead.
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+        return torch.cholesky_inverse(torch.where((info == 0)[..., None, None], L, eye))
+
+    Lq, info = torch.linalg.cholesky_ex(Qd)
+    if failed(info):
+        return None
+    Qi = inverse(Lq, info)
+    if failed(info, _cond1(Qd, Qi)):
+        return None
+    if k:
+        QiAt = Qi @ Ad.transpose(-1, -2)  # (·, n, k)
+        SA = Ad @ QiAt
+        LA, info = torch.linalg.cholesky_ex(SA)
+        if failed(info):
+            return None
+        SAi = inverse(LA, info)
+        if failed(info, _cond1(SA, SAi)):
+            return None
+        R = QiAt @ SAi  # (·, n, k)
+        lead = torch.broadcast_shapes(Qi.shape[:-2], R.shape[:-2])
+        Kinv = Qd.new_empty(*lead, n + k, n + k)
+        # Only products with Kinv are formed, so rounding-level asymmetry of P does no harm.
+        Kinv[..., :n, :n] = torch.baddbmm(Qi.expand(*lead, n, n), R.expand(*lead, n, k),
+                                          QiAt.transpose(-1, -2).expand(*lead, k, n), alpha=-1.0)
+        Kinv[..., :n, n:] = R
+        Kinv[..., n:, :n] = R.transpose(-1, -2)
+        Kinv[..., n:, n:] = -SAi
+    else:
+        Kinv = Qi
+    GK = Gd @ Kinv[..., :n, :]  # (·, m, n + k)
+    M = GK[..., :n] @ Gd.transpose(-1, -2)  # only its lower triangle is read (Cholesky)
+    lead = torch.broadcast_shapes(Kinv.shape[:-2], GK.shape[:-2])
+    KG = Qd.new_empty(*lead, n + k + m, n + k, dtype=Q.dtype)
+    KG[..., : n + k, :] = Kinv
+    KG[..., n + k:, :] = GK
+    delta = reg * M.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(1.0)
+    return SchurConstant(KG=KG, M=M.to(Q.dtype), delta=delta.to(Q.dtype), n=n, k=k)
+
+
+@dataclasses.dataclass
+class SchurFactor:
+    """Cholesky factor of ``M + W`` (see :class:`SchurConstant`) for one iteration.
+
+    Attributes:
+        sc: The constant part.
+        L: ``(B, m, m)`` lower Cholesky factor of ``M + diag(w)``.
+        ok: ``(B,)`` bool, False where the factorization failed.
+    """
+
+    sc: SchurConstant
+    L: torch.Tensor
+    ok: torch.Tensor
+
+
+def factor_schur(sc: SchurConstant, w: torch.Tensor, *, retry: bool = True) -> SchurFactor:
+    """Factor ``M + diag(w)`` for ``w (B, m) > 0`` (see :class:`SchurConstant`)."""
+    B, m = w.shape
+    S = sc.M.expand(B, m, m).clone()
+    # W is clamped at 1/eps² (an inactive row's dz is then ~0 either way) so that s/λ = inf at a
+    # solution (λ = 0) keeps the factor finite.
+    big = 1.0 / torch.finfo(w.dtype).eps ** 2
+    S.diagonal(dim1=-2, dim2=-1).add_(w.clamp_max(big) + sc.delta)
+    L, ok = _safe_cholesky(S, sc.delta.expand(B, 1), retry)
+    return SchurFactor(sc=sc, L=L, ok=ok)
+
+
+def solve_schur(f: SchurFactor, rx: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``K [x; y_C] = [rx; rc]`` (stacked constraints, ``(B, ·, r)``) in the Schur form."""
+    n, k = f.sc.n, f.sc.k
+    r0 = torch.cat([rx, rc[:, :k]], -2) if k else rx  # (B, n + k, r)
+    out = bmv(f.sc.KG, r0)  # [K₀⁻¹ r0; [G 0] K₀⁻¹ r0]
+    dz = chol_solve(f.L, out[:, n + k:] - rc[:, k:])
+    d0 = out[:, : n + k] - bmtv(f.sc.KG[:, n + k:], dz)
+    return d0[:, :n], torch.cat([d0[:, n:], dz], -2)
+
+
+def solve_schur_ineq(f: SchurFactor, rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``K [x; y_C] = [0; 0; rz]`` (right-hand side in the inequality rows only), ``rz (B, m, r)``.
+
+    With ``r₀ = 0`` the product with ``K₀⁻¹`` drops out: ``dz = -(M + W)⁻¹ rz`` and
+    ``[dx; dy] = -([G 0] K₀⁻¹)ᵀ dz``.
+    """
+    n, k = f.sc.n, f.sc.k
+    dz = -chol_solve(f.L, rz)
+    d0 = -bmtv(f.sc.KG[:, n + k:], dz)
+    return d0[:, :n], torch.cat([d0[:, n:], dz], -2)
+
+
+def solve_any(f: KKTFactor | SchurFactor, rx: torch.Tensor, rc: torch.Tensor, *, refine: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`solve_kkt_c` or :func:`solve_schur`, whichever form ``f`` is in."""
+    if isinstance(f, SchurFactor):
+        return solve_schur(f, rx, rc)
+    return solve_kkt_c(f, rx, rc, refine=refine)
