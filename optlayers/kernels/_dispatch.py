@@ -73,19 +73,22 @@ class Backend(enum.Enum):
     """Implementations a kernel may have.
 
     ``REFERENCE`` is the PyTorch specification (any device, differentiable ops), ``NUMBA`` a
-    compiled CPU loop, ``TRITON`` a CUDA kernel; all compute the same function.
+    compiled CPU loop, ``TRITON`` a CUDA kernel, ``COMPILED`` the reference expression fused by
+    ``torch.compile`` (Inductor; opt-in only: never chosen automatically, because its first call
+    in a process costs seconds); all compute the same function.
 
     Example:
         >>> from optlayers.kernels import Backend
         >>> Backend.parse("Numba")
         <Backend.NUMBA: 'numba'>
         >>> [b.value for b in Backend]
-        ['reference', 'numba', 'triton']
+        ['reference', 'numba', 'triton', 'compiled']
     """
 
     REFERENCE = "reference"
     NUMBA = "numba"
     TRITON = "triton"
+    COMPILED = "compiled"
 
     @classmethod
     def parse(cls, value: Backend | str) -> Backend:
@@ -140,7 +143,7 @@ _CALLS: dict[tuple[str, Backend], int] = {}
 _BROKEN: dict[Backend, str] = {}
 _LOCK = threading.Lock()
 
-_PACKAGE = {Backend.NUMBA: "numba", Backend.TRITON: "triton"}
+_PACKAGE = {Backend.NUMBA: "numba", Backend.TRITON: "triton", Backend.COMPILED: "torch._inductor"}
 
 
 def register(kernel_name: str, backend: Backend | str, fn_loader: Callable[[], Callable[..., Any]],

@@ -47,7 +47,10 @@ cost entry ``B·n·m``, float32 / float64, ranges over two or three runs (2026-1
   ``1000²`` (1.1–3×) but slower than the reference at ``4000²`` (1.7–2.4× slower), and its first
   call costs 3–8 s CPU (Dynamo/Inductor start-up; 7–8 s in a fresh process) plus 0.13–1.4 s for
   every new shape (``dynamic=False``): it would need ~10⁹–10¹⁰ entries of work per process and
-  shape to repay, so it is not registered as a backend; the benchmark keeps measuring it.
+  shape to repay. It ships as the opt-in ``compiled`` backend
+  (:mod:`optlayers.kernels.softmin_compiled`; ``backend="compiled"`` or
+  ``OPTLAYERS_KERNELS=compiled``) for long loops over same-sized problems in the
+  ``200²``–``1000²`` range, and automatic dispatch never picks it.
 
 The Numba kernels stay registered (``min_size`` = :data:`NUMBA_MIN_SIZE`, never reached) so that
 forcing them works and the forced-backend test passes run them.
@@ -90,6 +93,16 @@ def _numba_apply() -> Callable[..., Any]:
     return kernel_apply_numba
 
 
+def _compiled_softmin() -> Callable[..., Any]:
+    from .softmin_compiled import softmin_compiled
+    return softmin_compiled
+
+
+def _compiled_apply() -> Callable[..., Any]:
+    from .softmin_compiled import kernel_apply_compiled
+    return kernel_apply_compiled
+
+
 def _triton_softmin() -> Callable[..., Any]:
     from .softmin_triton import softmin_triton
     return softmin_triton
@@ -106,6 +119,8 @@ register(SOFTMIN, Backend.TRITON, _triton_softmin)
 register(KERNEL_APPLY, Backend.REFERENCE, lambda: kernel_apply_fast)
 register(KERNEL_APPLY, Backend.NUMBA, _numba_apply, min_size=NUMBA_MIN_SIZE)
 register(KERNEL_APPLY, Backend.TRITON, _triton_apply)
+register(SOFTMIN, Backend.COMPILED, _compiled_softmin)  # opt-in: automatic dispatch never picks it
+register(KERNEL_APPLY, Backend.COMPILED, _compiled_apply)
 
 
 def kernel_supported(source: CostSource) -> bool:
