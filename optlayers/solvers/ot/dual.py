@@ -52,9 +52,10 @@ def _block_lse(c_fn_inputs: tuple[torch.Tensor, ...], h: torch.Tensor, eps: torc
 def row_softmin(geom: Geometry, h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """``softmin`` over ``j``; with autograd on an online geometry each block is checkpointed.
 
-    Checkpointing keeps the backward's memory at ``O(block · m)`` instead of ``O(n · m)``.
+    Checkpointing keeps the backward's memory at ``O(block · m)`` instead of ``O(n · m)``. An online
+    squared-Euclidean cloud needs no checkpoint: its soft-min has a matrix-free backward.
     """
-    if (geom.is_online and torch.is_grad_enabled()
+    if (geom.is_online and not geom.matrix_free_softmin and torch.is_grad_enabled()
             and not torch._C._are_functorch_transforms_active()
             and _needs_autograd(h, eps, *geom.tensors())):
         B, n, m = geom.B, geom.n, geom.m

@@ -36,6 +36,7 @@ from ...kernels.softmin_reference import (
     kernel_apply_reference,
     softmin_reference,
 )
+from ._online_softmin import online_softmin
 
 __all__ = ["SqEuclidean", "PNorm", "CustomCost", "Cost", "Geometry", "CostMatrix", "PointCloud",
            "as_geometry", "ONLINE_THRESHOLD"]
@@ -226,6 +227,11 @@ class Geometry:
         """True when the cost is recomputed block by block (never stored)."""
         return False
 
+    @property
+    def matrix_free_softmin(self) -> bool:
+        """True when the differentiable soft-min has a matrix-free backward (online ``SqEuclidean``)."""
+        return False
+
     def softmin(self, h: torch.Tensor, eps: torch.Tensor, axis: int) -> torch.Tensor:
         """``−ε log Σ exp((h − C)/ε)`` reduced over ``axis`` of ``C`` (1: over ``j``; 0: over ``i``).
 
@@ -239,6 +245,12 @@ class Geometry:
         """
         geom = self if axis == 1 else self.transpose()
         if _needs_autograd(h, eps, *geom.tensors()):
+            if geom.matrix_free_softmin:
+                # online squared-Euclidean cloud: the backward applies the soft-min weights as
+                # an operator instead of storing every block (see _online_softmin.py)
+                assert isinstance(geom, PointCloud) and isinstance(geom.cost, SqEuclidean)
+                return online_softmin(geom._flat(geom.x, 2), geom._flat(geom.y, 2), geom.cost.scale, h, eps,
+                                      block_elements=self.block_elements)
             return softmin_reference(geom.source(True), h, eps, block_elements=self.block_elements)
         # no autograd: the kernel chosen by optlayers.kernels.dispatch ("ot.softmin")
         return _kernels.softmin(geom.source(False), h, eps, block_elements=self.block_elements)
@@ -411,6 +423,10 @@ class PointCloud(Geometry):
     @property
     def is_online(self) -> bool:
         return self.online
+
+    @property
+    def matrix_free_softmin(self) -> bool:
+        return self.online and isinstance(self.cost, SqEuclidean)
 
     def _online_source(self) -> CostSource:
         x, y = self._flat(self.x, 2), self._flat(self.y, 2)

@@ -29,6 +29,86 @@ def safe_log(w: torch.Tensor) -> torch.Tensor:
                        torch.full_like(w, -math.inf))
 
 
+def _block_cost(c: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor, i0: int,
+                i1: int) -> torch.Tensor:
+    p = torch.exp(alpha[:, i0:i1, None] + beta[:, None, :] - c / eps[:, None, None])
+    return (p * c).sum((-1, -2))
+
+
+def _streamed_cost(geo: Geometry, alpha: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor,
+                   differentiable: bool) -> torch.Tensor:
+    B, n, m = geo.B, geo.n, geo.m
+    src = geo.source(differentiable)
+    rows = block_rows(B, n, m, geo.block_elements)
+    total = torch.zeros(B, dtype=alpha.dtype, device=alpha.device)
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        total = total + _block_cost(src.block(i0, i1), alpha, beta, eps, i0, i1)
+    return total
+
+
+class StreamedTransportCost(torch.autograd.Function):
+    """``⟨C, P⟩ = Σ_ij C_ij e^{α_i + β_j − C_ij/ε}`` on an online geometry, backward block by block.
+
+    Autograd through the streamed sum would keep every block of ``P`` for the backward (``n × m``
+    numbers). Here the forward keeps nothing; the first backward recomputes one block at a time
+    and differentiates it on the spot (``O(block)`` memory), for any cost. A differentiable
+    backward (``create_graph``) differentiates the whole streamed sum instead (``O(n m)``; small
+    problems). Used outside ``torch.func`` transforms only (under them the plain streamed sum is
+    traced).
+
+    Inputs ``(alpha (B, n), beta (B, m), eps (B,), geometry, *geometry tensors (flat batch))``.
+    """
+
+    @staticmethod
+    def forward(alpha: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor, geo: Geometry,  # type: ignore[override]
+                *tensors: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _streamed_cost(geo.rebuild(tensors), alpha, beta, eps, False)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        alpha, beta, eps, geo, *tensors = inputs
+        ctx.geo = geo
+        ctx.save_for_backward(alpha, beta, eps, *tensors)
+
+    @staticmethod
+    def backward(ctx: Any, w: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        alpha, beta, eps, *tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        prim = [alpha, beta, eps, *tensors]
+        idx = [k for k in range(len(prim)) if needs[k if k < 3 else k + 1]]
+        grads: list[Any] = [None] * len(prim)
+        if torch.is_grad_enabled():  # differentiable backward: the whole streamed sum, traced
+            def fn(*ps: torch.Tensor) -> torch.Tensor:
+                full = list(prim)
+                for k, p in zip(idx, ps):
+                    full[k] = p
+                return _streamed_cost(ctx.geo.rebuild(tuple(full[3:])), full[0], full[1], full[2], True)
+
+            for k, g in zip(idx, torch.func.vjp(fn, *[prim[k] for k in idx])[1](w)):
+                grads[k] = g
+        else:
+            geo = ctx.geo
+            B, n, m = geo.B, geo.n, geo.m
+            rows = block_rows(B, n, m, geo.block_elements)
+            leaves = [p.detach().requires_grad_(k in idx) for k, p in enumerate(prim)]
+            acc: list[torch.Tensor | None] = [None] * len(prim)
+            with torch.enable_grad():
+                src = geo.rebuild(tuple(leaves[3:])).source(True)
+                for i0 in range(0, n, rows):
+                    i1 = min(n, i0 + rows)
+                    blk = _block_cost(src.block(i0, i1), leaves[0], leaves[1], leaves[2], i0, i1)
+                    gs = torch.autograd.grad(blk, [leaves[k] for k in idx], w, allow_unused=True)
+                    for k, g in zip(idx, gs):
+                        prev = acc[k]
+                        if g is not None:
+                            acc[k] = g if prev is None else prev + g
+            for k in idx:
+                grads[k] = acc[k] if acc[k] is not None else torch.zeros_like(prim[k])
+        return (grads[0], grads[1], grads[2], None, *grads[3:])
+
+
 class TransportPlan:
     """A batch of transport plans ``P (*batch, n, m)`` given as an operator.
 
@@ -146,15 +226,14 @@ class TransportPlan:
         """``⟨C, P⟩`` per problem, ``(*batch,)``, streamed over blocks."""
         geo = self.geometry
         alpha, beta, eps = self._flat()
-        B, n, m = geo.B, geo.n, geo.m
-        src = geo.source(_needs_autograd(alpha, beta, eps, *geo.tensors()))
-        rows = block_rows(B, n, m, geo.block_elements)
-        total = torch.zeros(B, dtype=alpha.dtype, device=alpha.device)
-        for i0 in range(0, n, rows):
-            i1 = min(n, i0 + rows)
-            c = src.block(i0, i1)
-            p = torch.exp(alpha[:, i0:i1, None] + beta[:, None, :] - c / eps[:, None, None])
-            total = total + (p * c).sum((-1, -2))
+        B = geo.B
+        diff = _needs_autograd(alpha, beta, eps, *geo.tensors())
+        if diff and geo.is_online and not torch._C._are_functorch_transforms_active():
+            # online under autograd: nothing stored in the forward, the backward streams blocks
+            flat = tuple(t.reshape(B, *t.shape[t.dim() - 2:]) for t in geo.tensors())
+            total = StreamedTransportCost.apply(alpha, beta, eps, geo.rebuild(flat), *flat)
+        else:
+            total = _streamed_cost(geo, alpha, beta, eps, diff)
         return total.reshape(geo.batch_shape)
 
     def __repr__(self) -> str:

@@ -13,14 +13,18 @@ Gradients (``gradient=``):
 
 * :class:`Envelope` (default) — the value is the dual objective evaluated at the optimal
   potentials held fixed (Danskin), so ``∂OT/∂C = P``, ``∂OT/∂a = f``, ``∂OT/∂ε = KL(P‖a⊗b)``,
-  and gradients to points go through the cost. One streamed pass; no linear solve. Exact first
-  derivatives of ``value``; the potentials, the plan and ``transport_cost`` are returned
+  and gradients to points go through the cost. One streamed pass; no linear solve (on a
+  squared-Euclidean :class:`PointCloud` the value, ``⟨C, P⟩`` and the gradients all come from one
+  fused transport-apply, see ``_envelope.py``). Exact first derivatives of ``value``;
+  the potentials, the plan and ``transport_cost`` are returned
   detached, and second derivatives need :class:`Implicit`.
 * :class:`Implicit` — the potentials are differentiated by the implicit function theorem
   through the Sinkhorn fixed point (:func:`optlayers.solvers.ot.dual.optimality`), the adjoint
   system solved matrix-free (the plan is applied as an operator) by
   :func:`optlayers.implicit.custom_root`. Exact first and second derivatives of the value, the
-  potentials, the plan and the transport cost.
+  potentials, the plan and the transport cost. On an online squared-Euclidean point cloud the
+  first backward keeps ``O(n + m)`` memory: the soft-min's vector-Jacobian product applies the
+  plan as an operator (``_online_softmin.py``) and ``⟨C, P⟩`` is differentiated block by block.
 * :class:`Unroll` — backpropagate through every iteration (for comparison; memory grows with
   the iteration count).
 
@@ -41,6 +45,7 @@ import torch
 from ..._result import Result, raise_if_failed, register_aux
 from ...implicit import ImplicitAdjoint, custom_root
 from ...implicit.linear_solvers import Auto, LinearSolver, resolve_linear_solver
+from ._envelope import envelope_value
 from ._iterations import AndersonAcceleration, Anneal, default_tol, solve_potentials
 from .dual import dual_value, optimality
 from .geometry import Geometry, as_geometry
@@ -185,6 +190,17 @@ class SinkhornAux:
 
 def _transforms_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
+
+
+def _same_storage(us: tuple[torch.Tensor, ...], vs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``us`` are views of the same data as ``vs`` (e.g. their detached copies)."""
+    if _transforms_active():
+        return False
+    try:
+        return all(u.data_ptr() == v.data_ptr() and u.shape == v.shape and u.stride() == v.stride()
+                   and u.dtype == v.dtype for u, v in zip(us, vs, strict=True))
+    except (RuntimeError, ValueError):  # wrapped tensors (functorch) have no storage
+        return False
 
 
 def _weights(w: torch.Tensor | None, mask: torch.Tensor | None, batch: tuple[int, ...], size: int,
@@ -343,6 +359,9 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
         def solver(z: tuple[torch.Tensor, torch.Tensor], gts: tuple[torch.Tensor, ...], aa: torch.Tensor,
                    bb: torch.Tensor, e: torch.Tensor) -> Result:
             gm = flat.rebuild(gts) if gts[0] is not flat.tensors()[0] else flat
+            if gm is not flat and hasattr(flat, "_cache") and _same_storage(gts, flat.tensors()):
+                # detached views of the same tensors: share the stored (detached) cost
+                gm._cache = flat._cache  # type: ignore[attr-defined]
             f_start = warm(gm, z[0] if has_f else None, z[1] if has_g else None, e, bb)
             r = solve_potentials(gm, aa, bb, e, f0=f_start, **opts)
             if throw:  # raised here, on concrete tensors, so that it also works under vmap
@@ -362,11 +381,15 @@ def sinkhorn(a: torch.Tensor | None, b: torch.Tensor | None, geometry: Geometry 
         if not implicit:
             f, g = f.detach(), g.detach()
 
-    value = dual_value(flat, f, g, af, bf, eps, rho_a, rho_b)
+    # envelope on a squared-Euclidean cloud: value, gradients and <C, P> from one fused pass
+    fused = envelope_value(flat, f, g, af, bf, eps, rho_a, rho_b) if isinstance(grad_mode, Envelope) else None
+    value = fused[0] if fused is not None else dual_value(flat, f, g, af, bf, eps, rho_a, rho_b)
     fb, gb = f.reshape(*batch, n), g.reshape(*batch, m)
     eps_b = eps.reshape(batch)
     plan = TransportPlan(geom, fb, gb, aw, bw, eps_b)
-    if isinstance(grad_mode, Envelope):
+    if fused is not None:
+        tcost = fused[1].reshape(batch)
+    elif isinstance(grad_mode, Envelope):
         with torch.no_grad():
             tcost = plan.transport_cost()
     else:
