@@ -11,6 +11,17 @@ of ``K`` is column ``j`` of the cost) and ``kk >= 1``, with
 active). These are the sums behind the dual's value and gradient
 (:class:`optlayers.solvers.sparse_ot.dual.DualOracle`). Backends: the PyTorch reference below
 (the specification) and Numba (CPU; a single fused pass, rows split over threads). No gradients.
+
+Kernel ``"sparse_ot_dual_lbfgs"`` (Numba only): the whole L-BFGS solve of the semi-dual or dual,
+one compiled call per batch (:mod:`optlayers.kernels.sparse_ot_dual_lbfgs_numba`)::
+
+    fn(z0, K, a, b, gamma, kk, *, semi, memory, max_iter, tol, ftol, window, fscale)
+        -> (z, iterations (B,) int64, residual (B,), status (B,) int64)
+
+Its specification is the PyTorch loop :func:`optlayers.solvers.sparse_ot._optim.run_lbfgs` with
+the oracles above, which :func:`~optlayers.solvers.sparse_ot.sparse_ot` runs wherever this kernel
+is not chosen (non-CPU tensors, a forced non-Numba backend, a ``callback``, non-finite data, or
+fewer than 4,096 cost entries); the tests compare the two.
 """
 
 from __future__ import annotations
@@ -22,10 +33,14 @@ import torch
 
 from ._dispatch import Backend, register
 
-__all__ = ["DUAL_KERNEL_NAME", "sparse_ot_dual_reference"]
+__all__ = ["DUAL_KERNEL_NAME", "LBFGS_KERNEL_NAME", "sparse_ot_dual_reference"]
 
 #: Name under which the implementations are registered with the dispatch.
 DUAL_KERNEL_NAME = "sparse_ot_dual_grad"
+#: The whole L-BFGS solve of the (semi-)dual in one compiled call (Numba only; its PyTorch
+#: specification is :func:`optlayers.solvers.sparse_ot._optim.run_lbfgs` driving the oracles, which
+#: the solver runs wherever this kernel is not chosen — the tests compare the two).
+LBFGS_KERNEL_NAME = "sparse_ot_dual_lbfgs"
 
 
 def sparse_ot_dual_reference(alpha: torch.Tensor, beta: torch.Tensor, K: torch.Tensor,
@@ -54,5 +69,12 @@ def _load_numba() -> Callable[..., Any]:
     return sparse_ot_dual_numba
 
 
+def _load_lbfgs_numba() -> Callable[..., Any]:
+    from .sparse_ot_dual_lbfgs_numba import sparse_ot_lbfgs_numba
+
+    return sparse_ot_lbfgs_numba
+
+
 register(DUAL_KERNEL_NAME, Backend.REFERENCE, lambda: sparse_ot_dual_reference)
 register(DUAL_KERNEL_NAME, Backend.NUMBA, _load_numba, min_size=4096)
+register(LBFGS_KERNEL_NAME, Backend.NUMBA, _load_lbfgs_numba, min_size=4096)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import optlayers.kernels._dispatch as D
 from optlayers.kernels import Backend, KernelUnavailableError, dispatch, last_backend, registered_backends
-from optlayers.kernels.sparse_ot_dual import DUAL_KERNEL_NAME, sparse_ot_dual_reference
+from optlayers.kernels.sparse_ot_dual import DUAL_KERNEL_NAME, LBFGS_KERNEL_NAME, sparse_ot_dual_reference
 from optlayers.kernels.sparse_simplex import (
     KERNEL_NAME,
     sparse_simplex_reference,
@@ -52,6 +52,7 @@ def _tol(dtype: torch.dtype) -> float:
 def test_registered_lazily() -> None:
     assert set(registered_backends(KERNEL_NAME)) == {Backend.REFERENCE, Backend.NUMBA, Backend.TRITON}
     assert set(registered_backends(DUAL_KERNEL_NAME)) == {Backend.REFERENCE, Backend.NUMBA}
+    assert set(registered_backends(LBFGS_KERNEL_NAME)) == {Backend.NUMBA}  # spec: the PyTorch solver loop
     # bare parent packages, so that only the modules of this feature (and what they import) load
     code = ("import sys, types\n"
             f"root = {str(ROOT)!r}\n"
@@ -245,3 +246,41 @@ def test_fused_dual_numba_matches_reference(dtype: torch.dtype) -> None:
         for u, v in zip(got[:3], ref[:3]):
             torch.testing.assert_close(u, v, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4)
         assert torch.equal(got[3], ref[3])
+
+
+@needs_numba
+@pytest.mark.parametrize("n,k,mass", [(40, 3, 0.05), (40, 3, 30.0), (200, 90, 0.5), (200, 90, 50.0),
+                                      (30, 30, 0.02), (30, 50, 10.0), (1, 1, 0.3)])
+def test_fused_lbfgs_oracles_match_reference(n: int, k: int, mass: float) -> None:
+    """Value and gradient of the compiled L-BFGS kernel's oracles against the reference kernels:
+    the heap path (``k <= 64``), the candidate path (``k > 64``), ``k >= n``, small and large masses."""
+    import numpy as np
+
+    from optlayers.kernels.sparse_ot_dual_lbfgs_numba import _dual_oracle, _semi_oracle
+
+    g = torch.Generator().manual_seed(n + k)
+    m, gam = 17, 0.3
+    K = torch.rand(m, n, generator=g, dtype=torch.float64)
+    z = torch.randn(n + m, generator=g, dtype=torch.float64) * 0.5
+    bm = torch.full((m,), mass, dtype=torch.float64)
+    a = torch.full((n,), mass * m / n, dtype=torch.float64)
+    kk = min(k, n)
+    # semi-dual: the plan's columns are the k-sparse projections of (α − K_j)/γ onto mass b_j
+    V, I = sparse_simplex_reference(K / gam, kk, bm, (z[:n] / gam)[None])
+    P = sparse_simplex_to_dense(V, I, n)
+    grad = P.sum(0) - a
+    S = -(z[:n] * grad).sum() + (P * (K + 0.5 * gam * P)).sum()
+    gn = np.empty(n)
+    buf = (np.empty(n), np.empty(n, dtype=np.int64), np.empty(kk), np.empty(kk, dtype=np.int64))
+    f, viol, binding = _semi_oracle(z[:n].numpy(), K.numpy(), a.numpy(), bm.numpy(), gam, kk, gn, *buf)
+    assert np.allclose(gn, grad.numpy(), atol=1e-12) and abs(f + float(S)) < 1e-10 * max(1.0, abs(float(S)))
+    assert abs(viol - float(grad.abs().sum())) < 1e-10 and binding == (kk < n and bool(((P > 0).sum(1) >= kk).any()))
+    # dual
+    r_n, r_m, inner, bind = sparse_ot_dual_reference(z[None, :n], z[None, n:], K[None], kk)
+    gd = torch.cat([r_n[0] / gam - a, r_m[0] / gam - bm])
+    D_ = -(z * gd).sum() + inner[0] / gam
+    gdn = np.empty(n + m)
+    f, viol, binding = _dual_oracle(z.numpy(), K[None].numpy(), a.numpy(), bm.numpy(), gam, kk, gdn,
+                                    np.zeros((1, n)), np.zeros((1, m)))
+    assert np.allclose(gdn, gd.numpy(), atol=1e-12) and abs(f + float(D_)) < 1e-10 * max(1.0, abs(float(D_)))
+    assert binding == bool(bind[0])

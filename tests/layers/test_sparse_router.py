@@ -129,3 +129,27 @@ def test_example_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
         import matplotlib.pyplot as plt
 
         plt.close("all")
+
+
+def test_compiled_solve_routes_like_the_torch_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups large enough for the compiled L-BFGS kernel: loads and drops read off the compact
+    plan equal those of the slot tensors, and the routing equals the PyTorch loop's."""
+    pytest.importorskip("numba")
+    import importlib
+
+    from optlayers.kernels import Backend, call_count
+    from optlayers.kernels.sparse_ot_dual import LBFGS_KERNEL_NAME
+
+    lg = _logits(G=2, S=128, E=16, seed=4)  # 2 x 16 x 128 = 4,096 cost entries
+    count = call_count(LBFGS_KERNEL_NAME, Backend.NUMBA)
+    res = sparse_ot_route(lg, capacity_factor=1.25)
+    assert call_count(LBFGS_KERNEL_NAME, Backend.NUMBA) == count + 1
+    dispatch, combine = res.solution
+    assert torch.equal(res.aux.expert_load, dispatch.sum((1, 3)))
+    assert torch.equal(res.aux.dropped, (dispatch.sum((2, 3)) == 0).sum(-1))
+    assert bool((res.aux.expert_load <= int(res.aux.capacity)).all())
+    monkeypatch.setattr(importlib.import_module("optlayers.solvers.sparse_ot.sparse_ot"), "_fused_lbfgs",
+                        lambda *args: None)
+    ref = sparse_ot_route(lg, capacity_factor=1.25)
+    assert call_count(LBFGS_KERNEL_NAME, Backend.NUMBA) == count + 1
+    assert torch.allclose(combine, ref.solution[1], atol=1e-6)

@@ -363,3 +363,77 @@ def test_torch_func_vmap_and_grad() -> None:
     c0 = C[0].clone().requires_grad_(True)
     expected, = torch.autograd.grad(f(c0), c0)
     torch.testing.assert_close(torch.func.grad(f)(C[0]), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled whole-solve L-BFGS kernel against the PyTorch loop (its specification)
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    mod = importlib.import_module("optlayers.solvers.sparse_ot.sparse_ot")
+    monkeypatch.setattr(mod, "_fused_lbfgs", lambda *args: None)
+
+
+@pytest.mark.parametrize("formulation", ["semi_dual", "dual"])
+@pytest.mark.parametrize("k", [None, 2])
+def test_fused_lbfgs_matches_torch_loop(formulation: str, k: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    from optlayers.kernels import Backend, call_count
+    from optlayers.kernels.sparse_ot_dual import LBFGS_KERNEL_NAME
+
+    g = torch.Generator().manual_seed(3)
+    C = torch.rand(2, 70, 60, generator=g, dtype=F64)  # 4,200 entries: the Numba kernels are chosen
+    a = torch.rand(2, 70, generator=g, dtype=F64) + 0.5
+    b = torch.rand(2, 60, generator=g, dtype=F64) + 0.5
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    before = call_count(LBFGS_KERNEL_NAME, Backend.NUMBA)
+    fused = sparse_ot(a, b, C, k=k, gamma=0.05, formulation=formulation)
+    assert call_count(LBFGS_KERNEL_NAME, Backend.NUMBA) == before + (1 if formulation == "semi_dual" else 2)
+    _torch_loop(monkeypatch)
+    ref = sparse_ot(a, b, C, k=k, gamma=0.05, formulation=formulation)
+    assert call_count(LBFGS_KERNEL_NAME, Backend.NUMBA) == before + (1 if formulation == "semi_dual" else 2)
+    # the same iteration: the same number of steps (up to round-off in the last digits of the
+    # tail, where the violation approaches 1e-9) and the same plan
+    assert torch.equal(fused.status, ref.status) and bool(fused.converged.all())
+    if k is None:
+        assert bool(((fused.iterations - ref.iterations).abs() <= 0.05 * ref.iterations + 2).all())
+        assert torch.allclose(fused.aux.plan.to_dense(), ref.aux.plan.to_dense(), atol=1e-9)
+        assert torch.allclose(fused.aux.value, ref.aux.value, rtol=1e-10)
+        assert bool((fused.aux.marginal_violation <= 1e-9).all())
+    else:
+        # a binding k makes the dual nonsmooth: round-off (summation order) lets the two
+        # trajectories part near ties, both ending where the dual stalls
+        assert bool(((fused.iterations - ref.iterations).abs() <= 0.25 * ref.iterations).all())
+        assert torch.allclose(fused.aux.value, ref.aux.value, rtol=1e-5)
+        assert bool((fused.aux.max_nnz <= k).all())
+        assert torch.allclose(fused.aux.marginal_violation, ref.aux.marginal_violation, rtol=0.2)
+
+
+def test_fused_lbfgs_statuses_and_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    from optlayers.kernels import Backend, call_count
+    from optlayers.kernels.sparse_ot_dual import LBFGS_KERNEL_NAME
+
+    a, b, C = _problem(80, 60, seed=5)
+    count = call_count(LBFGS_KERNEL_NAME, Backend.NUMBA)
+    r = quadratic_ot(a, b, C, gamma=0.01, solver=DualLBFGS(max_iter=3), throw=False)
+    assert int(r.status) == Status.MAX_ITER and int(r.iterations) == 3 and not bool(r.converged)
+    with pytest.raises(ConvergenceError, match="MAX_ITER"):
+        quadratic_ot(a, b, C, gamma=0.01, solver=DualLBFGS(max_iter=3))
+    assert call_count(LBFGS_KERNEL_NAME, Backend.NUMBA) == count + 2
+    # float32: computed in float64 by the kernel, returned in float32, meets the float32 tolerance
+    r32 = quadratic_ot(a.float(), b.float(), C.float(), gamma=0.05)
+    r64 = quadratic_ot(a, b, C, gamma=0.05)
+    assert r32.solution[0].dtype == torch.float32 and bool(r32.converged)
+    assert torch.allclose(r32.aux.plan.to_dense().double(), r64.aux.plan.to_dense(), atol=1e-5)
+    # a callback, a forced reference backend or non-finite data take the PyTorch loop
+    seen: list[int] = []
+    quadratic_ot(a, b, C, gamma=0.05, callback=lambda i, res: seen.append(i))
+    quadratic_ot(a, b, C, gamma=0.05, backend="reference")
+    Cn = C.clone()
+    Cn[3, 4] = float("nan")
+    assert int(sparse_ot(a, b, Cn, k=2, gamma=0.1, throw=False).status) == Status.NONFINITE
+    assert seen and call_count(LBFGS_KERNEL_NAME, Backend.NUMBA) == count + 4  # the two solves above

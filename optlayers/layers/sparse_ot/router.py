@@ -195,13 +195,19 @@ def sparse_ot_route(logits: torch.Tensor, *, sparsity: str = "expert", capacity:
         ci = torch.arange(w, device=idx.device)[None, None, :].expand_as(idx)
         where = (gi, idx, ei, ci)
         zeros = torch.zeros(G, S, E, C, dtype=dtype, device=logits.device)
-        dispatch = zeros.index_put(where, (val > 0).to(dtype))
+        used = val > 0
+        dispatch = zeros.index_put(where, used.to(dtype))
         combine = zeros.index_put(where, val)
+        # loads and dropped tokens from the compact plan (not from the (G, S, E, C) tensors)
+        load = used.sum(-1).to(dtype)
+        hits = torch.zeros(G, S, dtype=torch.int64, device=idx.device)
+        hits.scatter_add_(1, idx.reshape(G, -1), used.reshape(G, -1).to(torch.int64))
+        dropped = (hits == 0).sum(-1)
     else:
         dense = plan.to_dense()  # (G, S, E)
         dispatch, combine = _slots_from_assignment(dense > 0, dense, C)
-    load = dispatch.sum((1, 3))
-    dropped = (dispatch.sum((2, 3)) == 0).sum(-1)
+        load = dispatch.sum((1, 3))
+        dropped = (dispatch.sum((2, 3)) == 0).sum(-1)
     aux = RoutingAux(plan=plan, logits=logits, expert_load=load.reshape(*groups, E), dropped=dropped.reshape(groups),
                      marginal_violation=res.aux.marginal_violation.reshape(groups),
                      capacity=torch.tensor(C, dtype=torch.int64))

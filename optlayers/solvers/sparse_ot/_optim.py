@@ -76,6 +76,11 @@ class DualLBFGS:
     (sufficient decrease, for convex :math:`f`) and :math:`\nabla f(z_t + s_t d_t)^\top d_t \ge c_2
     \nabla f(z_t)^\top d_t`, :math:`c_1 = 10^{-4}`, :math:`c_2 = 0.9` (see the module docstring).
 
+    On CPU (float32/float64, at least 4,096 cost entries, no ``callback``, synchronised mode) the
+    whole solve runs as one compiled Numba call (kernel ``"sparse_ot_dual_lbfgs"``: the same
+    iteration and tests, in float64, with the value and gradient fused into one pass over the
+    cost); elsewhere this module's PyTorch loop runs it.
+
     Args:
         memory: Stored curvature pairs.
         max_iter: Iteration limit (reaching it gives ``MAX_ITER``); for the dual formulation it

@@ -14,7 +14,10 @@ constrained side's marginal met exactly) or *dual* (both potentials; with L-BFGS
 the semi-dual solution) by L-BFGS (:class:`DualLBFGS`) or fixed-iteration Adam
 (:class:`DualAdam`); the inner maximisations are
 ``k``-sparse simplex projections (semi-dual) or top-``k`` selections (dual), run by the
-``"sparse_simplex_projection"`` kernel (Numba on CPU, Triton on CUDA).
+``"sparse_simplex_projection"`` kernel (Numba on CPU, Triton on CUDA). On CPU, L-BFGS runs as a
+single compiled call (kernel ``"sparse_ot_dual_lbfgs"``: the same iteration with the value and
+gradient fused into one pass over the cost, no per-iteration PyTorch operations); see
+:class:`DualLBFGS`.
 
 Limits: ``k = 1`` (with ``γ → 0`` for the dual) gives unregularized OT when a ``1``-sparse plan
 is feasible (e.g. assignment problems); ``k ≥`` the support of the quadratically regularized
@@ -44,9 +47,10 @@ from typing import Any
 
 import torch
 
-from ..._result import Result, raise_if_failed, register_aux
+from ..._result import Result, Status, raise_if_failed, register_aux
 from ...implicit import MINRES, ImplicitAdjoint, custom_root
-from ...kernels import Backend
+from ...kernels import Backend, KernelUnavailableError, dispatch
+from ...kernels.sparse_ot_dual import LBFGS_KERNEL_NAME
 from ._optim import DualAdam, DualLBFGS, run_adam, run_lbfgs
 from .dual import DualOracle, dual_optimality, dual_plan, dual_support, dual_value
 from .plan import SparseTransportPlan
@@ -150,6 +154,26 @@ def _default_tol(dtype: torch.dtype, tol: float | None) -> float:
             raise ValueError(f"tol must be a positive float or None, got {tol!r}")
         return float(tol)
     return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+def _fused_lbfgs(K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor,
+                 backend: Backend | str | None) -> Callable[..., Any] | None:
+    """The compiled whole-solve L-BFGS kernel where it applies, else None (PyTorch loop).
+
+    It runs where the Numba backend is chosen (automatically for CPU problems of at least 4,096
+    entries, or forced), for float32/float64 data with finite entries (non-finite data takes the
+    PyTorch loop, which reports it per problem).
+    """
+    if K.device.type != "cpu" or K.dtype not in (torch.float32, torch.float64):
+        return None
+    if backend is not None and Backend.parse(backend) is not Backend.NUMBA:
+        return None
+    try:
+        fn = dispatch(LBFGS_KERNEL_NAME, backend=backend, device=K.device, size=K.numel())
+    except KernelUnavailableError:
+        return None
+    finite = torch.isfinite(K).all() & torch.isfinite(a).all() & torch.isfinite(b).all() & torch.isfinite(gamma).all()
+    return fn if bool(finite) else None
 
 
 def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *, k: int | None,
@@ -298,25 +322,45 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
         if isinstance(cfg, DualLBFGS):
             ftol = cfg.ftol if cfg.ftol is not None else (1e-8 if Kx.dtype == torch.float64 else 1e-5)
             warm_iters = torch.zeros(z0.shape[0], dtype=torch.int64, device=z0.device)
+            fused = _fused_lbfgs(Kx, ax, bx, gx, backend) if sync and callback is None else None
+
+            def lbfgs(semi_: bool, orc: SemiDualOracle | DualOracle, zs: torch.Tensor,
+                      cb: Callable[[int, torch.Tensor], None] | None) -> Result:
+                if fused is not None:  # the same iteration, compiled: one call for the whole solve
+                    zf, it, res_, st = fused(zs, Kx, ax, bx, gx, kk, semi=semi_, memory=cfg.memory,
+                                             max_iter=cfg.max_iter, tol=tol_, ftol=ftol, window=cfg.window,
+                                             fscale=scale * mass)
+                    return Result(solution=zf, converged=st == 0, iterations=it, residual=res_, status=st)
+                return run_lbfgs(orc, zs, cfg, tol=tol_, ftol=ftol, fscale=scale * mass, callback=cb)
+
             if not semi and sync:
                 # warm start from the semi-dual, whose optimum (α, β = −γτ) is the dual's when k does
                 # not bind (and close to it otherwise): far fewer iterations than from zero
                 so = SemiDualOracle(Kx, ax, bx, gx, kk, backend=backend, adaptive=True)
-                rs = run_lbfgs(so, z0[:, :nc], cfg, tol=tol_, ftol=ftol, fscale=scale * mass)
+                rs = lbfgs(True, so, z0[:, :nc], None)
                 V, I = so.project(rs.solution)
                 _, beta0 = semi_dual_plan(rs.solution, Kx, bx, gx, I, V > 0)
                 ok = torch.isfinite(rs.solution).all(-1, keepdim=True) & torch.isfinite(beta0).all(-1, keepdim=True)
                 z0 = torch.where(ok, torch.cat([rs.solution, beta0], dim=-1), z0)
                 warm_iters = rs.iterations
-            r = run_lbfgs(oracle, z0, cfg, tol=tol_, ftol=ftol, fscale=scale * mass, callback=callback)
+            r = lbfgs(semi, oracle, z0, callback)
             r = r.replace(iterations=r.iterations + warm_iters)
         else:
             r = run_adam(oracle, z0, cfg, tol=tol_, lr=cfg.lr * scale, gscale=mass, callback=callback)
+        if sync:
+            # NaN data: the selection kernels skip NaN entries (comparisons are false), so a solve
+            # may still end; it is reported, never returned as a solution
+            nan = (torch.isnan(Kx).flatten(1).any(-1) | torch.isnan(ax).any(-1) | torch.isnan(bx).any(-1)
+                   | torch.isnan(gx))
+            if bool(nan.any()):
+                r = r.replace(converged=r.converged & ~nan,
+                              status=torch.where(nan, int(Status.NONFINITE), r.status))
         z = r.solution
         if semi:
             z = z - z.mean(-1, keepdim=True)
             if isinstance(oracle, SemiDualOracle) and sync:
-                V, _ = oracle.project(z)
+                V, I = oracle.project(z)
+                state["support"] = (z, V, I)  # reused for the plan below (same z, same projection)
                 kw = min(kk, int((V > 0).sum(-1).max()) + 1)
                 state["k_work"] = kw if state["k_work"] is None else max(state["k_work"], kw)
         else:
@@ -340,6 +384,8 @@ def sparse_ot(a: torch.Tensor | None, b: torch.Tensor | None, C: torch.Tensor, *
         if semi:
             if _transforms_active():
                 V, I = project_topk_simplex((zd[:, None, :] - Kd) / gd[:, None, None], kk, b_c.detach())
+            elif "support" in state and state["support"][0].shape == zd.shape and torch.equal(state["support"][0], zd):
+                _, V, I = state["support"]
             else:
                 post = SemiDualOracle(Kd.contiguous(), a_c.detach(), b_c.detach(), gd, kk, backend=backend,
                                       adaptive=sync)
