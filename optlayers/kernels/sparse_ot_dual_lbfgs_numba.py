@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .sparse_ot_dual_numba import _dual_rows
-from .sparse_simplex_numba import HEAP_MAX, _sift_down, _top_sorted
+from .sparse_simplex_numba import HEAP_MAX, _sift_down, _top_sorted, sorted_threshold
 
 __all__ = ["sparse_ot_lbfgs_numba"]
 
@@ -86,18 +86,7 @@ def _heap_row(z, row, inv, bj, kk, gam, g, hv, hi):  # pragma: no cover - compil
             hv[end] = tv
             hi[end] = ti
             _sift_down(hv, hi, end, 0)
-    css = 0.0
-    rho = 0
-    cs_rho = 0.0
-    for t in range(size):
-        css += hv[t]
-        if hv[t] * (t + 1) > css - bj:
-            rho += 1
-            cs_rho = css
-    if rho == 0:
-        rho = 1
-        cs_rho = hv[0]
-    tau = (cs_rho - bj) / rho
+    tau = sorted_threshold(hv, size, bj)
     nnz = 0
     add = 0.0
     for t in range(size):
@@ -166,18 +155,7 @@ def _semi_oracle(z, K, a, bm, gam, kk, g, cv, ci, hv, hi):  # pragma: no cover -
             _top_sorted(cv[:c2], w, hv, hi)
             for t in range(w):
                 hi[t] = ci[hi[t]]
-        css = 0.0
-        rho = 0
-        cs_rho = 0.0
-        for t in range(w):
-            css += hv[t]
-            if hv[t] * (t + 1) > css - bj:
-                rho += 1
-                cs_rho = css
-        if rho == 0:
-            rho = 1
-            cs_rho = hv[0]
-        tau = (cs_rho - bj) / rho
+        tau = sorted_threshold(hv, w, bj)
         nnz = 0
         for t in range(w):
             v = hv[t] - tau

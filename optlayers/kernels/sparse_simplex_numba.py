@@ -160,13 +160,14 @@ def _top_sorted(row, kk, hv, hi):  # pragma: no cover - compiled
         _sift_down(hv, hi, end, 0)
 
 
-@numba.njit(cache=True)
-def _project_row(row, kk, sr, hv, hi):  # pragma: no cover - compiled
-    _top_sorted(row, kk, hv, hi)
+@numba.njit(cache=True, inline="always")
+def sorted_threshold(hv, size, sr):  # pragma: no cover - compiled
+    """The simplex threshold ``τ`` of the ``size`` largest values ``hv`` (sorted decreasingly) for
+    mass ``sr``: ``Σ_j max(hv_j − τ, 0) = sr`` over the support ``ρ = #{j: hv_j (j+1) > Σ_{t≤j} hv_t − sr}``."""
     css = 0.0
     rho = 0
     cs_rho = 0.0
-    for j in range(kk):
+    for j in range(size):
         css += hv[j]
         if hv[j] * (j + 1) > css - sr:
             rho += 1
@@ -174,7 +175,13 @@ def _project_row(row, kk, sr, hv, hi):  # pragma: no cover - compiled
     if rho == 0:  # only when s < 0 or non-finite data; mirror the reference's clamp
         rho = 1
         cs_rho = hv[0]
-    tau = (cs_rho - sr) / rho
+    return (cs_rho - sr) / rho
+
+
+@numba.njit(cache=True)
+def _project_row(row, kk, sr, hv, hi):  # pragma: no cover - compiled
+    _top_sorted(row, kk, hv, hi)
+    tau = sorted_threshold(hv, kk, sr)
     for j in range(kk):
         d = hv[j] - tau
         hv[j] = d if d > 0.0 else 0.0
