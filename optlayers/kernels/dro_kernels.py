@@ -39,7 +39,8 @@ __all__ = ["cvar_numba", "chi2_ball_numba", "perm_proj_l2_numba", "perm_proj_kl_
            "cr_ball_root_numba", "cr_penalty_root_numba", "holistic_root_numba", "fused_kl_ball_row",
            "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row", "fused_kl_penalty_row",
            "fused_chi2_penalty_row", "fused_cvar_row", "fused_chi2_ball_row", "fused_spectral_row",
-           "fused_rows"]
+           "fused_rows", "CLOSED_KINDS", "ROOT_KINDS", "fused_closed_batch", "fused_root_batch", "desc_order_f32",
+           "log_weights"]
 
 
 @numba.njit(cache=True)
@@ -983,3 +984,199 @@ def fused_rows(kind: str, a: np.ndarray, prm: tuple[Any, ...], tol: float, max_i
         x0 = np.nan if warm is None else float(warm[b])
         val[b], xs[b], conv[b] = fn(a[b], *prm, tol, max_iter, x0, p[b])
     return p, val, xs, conv
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-batch drivers of the fused row solvers for the training fast path: the losses are read in
+# their own dtype (float32 or float64, one compiled specialisation each) into a float64 row, the
+# row solver runs in float64 exactly as in ``fused_rows``, and the weights and values are written
+# back in the output arrays' dtype. One compiled call per batch: no dtype round trip, no Python
+# loop over rows.
+# ---------------------------------------------------------------------------------------------
+
+#: ``which`` codes of :func:`fused_closed_batch` and :func:`fused_root_batch`
+CLOSED_KINDS = {"cvar": 0, "kl_penalty": 1, "chi2_penalty": 2, "chi2_ball": 3, "spectral": 4}
+ROOT_KINDS = {"kl_ball": 0, "cr_ball": 1, "cr_penalty": 2, "holistic": 3}
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _load_row(A, b, l):  # pragma: no cover - compiled
+    """``l = float64(A[b])``; False if an entry is not finite."""
+    ok = True
+    for i in range(l.shape[0]):
+        v = np.float64(A[b, i])
+        l[i] = v
+        if not math.isfinite(v):
+            ok = False
+    return ok
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _store_row(p, P, V, b, val):  # pragma: no cover - compiled
+    for i in range(p.shape[0]):
+        P[b, i] = p[i]
+    V[b] = val
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V):  # pragma: no cover - compiled
+    """Closed-form fused solvers on every row of ``A`` (``(B, n)``, float32 or float64).
+
+    ``which``: :data:`CLOSED_KINDS`; ``S``: ``A`` sorted ascending along rows (chi-square kinds);
+    ``order``: per row, the indices sorting it in descending order, and ``w`` the spectrum in
+    descending order, ``logw`` its log (:func:`log_weights`; spectral with KL penalty);
+    ``p1, p2, p3``: the parameters of :func:`fused_rows`. Writes the
+    weights to ``P`` and the values to ``V`` (any float dtype); returns False (and stops) at the
+    first row with a non-finite entry.
+    """
+    B, n = A.shape
+    l = np.empty(n)
+    s = np.empty(n)
+    p = np.empty(n)
+    for b in range(B):
+        if not _load_row(A, b, l):
+            return False
+        if which == 0:
+            val, _, _ = fused_cvar_row(l, p1, int(p2), p3, p)
+        elif which == 1:
+            val, _, _ = fused_kl_penalty_row(l, p1, p2, p)
+        elif which == 4 and p2 > 0.0:  # spectral, KL penalty (w, logw: the spectrum and its log)
+            scale = 1.0 / p1
+            for i in range(n):
+                s[i] = l[i] * scale
+            div = _perm_kl_row_logw(s, order[b], w, logw, p)
+            val = _dot(p, l) - p1 * div
+        elif which == 4:
+            val, _, _ = fused_spectral_row(l, order[b], w, p1, False, p)
+        else:
+            for j in range(n):
+                s[j] = np.float64(S[b, n - 1 - j])
+            if which == 2:
+                val, _, _ = fused_chi2_penalty_row(l, s, p1, p)
+            else:
+                val, _, _ = fused_chi2_ball_row(l, s, p1, p)
+        _store_row(p, P, V, b, val)
+    return True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def fused_root_batch(which, A, p1, p2, tol, max_iter, X, P, V):  # pragma: no cover - compiled
+    """Root-find fused solvers (``which``: :data:`ROOT_KINDS`) on every row of ``A``.
+
+    ``X`` (``(B,)`` float64) holds the warm starts (NaN for none) on entry and the roots on exit.
+    Returns 0 (all converged), 1 (a non-finite entry) or 2 (a root-find did not converge).
+    """
+    B, n = A.shape
+    l = np.empty(n)
+    p = np.empty(n)
+    status = 0
+    for b in range(B):
+        if not _load_row(A, b, l):
+            return 1
+        if which == 0:
+            val, x, done = fused_kl_ball_row(l, p1, tol, max_iter, X[b], p)
+        elif which == 1:
+            val, x, done = fused_cr_ball_row(l, p1, p2, tol, max_iter, X[b], p)
+        elif which == 2:
+            val, x, done = fused_cr_penalty_row(l, p1, p2, tol, max_iter, X[b], p)
+        else:
+            val, x, done = fused_holistic_row(l, p1, p2, tol, max_iter, X[b], p)
+        X[b] = x
+        if not done:
+            status = 2
+        _store_row(p, P, V, b, val)
+    return status
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _desc_keys_f32(U):  # pragma: no cover - compiled
+    """64-bit keys of the float32 bits ``U`` (``(B, n)`` uint32): an order-preserving map of the
+    value, complemented (descending order), above the column index."""
+    B, n = U.shape
+    K = np.empty((B, n), dtype=np.uint64)
+    for b in range(B):
+        for i in range(n):
+            u = np.uint64(U[b, i])
+            key = u if u >= np.uint64(0x80000000) else u ^ np.uint64(0x7FFFFFFF)
+            K[b, i] = (key << np.uint64(32)) | np.uint64(i)
+    return K
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _low_index(K):  # pragma: no cover - compiled
+    B, n = K.shape
+    out = np.empty((B, n), dtype=np.intp)
+    for b in range(B):
+        for i in range(n):
+            out[b, i] = np.intp(K[b, i] & np.uint64(0xFFFFFFFF))
+    return out
+
+
+def desc_order_f32(a: np.ndarray) -> np.ndarray:
+    """Per row of the finite, C-contiguous float32 ``(B, n)`` array ``a``, the indices sorting it
+    in descending order, by one NumPy sort of 64-bit keys (order-preserving bits of the value
+    above the index): several times faster than ``argsort`` at training sizes. Tied values keep
+    index order."""
+    K = _desc_keys_f32(a.view(np.uint32))
+    K.sort(axis=1)
+    return _low_index(K)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def log_weights(w):  # pragma: no cover - compiled
+    """``log w`` (``-inf`` where ``w <= 0``), as the KL permutahedron projection takes it."""
+    out = np.empty(w.shape[0])
+    for i in range(w.shape[0]):
+        out[i] = math.log(w[i]) if w[i] > 0 else -np.inf
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _perm_kl_row_logw(z, order, w, logw, out):  # pragma: no cover - compiled
+    """``_perm_kl_rows`` for one row with ``log w`` precomputed and one ``exp`` per merge;
+    returns ``KL(out || uniform)``."""
+    n = z.shape[0]
+    lse = np.empty(n)
+    ws = np.empty(n)
+    val = np.empty(n)
+    cnt = np.empty(n, dtype=np.int64)
+    top = -1
+    for i in range(n):
+        zi = z[order[i]]
+        top += 1
+        lse[top] = zi
+        ws[top] = w[i]
+        val[top] = zi - logw[i]
+        cnt[top] = 1
+        while top > 0 and val[top - 1] <= val[top]:
+            x = lse[top - 1]
+            y = lse[top]
+            if x == -np.inf:
+                m = y
+            elif y == -np.inf:
+                m = x
+            else:
+                m = max(x, y)
+                m = m + math.log1p(math.exp(-abs(x - y)))
+            lse[top - 1] = m
+            ws[top - 1] += ws[top]
+            cnt[top - 1] += cnt[top]
+            val[top - 1] = m - math.log(ws[top - 1]) if ws[top - 1] > 0 else np.inf
+            top -= 1
+    j = 0
+    tot = 0.0
+    s1 = 0.0
+    for blk in range(top + 1):
+        v = val[blk]
+        for _ in range(cnt[blk]):
+            k = order[j]
+            e = z[k] - v
+            q = math.exp(e)
+            out[k] = q
+            tot += q
+            s1 += q * e
+            j += 1
+    for i in range(n):
+        out[i] /= tot
+    # KL(p || uniform) = sum_i p_i log(n p_i) with log p_i = z_i - v_blk - log(tot): no log per entry
+    return s1 / tot - math.log(tot) + math.log(n)

@@ -133,3 +133,70 @@ def test_fallbacks_to_robust_weights() -> None:
     # the reference backend gives the same value
     torch.testing.assert_close(DROLoss(KLBall(0.5), backend="reference")(L), DROLoss(KLBall(0.5))(L),
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_float32_read_in_place_matches_float64_route(spec) -> None:
+    # float32 losses go to the kernel without a dtype round trip: the same float64 computation as
+    # for the losses converted to float64 (same tol), so the weights and value are that result
+    # rounded to float32 (ties excluded: the two dtypes sort by different routines)
+    L = _losses((2, 257), torch.float32, seed=11)
+    out32 = fused_robust_value(L, spec, tol=1e-9)
+    out64 = fused_robust_value(L.double(), spec, tol=1e-9)
+    assert out32 is not None and out64 is not None
+    assert out32[1].dtype == torch.float32 and out32[0].dtype == torch.float32
+    torch.testing.assert_close(out32[1], out64[1].float(), rtol=0, atol=0)
+    torch.testing.assert_close(out32[0], out64[0].float(), rtol=0, atol=0)
+
+
+def test_desc_order_f32_sorts_descending_with_ties_in_index_order() -> None:
+    import numpy as np
+
+    from optlayers.kernels.dro_kernels import desc_order_f32
+
+    gen = np.random.default_rng(0)
+    a = gen.standard_normal((3, 500)).astype(np.float32)
+    a[0, :40] = 0.0
+    a[0, 40:60] = -0.0
+    a[1, ::7] = a[1, 3]
+    a[2] = np.round(a[2], 1)
+    a[2, :5] = [np.finfo(np.float32).max, -np.finfo(np.float32).max, np.finfo(np.float32).tiny, 1e-45, -1e-45]
+    order = desc_order_f32(np.ascontiguousarray(a))
+    for b in range(3):
+        assert sorted(order[b].tolist()) == list(range(500))  # a permutation
+        s = a[b][order[b]]
+        assert (s[:-1] >= s[1:]).all()
+        ref = np.argsort(-a[b], kind="stable")  # ties in index order (+0 and -0 compare equal)
+        np.testing.assert_array_equal(s, a[b][ref])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_path_inputs_and_outputs(dtype) -> None:
+    spec = KLBall(0.5)
+    base = _losses((6, 4), dtype, seed=4)
+    Lt = base.t()  # non-contiguous (4, 6)
+    out = fused_robust_value(Lt, spec)
+    ref = fused_robust_value(Lt.contiguous(), spec)
+    assert out is not None and ref is not None
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=0)
+    # fresh outputs every call (nothing aliases a reused buffer)
+    L = _losses((50,), dtype, seed=6).requires_grad_(True)
+    v1, p1 = fused_robust_value(L, CVaR(0.2))  # type: ignore[misc]
+    keep_v, keep_p = v1.detach().clone(), p1.clone()
+    fused_robust_value(L.detach() * 2.0, CVaR(0.2))
+    assert torch.equal(v1.detach(), keep_v) and torch.equal(p1, keep_p)
+    # the value: the robust value exactly; gradient p, for one row (built-in ops) and for a batch
+    ref1 = robust_weights(L.detach(), CVaR(0.2))
+    torch.testing.assert_close(v1.detach(), ref1.aux.value, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    v1.backward()
+    torch.testing.assert_close(L.grad, p1, rtol=0, atol=0)
+    LB = _losses((3, 50), dtype, seed=7).requires_grad_(True)
+    vB, pB = fused_robust_value(LB, spec)  # type: ignore[misc]
+    vB.sum().backward()
+    torch.testing.assert_close(LB.grad, pB, rtol=0, atol=0)
+    # without gradient, non-finite float32 / float64 entries fall back
+    assert fused_robust_value(L.detach(), spec)[0].grad_fn is None  # type: ignore[index]
+    for kind in (spec, CVaR(0.2), Spectral(esrm(1.0), lam=0.1)):
+        bad = L.detach().clone()
+        bad[7] = math.inf
+        assert fused_robust_value(bad, kind) is None

@@ -9,11 +9,15 @@ compiled (Numba) call per row, with no per-op tensor overhead.
 
 by the same algorithms (the fused row solvers of :mod:`optlayers.kernels.dro_kernels` transcribe
 the PyTorch solvers step by step; the tests compare the two to the solvers' tolerance): the
-detached losses are read as one float64 NumPy array, the whole inner problem (selection, sort,
-scan, PAV or 1-D safeguarded Newton–bisection, then the weights) runs in compiled code, and a
-small autograd function returns :math:`R` with backward ``grad * p``. At a training step's
-sizes the PyTorch solvers spend most of their time in the per-op overhead of tens of small
-tensor ops; here a step costs a few NumPy/Numba calls.
+detached float32 or float64 losses are read in place as one NumPy view (no dtype round trip:
+the compiled batch drivers load each row into float64 and write the weights and values back in
+the losses' dtype), the whole inner problem (selection, sort, scan, PAV or 1-D safeguarded
+Newton–bisection, then the weights) runs in one compiled call per batch, and the value carries
+the Danskin gradient ``grad * p`` (built-in ops for one row, a small autograd function for a
+batch of rows). At a training step's sizes the PyTorch solvers spend most of their time in the
+per-op overhead of tens of small tensor ops; here a step costs a few NumPy/Numba calls. The
+spectral risks sort float32 losses by one NumPy sort of packed 64-bit (value, index) keys,
+several times faster than ``argsort``. Other loss dtypes take a float64 copy.
 
 Covered: ``CVaR`` (unsmoothed), ``TotalVariation``, ``ChiSquareBall`` (no penalty),
 ``ChiSquarePenalty``, ``KLBall``, ``KLPenalty``, ``CressieRead`` (``k != 2``), ``Spectral``
@@ -157,38 +161,81 @@ def fused_available(losses: Tensor, backend: Backend | str | None) -> bool:
 _NUMBA_OK: bool | None = None
 
 
-def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = None, max_iter: int = 100,
-                       backend: Backend | str | None = None,
-                       state: dict[str, Any] | None = None) -> tuple[Tensor, Tensor] | None:
-    """``(value, p)``: the robust value (differentiable, Danskin) and the weights (no gradient) of
-    ``losses`` (``(*batch, n)``), or ``None`` when the fast path does not apply (see the module
-    doc; the caller then uses :func:`~optlayers.solvers.dro.robust_weights`).
+def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
+    """How the fast path solves ``spec`` at size ``n``: ``None`` (not covered), ``("legacy",)``
+    (the degenerate closed forms of :func:`fused_solve`), ``("closed", which, p1, p2, p3, w,
+    logw, sort)`` or ``("root", which, p1, p2)`` (the batch drivers of
+    :mod:`optlayers.kernels.dro_kernels`; ``sort``: 0 none, 1 sorted rows, 2 descending order)."""
+    from ...kernels.dro_kernels import CLOSED_KINDS, ROOT_KINDS
 
-    ``state``: a dict kept by the caller between calls for the warm start (the root of the
-    previous call, per batch shape); ``None`` disables it.
-    """
-    if not fused_supported(spec) or not fused_available(losses, backend):
+    if not fused_supported(spec):
         return None
-    n = losses.shape[-1]
-    batch = losses.shape[:-1]
-    B = math.prod(batch)
-    if B > MAX_ROWS or B == 0:
-        return None
-    if tol is None:
-        tol_ = 1e-12 if losses.dtype == torch.float64 else 1e-7
-    elif not (tol > 0 and math.isfinite(tol)):
-        return None  # robust_weights raises the error
-    else:
-        tol_ = float(tol)
+    if isinstance(spec, TotalVariation) and (spec.eps >= 1.0 or spec.eps <= 0.0):
+        return ("legacy",)
+    if isinstance(spec, (CVaR, TotalVariation)):
+        eps = spec.eps if isinstance(spec, TotalVariation) else 0.0
+        alpha = spec.alpha if isinstance(spec, CVaR) else 1.0 - eps
+        return ("closed", CLOSED_KINDS["cvar"], float(alpha), float(cvar_k(alpha, n)), float(eps), _NO_WEIGHTS,
+                _NO_WEIGHTS, 0)
+    if isinstance(spec, ChiSquareBall):
+        if spec.rho <= 0.0:
+            return ("legacy",)
+        return ("closed", CLOSED_KINDS["chi2_ball"], float(spec.rho), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 1)
+    if isinstance(spec, ChiSquarePenalty):
+        return ("closed", CLOSED_KINDS["chi2_penalty"], float(spec.lam), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 1)
+    if isinstance(spec, KLPenalty):
+        sign = -1.0 if spec.optimistic else 1.0
+        return ("closed", CLOSED_KINDS["kl_penalty"], float(spec.lam), sign, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
+    if isinstance(spec, Spectral):
+        from ...kernels.dro_kernels import log_weights
+
+        w = spec.sigma.cached_weights(n, torch.float64, torch.device("cpu")).flip(0).numpy()
+        w = np.ascontiguousarray(w, dtype=np.float64)
+        kl = spec.divergence == "kl"
+        return ("closed", CLOSED_KINDS["spectral"], float(spec.lam), 1.0 if kl else 0.0, 0.0, w,
+                log_weights(w) if kl else _NO_WEIGHTS, 2)
+    if isinstance(spec, KLBall):
+        return ("root", ROOT_KINDS["kl_ball"], float(spec.rho), 0.0)
+    if isinstance(spec, CressieRead):
+        if spec.rho is not None:
+            return ("root", ROOT_KINDS["cr_ball"], float(spec.k), float(spec.rho))
+        return ("root", ROOT_KINDS["cr_penalty"], float(spec.k), float(spec.lam))  # type: ignore[arg-type]
+    if isinstance(spec, HolisticRobust):
+        return ("root", ROOT_KINDS["holistic"], float(spec.alpha), float(spec.r))
+    return None
+
+
+_PLANS: dict[tuple[int, int], tuple[DROSpec, tuple[Any, ...] | None]] = {}
+_NO_INDEX = np.empty((0, 0), dtype=np.intp)
+_NO_WEIGHTS = np.empty(0)
+
+
+def _plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
+    """:func:`_make_plan`, memoised per ``(spec object, n)`` (specs are frozen; the entry keeps
+    the spec alive, so its ``id`` cannot be reused)."""
+    key = (id(spec), n)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    plan = _make_plan(spec, n)
+    if len(_PLANS) >= 256:
+        _PLANS.clear()
+    _PLANS[key] = (spec, plan)
+    return plan
+
+
+def _legacy(losses: Tensor, spec: DROSpec, tol: float, max_iter: int, B: int, n: int,
+            state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
+    """The float64 NumPy route through :func:`fused_solve` (degenerate cases, other dtypes)."""
     a = np.ascontiguousarray(losses.detach().reshape(B, n).to(torch.float64).numpy())
     s = float(a.sum())
     if not math.isfinite(s) and not np.isfinite(a).all():
         return None
-    key = (tuple(batch), n)
+    key = (tuple(losses.shape[:-1]), n)
     warm = None
     if state is not None and state.get("key") == key:
         warm = state.get("x")
-    p, val, x, conv = fused_solve(a, spec, tol=tol_, max_iter=int(max_iter), warm=warm)
+    p, val, x, conv = fused_solve(a, spec, tol=tol, max_iter=max_iter, warm=warm)
     if not conv.all():
         if state is not None:
             state.clear()
@@ -198,5 +245,97 @@ def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = Non
         state["x"] = x
     dt = losses.dtype
     p_t = torch.from_numpy(p).to(dt).reshape(losses.shape)
-    v_t = torch.from_numpy(val).to(dt).reshape(batch)
+    v_t = torch.from_numpy(val).to(dt).reshape(losses.shape[:-1])
+    return DanskinValue.apply(losses, v_t, p_t), p_t
+
+
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    """:mod:`optlayers.kernels.dro_kernels` (imported on first use: it compiles with Numba)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ...kernels import dro_kernels
+
+        _KERNELS = dro_kernels
+    return _KERNELS
+
+
+def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = None, max_iter: int = 100,
+                       backend: Backend | str | None = None,
+                       state: dict[str, Any] | None = None) -> tuple[Tensor, Tensor] | None:
+    """``(value, p)``: the robust value (differentiable, Danskin) and the weights (no gradient) of
+    ``losses`` (``(*batch, n)``), or ``None`` when the fast path does not apply (see the module
+    doc; the caller then uses :func:`~optlayers.solvers.dro.robust_weights`).
+
+    float32 and float64 losses are read in place (one NumPy view, no dtype conversion); the
+    compiled batch driver solves each row in float64 and writes the weights and values in the
+    losses' dtype into fresh arrays that become the returned tensors without a copy.
+
+    ``state``: a dict kept by the caller between calls for the warm start (the root of the
+    previous call, per batch shape); ``None`` disables it.
+    """
+    shape = losses.shape
+    if not shape or not shape[-1]:
+        return None
+    n = shape[-1]
+    plan = _plan(spec, n)
+    if plan is None or not fused_available(losses, backend):
+        return None
+    B = losses.numel() // n
+    if B > MAX_ROWS or B == 0:
+        return None
+    dt = losses.dtype
+    if tol is None:
+        tol_ = 1e-12 if dt == torch.float64 else 1e-7
+    elif not (tol > 0 and math.isfinite(tol)):
+        return None  # robust_weights raises the error
+    else:
+        tol_ = float(tol)
+    if plan[0] == "legacy" or (dt != torch.float32 and dt != torch.float64):
+        return _legacy(losses, spec, tol_, int(max_iter), B, n, state)
+    K = _kernels()
+    a = losses.detach().numpy().reshape(B, n)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    P = np.empty(shape, dtype=a.dtype)
+    V = np.empty(shape[:-1], dtype=a.dtype)
+    if plan[0] == "closed":
+        _, which, p1, p2, p3, w, logw, sort = plan
+        S = a
+        order = _NO_INDEX
+        if sort == 1:
+            S = np.sort(a, axis=1)
+        elif sort == 2:
+            order = K.desc_order_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
+        if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P.reshape(B, n), V.reshape(B)):
+            return None
+    else:
+        _, which, p1, p2 = plan
+        X = None
+        if state is not None and state.get("key") == (shape[:-1], n):
+            X = state.get("x")
+        if X is None:
+            X = np.full(B, np.nan)
+        status = K.fused_root_batch(which, a, p1, p2, tol_, int(max_iter), X, P.reshape(B, n), V.reshape(B))
+        if status == 1:
+            return None
+        if status == 2:
+            if state is not None:
+                state.clear()
+            return None
+        if state is not None:
+            state["key"] = (shape[:-1], n)
+            state["x"] = X
+    p_t = torch.from_numpy(P)
+    v_t = torch.from_numpy(V)
+    if not losses.requires_grad:
+        return v_t, p_t
+    if len(shape) == 1:
+        # built-in ops instead of the Python autograd function (cheaper in a training step):
+        # value d + (R - d) with d = <losses, p>, gradient grad * p; R - d is exact (Sterbenz)
+        # whenever R and d are within a factor 2, and within an ulp of R otherwise
+        d = torch.dot(losses, p_t)
+        return d + (v_t - d.detach()), p_t
     return DanskinValue.apply(losses, v_t, p_t), p_t
