@@ -29,7 +29,14 @@ import numpy as np
 import torch
 
 from .sparse_ot_dual_numba import _dual_rows
-from .sparse_simplex_numba import HEAP_MAX, _sift_down, _top_sorted, sorted_threshold
+from .sparse_simplex_numba import (
+    HEAP_MAX,
+    _sift_down,
+    _top_sorted,
+    heap_sort_desc,
+    insertion_sort_desc,
+    sorted_threshold,
+)
 
 __all__ = ["sparse_ot_lbfgs_numba"]
 
@@ -67,25 +74,9 @@ def _heap_row(z, row, inv, bj, kk, gam, g, hv, hi):  # pragma: no cover - compil
             hi[0] = i
             _sift_down(hv, hi, kk, 0)
     if size < kk:
-        for t in range(1, size):  # insertion sort, decreasing
-            v = hv[t]
-            ix = hi[t]
-            s = t - 1
-            while s >= 0 and hv[s] < v:
-                hv[s + 1] = hv[s]
-                hi[s + 1] = hi[s]
-                s -= 1
-            hv[s + 1] = v
-            hi[s + 1] = ix
+        insertion_sort_desc(hv, hi, size)
     else:
-        for end in range(kk - 1, 0, -1):  # heap sort of the min-heap: decreasing
-            tv = hv[0]
-            ti = hi[0]
-            hv[0] = hv[end]
-            hi[0] = hi[end]
-            hv[end] = tv
-            hi[end] = ti
-            _sift_down(hv, hi, end, 0)
+        heap_sort_desc(hv, hi, kk)
     tau = sorted_threshold(hv, size, bj)
     nnz = 0
     add = 0.0
@@ -137,17 +128,8 @@ def _semi_oracle(z, K, a, bm, gam, kk, g, cv, ci, hv, hi):  # pragma: no cover -
                 c2 += 1
         w = c2 if c2 < kk else kk
         if c2 <= 16:
-            # insertion sort, decreasing (c2 is small: quadratic regularization gives small supports)
-            for t in range(1, c2):
-                v = cv[t]
-                ix = ci[t]
-                s = t - 1
-                while s >= 0 and cv[s] < v:
-                    cv[s + 1] = cv[s]
-                    ci[s + 1] = ci[s]
-                    s -= 1
-                cv[s + 1] = v
-                ci[s + 1] = ix
+            # c2 is small: quadratic regularization gives small supports
+            insertion_sort_desc(cv, ci, c2)
             for t in range(w):
                 hv[t] = cv[t]
                 hi[t] = ci[t]

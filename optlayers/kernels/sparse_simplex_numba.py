@@ -149,8 +149,13 @@ def _top_sorted(row, kk, hv, hi):  # pragma: no cover - compiled
             hv[0] = v
             hi[0] = i
             _sift_down(hv, hi, kk, 0)
-    # heap sort of a min-heap: decreasing order
-    for end in range(kk - 1, 0, -1):
+    heap_sort_desc(hv, hi, kk)
+
+
+@numba.njit(cache=True, inline="always")
+def heap_sort_desc(hv, hi, size):  # pragma: no cover - compiled
+    """Sort a min-heap ``hv[:size]`` (with its indices ``hi``) into decreasing order, in place."""
+    for end in range(size - 1, 0, -1):
         tv = hv[0]
         ti = hi[0]
         hv[0] = hv[end]
@@ -158,6 +163,21 @@ def _top_sorted(row, kk, hv, hi):  # pragma: no cover - compiled
         hv[end] = tv
         hi[end] = ti
         _sift_down(hv, hi, end, 0)
+
+
+@numba.njit(cache=True, inline="always")
+def insertion_sort_desc(hv, hi, size):  # pragma: no cover - compiled
+    """Sort ``hv[:size]`` (with its indices ``hi``) into decreasing order, in place (small sizes)."""
+    for t in range(1, size):
+        v = hv[t]
+        ix = hi[t]
+        s = t - 1
+        while s >= 0 and hv[s] < v:
+            hv[s + 1] = hv[s]
+            hi[s + 1] = hi[s]
+            s -= 1
+        hv[s + 1] = v
+        hi[s + 1] = ix
 
 
 @numba.njit(cache=True, inline="always")
