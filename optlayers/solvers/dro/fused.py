@@ -7,7 +7,7 @@ compiled (Numba) call per row, with no per-op tensor overhead.
 .. math:: R(\ell) = \langle p^\star, \ell\rangle - \lambda D(p^\star), \qquad
           \partial R/\partial\ell = p^\star \quad\text{(Danskin)},
 
-by the same algorithms (the fused row solvers of :mod:`optlayers.kernels.dro_kernels` transcribe
+by the same algorithms (the fused row solvers of :mod:`optlayers.kernels.dro_fused` transcribe
 the PyTorch solvers step by step; the tests compare the two to the solvers' tolerance): the
 detached float32 or float64 losses are read in place as one NumPy view (no dtype round trip:
 the compiled batch drivers load each row into float64 and write the weights and values back in
@@ -104,7 +104,7 @@ def fused_solve(a: np.ndarray, spec: DROSpec, *, tol: float, max_iter: int,
                 warm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Weights, robust value, root (NaN for closed forms) and convergence flags of every row of
     the finite, C-contiguous float64 ``(B, n)`` array ``a`` (Numba; see the module doc)."""
-    from ...kernels import dro_kernels as K
+    from ...kernels import dro_fused as K
 
     B, n = a.shape
     if isinstance(spec, TotalVariation) and (spec.eps >= 1.0 or spec.eps <= 0.0):
@@ -165,8 +165,8 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
     """How the fast path solves ``spec`` at size ``n``: ``None`` (not covered), ``("legacy",)``
     (the degenerate closed forms of :func:`fused_solve`), ``("closed", which, p1, p2, p3, w,
     logw, sort)`` or ``("root", which, p1, p2)`` (the batch drivers of
-    :mod:`optlayers.kernels.dro_kernels`; ``sort``: 0 none, 1 sorted rows, 2 descending order)."""
-    from ...kernels.dro_kernels import CLOSED_KINDS, ROOT_KINDS
+    :mod:`optlayers.kernels.dro_fused`; ``sort``: 0 none, 1 sorted rows, 2 descending order)."""
+    from ...kernels.dro_fused import CLOSED_KINDS, ROOT_KINDS
 
     if not fused_supported(spec):
         return None
@@ -187,7 +187,7 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
         sign = -1.0 if spec.optimistic else 1.0
         return ("closed", CLOSED_KINDS["kl_penalty"], float(spec.lam), sign, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
     if isinstance(spec, Spectral):
-        from ...kernels.dro_kernels import log_weights
+        from ...kernels.dro_fused import log_weights
 
         w = spec.sigma.cached_weights(n, torch.float64, torch.device("cpu")).flip(0).numpy()
         w = np.ascontiguousarray(w, dtype=np.float64)
@@ -253,12 +253,12 @@ _KERNELS: Any = None
 
 
 def _kernels() -> Any:
-    """:mod:`optlayers.kernels.dro_kernels` (imported on first use: it compiles with Numba)."""
+    """:mod:`optlayers.kernels.dro_fused` (imported on first use: it compiles with Numba)."""
     global _KERNELS
     if _KERNELS is None:
-        from ...kernels import dro_kernels
+        from ...kernels import dro_fused
 
-        _KERNELS = dro_kernels
+        _KERNELS = dro_fused
     return _KERNELS
 
 
