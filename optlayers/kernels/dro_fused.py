@@ -35,6 +35,7 @@ from .dro_kernels import (
     _perm_l2_rows,
     _powb,
     _select_desc,
+    kl_terms,
 )
 
 __all__ = [
@@ -135,11 +136,10 @@ def fused_kl_ball_row(l, rho, tol, max_iter, warm, p):  # pragma: no cover - com
                                               1.0, -700.0, np.inf)
     c = math.exp(-hi)
     shift = c * zbar if c * abs(zbar) <= 30.0 else 0.0
+    kl_terms(Z, c, shift, np.empty(n), p)  # p = expm1(c Z - shift)
     A = 0.0
     for i in range(n):
-        em = math.expm1(Z[i] * c - shift)
-        p[i] = em
-        A += em
+        A += p[i]
     S0 = n * (1.0 + A / n)
     for i in range(n):
         p[i] = (p[i] + 1.0) / S0

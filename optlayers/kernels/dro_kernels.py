@@ -35,6 +35,8 @@ import numba
 import numpy as np
 import torch
 
+from .vexp_numba import vexpm1
+
 __all__ = ["cvar_numba", "chi2_ball_numba", "perm_proj_l2_numba", "perm_proj_kl_numba", "kl_ball_root_numba",
            "cr_ball_root_numba", "cr_penalty_root_numba", "holistic_root_numba"]
 
@@ -300,6 +302,35 @@ def perm_proj_kl_numba(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 _KL_BALL, _CR_BALL, _CR_PEN, _HOLISTIC = 0, 1, 2, 3
 
 
+@numba.njit(cache=True, fastmath={"contract"})
+def kl_terms(a, c, shift, S, EM):  # pragma: no cover - compiled
+    """``S = c a - shift`` and ``EM = expm1(S)`` (a vectorized loop, see :mod:`.vexp_numba`)."""
+    for i in range(a.shape[0]):
+        s = a[i] * c - shift
+        S[i] = s
+        EM[i] = vexpm1(s)
+
+
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
+def _kl_sums(S, EM):  # pragma: no cover - compiled
+    """``(Σs, Σem, Σ em·s, Σs², Σ em·s²)`` (reassociated: a vectorized reduction)."""
+    ss = 0.0
+    sem = 0.0
+    sems = 0.0
+    sss = 0.0
+    semss = 0.0
+    for i in range(S.shape[0]):
+        s = S[i]
+        em = EM[i]
+        ems = em * s
+        ss += s
+        sem += em
+        sems += ems
+        sss += s * s
+        semss += ems * s
+    return ss, sem, sems, sss, semss
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _powb(t, beta):  # pragma: no cover - compiled
     """``t ** beta`` for ``t > 0`` with the common exponents done without ``pow``."""
@@ -337,20 +368,10 @@ def _eval(kind, a, q, prm, x):  # pragma: no cover - compiled
         logrho, zbar = prm[0], prm[1]
         c = math.exp(-x)
         shift = c * zbar if c * abs(zbar) <= 30.0 else 0.0
-        ss = 0.0
-        sem = 0.0
-        sems = 0.0
-        sss = 0.0
-        semss = 0.0
-        for i in range(n):
-            s = a[i] * c - shift
-            em = math.expm1(s)
-            ss += s
-            sem += em
-            ems = em * s
-            sems += ems
-            sss += s * s
-            semss += ems * s
+        S = np.empty(n)
+        EM = np.empty(n)
+        kl_terms(a, c, shift, S, EM)
+        ss, sem, sems, sss, semss = _kl_sums(S, EM)
         A = sem / n
         S0 = n * (1.0 + A)
         m1 = (ss + sems) / S0
