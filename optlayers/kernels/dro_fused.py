@@ -37,6 +37,7 @@ from .dro_kernels import (
     _select_desc,
     kl_terms,
 )
+from .vexp_numba import vexp
 
 __all__ = [
     "fused_kl_ball_row", "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row",
@@ -508,7 +509,9 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V):  # pragma
             scale = 1.0 / p1
             for i in range(n):
                 s[i] = l[i] * scale
-            div = _perm_kl_row_logw(s, order[b], w, logw, p)
+            div = _perm_kl_row_exp(s, order[b], w, p)
+            if not math.isfinite(div):  # the spread of z is too wide for the exp domain
+                div = _perm_kl_row_logw(s, order[b], w, logw, p)
             val = _dot(p, l) - p1 * div
         elif which == 4:
             val, _, _ = fused_spectral_row(l, order[b], w, p1, False, p)
@@ -643,4 +646,68 @@ def _perm_kl_row_logw(z, order, w, logw, out):  # pragma: no cover - compiled
     for i in range(n):
         out[i] /= tot
     # KL(p || uniform) = sum_i p_i log(n p_i) with log p_i = z_i - v_blk - log(tot): no log per entry
+    return s1 / tot - math.log(tot) + math.log(n)
+
+
+@numba.njit(cache=True, fastmath={"contract"})
+def _exp_shifted_sorted(z, order, z0, E, X):  # pragma: no cover - compiled
+    """``E[j] = z[order[j]] - z0`` (a gather) and ``X = exp(E)`` (a vectorized loop)."""
+    for j in range(order.shape[0]):
+        E[j] = z[order[j]] - z0
+    for j in range(order.shape[0]):
+        X[j] = vexp(E[j])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _perm_kl_row_exp(z, order, w, out):  # pragma: no cover - compiled
+    """:func:`_perm_kl_row_logw` in the exp domain: NaN (nothing written) when the spread of ``z``
+    exceeds 700 (``exp`` would underflow), else ``KL(out || uniform)``.
+
+    With ``x_i = exp(z_i - max z)`` a block's value ``log Σ x - log Σ w`` is compared through the
+    ratios ``Σx / Σw`` (cross-multiplied: no ``exp`` or ``log`` per merge), and the projection is
+    ``q_i = x_i Σ_blk w / Σ_blk x``: one vectorized ``exp`` pass and one ``log`` per block.
+    """
+    n = z.shape[0]
+    z0 = z[order[0]]
+    if not (z0 - z[order[n - 1]] <= 700.0):
+        return np.nan
+    E = np.empty(n)
+    X = np.empty(n)
+    _exp_shifted_sorted(z, order, z0, E, X)
+    xs = np.empty(n)
+    ws = np.empty(n)
+    cnt = np.empty(n, dtype=np.int64)
+    top = -1
+    for i in range(n):
+        top += 1
+        xs[top] = X[i]
+        ws[top] = w[i]
+        cnt[top] = 1
+        # merge while val[top-1] <= val[top], i.e. xs[top-1]/ws[top-1] <= xs[top]/ws[top]
+        while top > 0 and xs[top - 1] * ws[top] <= xs[top] * ws[top - 1]:
+            xs[top - 1] += xs[top]
+            ws[top - 1] += ws[top]
+            cnt[top - 1] += cnt[top]
+            top -= 1
+    j = 0
+    tot = 0.0
+    s1 = 0.0
+    for blk in range(top + 1):
+        if ws[blk] > 0.0:
+            r = ws[blk] / xs[blk]
+            lr = math.log(r)
+            for _ in range(cnt[blk]):
+                q = X[j] * r
+                X[j] = q
+                tot += q
+                s1 += q * (E[j] + lr)  # q log q
+                j += 1
+        else:  # zero spectrum weight: zero mass
+            for _ in range(cnt[blk]):
+                X[j] = 0.0
+                j += 1
+    inv = 1.0 / tot
+    for j in range(n):
+        out[order[j]] = X[j] * inv
+    # KL(p || uniform) = Σ p log(n p) with p = q / tot
     return s1 / tot - math.log(tot) + math.log(n)

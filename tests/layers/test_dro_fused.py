@@ -24,6 +24,7 @@ from optlayers.solvers.dro import (
     esrm,
     extremile,
     robust_weights,
+    superquantile,
 )
 from optlayers.solvers.dro.fused import fused_robust_value, fused_supported
 
@@ -43,6 +44,8 @@ SPECS = [
     CressieRead(3.0, rho=0.5), CressieRead(1.5, rho=0.01), CressieRead(1.5, rho=1e-5), CressieRead(4.0, rho=100.0),
     CressieRead(1.5, lam=1.0), CressieRead(4.0, lam=0.1), CressieRead(3.0, lam=0.05),
     Spectral(esrm(1.0), lam=0.1), Spectral(extremile(2.0), lam=0.1, divergence="kl"),
+    # KL penalty: a spread of l / lam over 700 (the log-domain PAV) and a spectrum with zero weights
+    Spectral(extremile(2.0), lam=0.004, divergence="kl"), Spectral(superquantile(0.3), lam=0.1, divergence="kl"),
     HolisticRobust(0.05, 0.1), HolisticRobust(0.05, 0.0), HolisticRobust(0.3, 1.0),
 ]
 
