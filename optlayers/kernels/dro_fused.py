@@ -37,7 +37,7 @@ from .dro_kernels import (
     _select_desc,
     kl_terms,
 )
-from .vexp_numba import vexp
+from .vmath_numba import vexp
 
 __all__ = [
     "fused_kl_ball_row", "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row",

@@ -35,7 +35,7 @@ import numba
 import numpy as np
 import torch
 
-from .vexp_numba import vexpm1
+from .vmath_numba import vexpm1, vlog1p
 
 __all__ = ["cvar_numba", "chi2_ball_numba", "perm_proj_l2_numba", "perm_proj_kl_numba", "kl_ball_root_numba",
            "cr_ball_root_numba", "cr_penalty_root_numba", "holistic_root_numba"]
@@ -304,11 +304,52 @@ _KL_BALL, _CR_BALL, _CR_PEN, _HOLISTIC = 0, 1, 2, 3
 
 @numba.njit(cache=True, fastmath={"contract"})
 def kl_terms(a, c, shift, S, EM):  # pragma: no cover - compiled
-    """``S = c a - shift`` and ``EM = expm1(S)`` (a vectorized loop, see :mod:`.vexp_numba`)."""
+    """``S = c a - shift`` and ``EM = expm1(S)`` (a vectorized loop, see :mod:`.vmath_numba`)."""
     for i in range(a.shape[0]):
         s = a[i] * c - shift
         S[i] = s
         EM[i] = vexpm1(s)
+
+
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"}, error_model="numpy")
+def _cr_sums(a, c, beta):  # pragma: no cover - compiled
+    """``(Σ t^β/t, Σ t^β, Σ t^β t)`` over ``t = 1 + c a > 0`` (reassociated: vectorized for the
+    exponents ``_powb`` does without ``pow``)."""
+    s_m = 0.0
+    s_0 = 0.0
+    s_1 = 0.0
+    for i in range(a.shape[0]):
+        t = 1.0 + a[i] * c
+        pos = t > 0.0
+        tp = t if pos else 1.0
+        tb = _powb(tp, beta) if pos else 0.0
+        s_m += tb / tp
+        s_0 += tb
+        s_1 += tb * tp
+    return s_m, s_0, s_1
+
+
+@numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def _holistic_terms(d, e, W, LG):  # pragma: no cover - compiled
+    """``W = 1 / (1 + e d)`` and ``LG = log1p(e d)`` (a vectorized loop, see :mod:`.vmath_numba`)."""
+    for i in range(d.shape[0]):
+        y = d[i] * e
+        W[i] = 1.0 / (y + 1.0)
+        LG[i] = vlog1p(y)
+
+
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
+def _holistic_sums(q, W, LG):  # pragma: no cover - compiled
+    """``(Σ q LG, Σ q W, Σ q W²)`` (reassociated: a vectorized reduction)."""
+    g = 0.0
+    h = 0.0
+    k2 = 0.0
+    for i in range(q.shape[0]):
+        qw = q[i] * W[i]
+        g += q[i] * LG[i]
+        h += qw
+        k2 += qw * W[i]
+    return g, h, k2
 
 
 @numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
@@ -381,16 +422,7 @@ def _eval(kind, a, q, prm, x):  # pragma: no cover - compiled
     if kind == _CR_BALL:  # prm = (log rho, beta, k, k(k-1), (k-1) log n, accurate)
         logrho, beta, k, kk, logscale, accurate = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
         c = math.exp(-x)
-        s_m = 0.0
-        s_0 = 0.0
-        s_1 = 0.0
-        for i in range(n):
-            t = 1.0 + a[i] * c
-            if t > 0.0:
-                tb = _powb(t, beta)
-                s_m += tb / t
-                s_0 += tb
-                s_1 += tb * t
+        s_m, s_0, s_1 = _cr_sums(a, c, beta)
         logr = np.log(s_1) - k * np.log(s_0)
         scaled_r = math.exp(logscale + logr)
         dlogr = (beta + 1.0) * (s_0 / s_1 - s_m / s_0)
@@ -408,28 +440,17 @@ def _eval(kind, a, q, prm, x):  # pragma: no cover - compiled
         logT, beta = prm[0], prm[1]
         m = max(-x, 1e-300)
         c = 1.0 / m
-        s_m = 0.0
-        s_0 = 0.0
-        for i in range(n):
-            t = 1.0 + a[i] * c
-            if t > 0.0:
-                tb = _powb(t, beta)
-                s_m += tb / t
-                s_0 += tb
+        s_m, s_0, _ = _cr_sums(a, c, beta)
         return logT - beta * np.log(m) - np.log(s_0), beta * s_m / (m * s_0)
     # holistic: a = delta, q = poisoned weights, prm = (r, alpha)
     r, alpha = prm[0], prm[1]
     e = math.exp(-x)
-    G1 = 0.0
-    h = alpha
-    k2 = alpha
-    for i in range(n):
-        y = a[i] * e
-        w = 1.0 / (y + 1.0)
-        qw = q[i] * w
-        G1 += q[i] * math.log(y + 1.0)
-        h += qw
-        k2 += qw * w
+    W = np.empty(n)
+    LG = np.empty(n)
+    _holistic_terms(a, e, W, LG)
+    G1, h, k2 = _holistic_sums(q, W, LG)
+    h += alpha
+    k2 += alpha
     return r - G1 - np.log(h), (k2 - h * h) / h
 
 

@@ -26,7 +26,7 @@ from optlayers.solvers.dro import (
     robust_weights,
     superquantile,
 )
-from optlayers.solvers.dro.fused import fused_robust_value, fused_supported
+from optlayers.solvers.dro.fused import FusedRunner, fused_robust_value, fused_supported
 
 pytest.importorskip("numba")
 
@@ -203,3 +203,45 @@ def test_fast_path_inputs_and_outputs(dtype) -> None:
         bad = L.detach().clone()
         bad[7] = math.inf
         assert fused_robust_value(bad, kind) is None
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_runner_matches_fused_robust_value(spec) -> None:
+    # the prepared per-signature runner of DROLoss gives exactly fused_robust_value's result
+    for dtype in (torch.float32, torch.float64):
+        for shape in ((300,), (2, 3, 40)):
+            L = _losses(shape, dtype, seed=shape[-1], ties=True).requires_grad_()
+            run = FusedRunner.create(spec, L, tol=None, max_iter=100, backend=None, state=None)
+            assert run is not None and run.matches(L)
+            assert not run.matches(L.detach()[..., 1:]) and not run.matches(L.detach().double().float().half())
+            out = fused_robust_value(L, spec)
+            assert out is not None
+            value = run(L)
+            assert value is not None
+            torch.testing.assert_close(value, out[0], rtol=0, atol=0)
+            (g,) = torch.autograd.grad(value.sum(), L)
+            torch.testing.assert_close(g, out[1], rtol=0, atol=0)
+
+
+def test_runner_declines_like_fused_robust_value() -> None:
+    L = _losses((50,), torch.float64, seed=0)
+    kw = {"tol": None, "max_iter": 100, "backend": None, "state": None}
+    assert FusedRunner.create(CVaR(0.1, smoothing=0.5), L, **kw) is None
+    assert FusedRunner.create(CVaR(0.1), L, **{**kw, "backend": "reference"}) is None
+    assert FusedRunner.create(CVaR(0.5), _losses((100, 5), torch.float64, seed=0), **kw) is None
+    run = FusedRunner.create(KLBall(0.5), L, **kw)
+    assert run is not None
+    with mock.patch.dict(os.environ, {"OPTLAYERS_KERNELS": "reference"}):
+        assert run(L) is None  # a backend forced after the runner was made
+    bad = L.clone()
+    bad[3] = math.nan
+    assert run(bad) is None
+    assert FusedRunner.create(KLBall(0.5), L, **{**kw, "max_iter": 1, "tol": 1e-15})(L) is None
+    # DROLoss makes a new runner when the batch shape or the spec changes
+    loss = DROLoss(CVaR(0.5))
+    loss(L)
+    first = loss._runner
+    loss(L[:20])
+    assert loss._runner is not first and loss._runner.shape == (20,)
+    loss.spec = CVaR(0.25)
+    torch.testing.assert_close(loss(L), robust_weights(L, CVaR(0.25)).aux.value, rtol=0, atol=1e-12)

@@ -50,7 +50,9 @@ def test_root_kernels_match_reference(spec, kernel: str, rows: str) -> None:
     torch.testing.assert_close(nb.solution, ref.solution, rtol=0, atol=1e-11)
     torch.testing.assert_close(nb.aux.value, ref.aux.value, rtol=1e-12, atol=0)
     torch.testing.assert_close(nb.aux.dual.lam, ref.aux.dual.lam, rtol=1e-8, atol=1e-12)
-    assert (nb.iterations - ref.iterations).abs().max() <= 1
+    # the compiled sums are reassociated (vectorized): near the tolerance their last-bit rounding
+    # can cost or save a Newton step or two
+    assert (nb.iterations - ref.iterations).abs().max() <= 2
 
 
 @needs_numba

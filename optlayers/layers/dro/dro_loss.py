@@ -33,7 +33,7 @@ from ..._result import Result
 from ...distributed import all_gather_with_sizes, is_distributed, local_offset, rank, resolve_group, world_size
 from ...kernels import Backend
 from ...solvers.dro import DROSpec, robust_weights
-from ...solvers.dro.fused import fused_robust_value
+from ...solvers.dro.fused import FusedRunner, fused_robust_value
 from ...solvers.dro.robust_weights import DROAux
 
 __all__ = ["DROLoss", "per_example_losses"]
@@ -113,6 +113,7 @@ class DROLoss(nn.Module):
         self.throw = bool(throw)
         self.warm_start = bool(warm_start)
         self._warm: dict[str, Any] = {}
+        self._runner: FusedRunner | None = None
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}" + ("" if self.process_group is None else ", distributed")
@@ -131,12 +132,18 @@ class DROLoss(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor:
         """Robust value (batch shape of the losses without the last dimension)."""
-        losses = per_example_losses(inputs, self.criterion)
-        if not self._distributed():
-            fast = fused_robust_value(losses, self.spec, tol=self.tol, max_iter=self.max_iter, backend=self.backend,
-                                      state=self._warm if self.warm_start else None)
-            if fast is not None:
-                return fast[0]
+        losses = inputs[0] if len(inputs) == 1 and self.criterion is None else per_example_losses(
+            inputs, self.criterion)
+        if self.process_group is None or not is_distributed():
+            run = self._runner
+            if run is None or run.spec is not self.spec or not run.matches(losses):
+                run = self._runner = FusedRunner.create(self.spec, losses, tol=self.tol, max_iter=self.max_iter,
+                                                        backend=self.backend,
+                                                        state=self._warm if self.warm_start else None)
+            if run is not None:
+                value = run(losses)
+                if value is not None:
+                    return value
             res = robust_weights(losses, self.spec, tol=self.tol, max_iter=self.max_iter, backend=self.backend,
                                  throw=self.throw)
             return res.aux.value

@@ -57,7 +57,7 @@ from ._specs import (
 )
 from .cvar import cvar_k
 
-__all__ = ["fused_supported", "fused_solve", "fused_robust_value", "DanskinValue"]
+__all__ = ["fused_supported", "fused_solve", "fused_robust_value", "DanskinValue", "FusedRunner"]
 
 #: largest batch (number of rows) the fast path takes; bigger batches amortise the per-op
 #: overhead of the batched PyTorch solvers
@@ -339,3 +339,137 @@ def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = Non
         d = torch.dot(losses, p_t)
         return d + (v_t - d.detach()), p_t
     return DanskinValue.apply(losses, v_t, p_t), p_t
+
+
+def _env_forced() -> bool:
+    """Whether ``OPTLAYERS_KERNELS`` is set (a dict lookup on POSIX, where ``os.environ.get``
+    re-encodes the key on every call)."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        return bool(data.get(_ENV_KEY))
+    return bool(os.environ.get(ENV_VAR))
+
+
+_ENV_KEY = os.fsencode(ENV_VAR) if os.name == "posix" else ENV_VAR
+
+
+class FusedRunner:
+    """:func:`fused_robust_value` prepared once for a spec and a losses signature (shape, dtype,
+    CPU), for the training step, where the checks and the plan lookup of a general call are a
+    sizeable part of the time: a call is a NumPy view, two output arrays, one compiled call and
+    the Danskin value.
+
+    :meth:`create` returns ``None`` when the fast path cannot apply to that signature (then use
+    :func:`~optlayers.solvers.dro.robust_weights`); a call returns ``None`` when it declines for
+    that call (non-finite losses, a root-find that did not converge, a backend forced through
+    ``OPTLAYERS_KERNELS``), exactly where :func:`fused_robust_value` would.
+
+    Example:
+        >>> import torch
+        >>> from optlayers.solvers.dro import CVaR
+        >>> losses = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+        >>> run = FusedRunner.create(CVaR(0.5), losses, tol=None, max_iter=100, backend=None, state=None)
+        >>> run.matches(losses)
+        True
+        >>> run(losses).backward()
+        >>> losses.grad.tolist()
+        [0.0, 0.0, 0.5, 0.5]
+    """
+
+    __slots__ = ("spec", "shape", "dtype", "n", "B", "tol", "max_iter", "backend", "state", "plan", "kernels",
+                 "vshape", "legacy", "key")
+
+    def __init__(self, spec: DROSpec, shape: torch.Size, dtype: torch.dtype, tol: float, max_iter: int,
+                 backend: Backend | str | None, state: dict[str, Any] | None, plan: tuple[Any, ...]) -> None:
+        self.spec, self.shape, self.dtype = spec, shape, dtype
+        self.n = shape[-1]
+        self.B = math.prod(shape[:-1])
+        self.vshape = shape[:-1]
+        self.key = (shape[:-1], self.n)
+        self.tol, self.max_iter, self.backend, self.state, self.plan = tol, max_iter, backend, state, plan
+        self.legacy = plan[0] == "legacy" or (dtype != torch.float32 and dtype != torch.float64)
+        self.kernels = None if self.legacy else _kernels()
+
+    @classmethod
+    def create(cls, spec: DROSpec, losses: Tensor, *, tol: float | None, max_iter: int,
+               backend: Backend | str | None, state: dict[str, Any] | None) -> FusedRunner | None:
+        """A runner for losses like ``losses``, or ``None`` where the fast path never applies."""
+        shape = losses.shape
+        if not shape or not shape[-1]:
+            return None
+        n = shape[-1]
+        plan = _plan(spec, n)
+        if plan is None or not fused_available(losses, backend):
+            return None
+        B = losses.numel() // n
+        if B > MAX_ROWS or B == 0:
+            return None
+        dt = losses.dtype
+        if tol is None:
+            tol_ = 1e-12 if dt == torch.float64 else 1e-7
+        elif not (tol > 0 and math.isfinite(tol)):
+            return None  # robust_weights raises the error
+        else:
+            tol_ = float(tol)
+        return cls(spec, shape, dt, tol_, int(max_iter), backend, state, plan)
+
+    def matches(self, losses: Tensor) -> bool:
+        """Whether ``losses`` has this runner's signature."""
+        return losses.shape == self.shape and losses.dtype == self.dtype and losses.is_cpu
+
+    def __call__(self, losses: Tensor) -> Tensor | None:
+        """The robust value of ``losses`` (signature checked by :meth:`matches`) with the Danskin
+        gradient, or ``None`` (see the class doc)."""
+        if self.backend is None and _env_forced() and not fused_available(losses, None):
+            return None
+        if self.legacy:
+            out = _legacy(losses, self.spec, self.tol, self.max_iter, self.B, self.n, self.state)
+            return None if out is None else out[0]
+        K = self.kernels
+        B, n = self.B, self.n
+        a = losses.detach().numpy()
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        a = a.reshape(B, n)
+        P = np.empty((B, n), dtype=a.dtype)
+        V = np.empty(B, dtype=a.dtype)
+        plan = self.plan
+        if plan[0] == "closed":
+            _, which, p1, p2, p3, w, logw, sort = plan
+            S = a
+            order = _NO_INDEX
+            if sort == 1:
+                S = np.sort(a, axis=1)
+            elif sort == 2:
+                order = K.desc_order_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
+            if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P, V):
+                return None
+        else:
+            _, which, p1, p2 = plan
+            state = self.state  # the warm start, in fused_robust_value's format
+            X = None
+            if state is not None and state.get("key") == self.key:
+                X = state.get("x")
+            if X is None:
+                X = np.full(B, np.nan)
+            status = K.fused_root_batch(which, a, p1, p2, self.tol, self.max_iter, X, P, V)
+            if status != 0:
+                if status == 2 and state is not None:
+                    state.clear()
+                return None
+            if state is not None:
+                state["key"] = self.key
+                state["x"] = X
+        p_t = torch.from_numpy(P)
+        if len(self.shape) == 1:
+            p_t = p_t.reshape(n)
+            v_t = torch.from_numpy(V).reshape(())
+            if not losses.requires_grad:
+                return v_t
+            d = torch.dot(losses, p_t)  # value d + (R - d): see fused_robust_value
+            return d + (v_t - d.detach())
+        p_t = p_t.reshape(self.shape)
+        v_t = torch.from_numpy(V).reshape(self.vshape)
+        if not losses.requires_grad:
+            return v_t
+        return DanskinValue.apply(losses, v_t, p_t)

@@ -1,4 +1,4 @@
-"""The vectorizable exp/expm1 of optlayers.kernels.vexp_numba against libm (NumPy)."""
+"""The vectorizable exp/expm1 of optlayers.kernels.vmath_numba against libm (NumPy)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("numba")
 
-from optlayers.kernels.vexp_numba import vexp, vexp_array, vexpm1, vexpm1_array  # noqa: E402
+from optlayers.kernels.vmath_numba import vexp, vexp_array, vexpm1, vexpm1_array  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 
