@@ -318,33 +318,62 @@ def fused_kl_penalty_row(l, lam, sign, p):  # pragma: no cover - compiled
     zmax = -np.inf
     for i in range(n):
         zmax = max(zmax, sign * l[i] / lam)
-    se = 0.0
+    E = np.empty(n)
     for i in range(n):
-        e = math.exp(sign * l[i] / lam - zmax)
-        p[i] = e
-        se += e
-    # KL(p || u) = sum_i p_i log(n p_i) with log p_i = z_i - zmax - log(se): no log per entry
-    ez = 0.0
+        E[i] = sign * l[i] / lam - zmax
+    vexp_array_inline(E, p)
+    se, ez = _sum_and_dot(p, E)
+    # KL(p || u) = sum_i p_i log(n p_i) with log p_i = E_i - log(se): no log per entry
+    kl = max(ez / se - math.log(se) + math.log(n), 0.0)
+    inv = 1.0 / se
     for i in range(n):
-        pi = p[i] / se
-        p[i] = pi
-        ez += pi * (sign * l[i] / lam)
-    kl = max(ez - zmax - math.log(se) + math.log(n), 0.0)
+        p[i] *= inv
     return _dot(p, l) - sign * lam * kl, np.nan, True
 
 
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
+def _sum_and_dot(x, y):  # pragma: no cover - compiled
+    """``(Σ x, Σ x y)`` (reassociated: a vectorized reduction)."""
+    s = 0.0
+    d = 0.0
+    for i in range(x.shape[0]):
+        s += x[i]
+        d += x[i] * y[i]
+    return s, d
+
+
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"}, error_model="numpy")
+def _sum_above(l, eta):  # pragma: no cover - compiled
+    """``(Σ_{l_i > η} l_i, #{l_i > η})`` (reassociated: a vectorized reduction)."""
+    s = 0.0
+    k = 0.0
+    for i in range(l.shape[0]):
+        above = l[i] > eta
+        s += l[i] if above else 0.0
+        k += 1.0 if above else 0.0
+    return s, k
+
+
 @numba.njit(cache=True, error_model="numpy")
-def fused_chi2_penalty_row(l, s, lam, p):  # pragma: no cover - compiled
-    """Chi-square penalty (``solve_chi2_penalty``); ``s`` is ``l`` sorted in descending order."""
+def fused_chi2_penalty_row(l, lam, p):  # pragma: no cover - compiled
+    """Chi-square penalty (``solve_chi2_penalty``): ``p = c (l - η)_+`` with ``c = 1 / (2 λ n)``
+    and ``Σ p = 1``, the threshold by Michelot's iteration instead of a sort: with ``S`` the
+    entries above the current threshold, ``η = (Σ_S l - 1/c) / |S|`` rises monotonically and ``S``
+    shrinks until it no longer changes (a few passes; the same threshold as the sort and scan)."""
     n = l.shape[0]
     c = 1.0 / (2.0 * lam * n)
-    cs = 0.0
-    eta = s[0] - 1.0 / c
-    for j in range(n):
-        cs += s[j]
-        e = (cs - 1.0 / c) / (j + 1)
-        if s[j] > e:
-            eta = e
+    tgt = 1.0 / c
+    sm = 0.0
+    for i in range(n):
+        sm += l[i]
+    k = float(n)
+    eta = (sm - tgt) / k
+    for _ in range(n):
+        s2, k2 = _sum_above(l, eta)
+        if k2 >= k or k2 == 0.0:
+            break
+        sm, k = s2, k2
+        eta = (sm - tgt) / k
     tot = 0.0
     for i in range(n):
         v = c * (l[i] - eta)
@@ -433,11 +462,14 @@ def fused_rows(kind: str, a: np.ndarray, prm: tuple[Any, ...], tol: float, max_i
         for b in range(B):
             val[b], _, _ = fused_cvar_row(a[b], prm[0], int(prm[1]), prm[2], p[b])
         return p, val, xs, conv
-    if kind in ("chi2_penalty", "chi2_ball"):  # prm = (lam,) or (rho,)
-        S = -np.sort(-a, axis=1)
-        row = fused_chi2_penalty_row if kind == "chi2_penalty" else fused_chi2_ball_row
+    if kind == "chi2_penalty":  # prm = (lam,)
         for b in range(B):
-            val[b], _, _ = row(a[b], S[b], prm[0], p[b])
+            val[b], _, _ = fused_chi2_penalty_row(a[b], prm[0], p[b])
+        return p, val, xs, conv
+    if kind == "chi2_ball":  # prm = (rho,)
+        S = -np.sort(-a, axis=1)
+        for b in range(B):
+            val[b], _, _ = fused_chi2_ball_row(a[b], S[b], prm[0], p[b])
         return p, val, xs, conv
     if kind == "spectral":  # prm = (w, lam, kl)
         spectrum = np.ascontiguousarray(prm[0], dtype=np.float64)
@@ -485,15 +517,16 @@ def _store_row(p, P, V, b, val):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, error_model="numpy")
-def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V):  # pragma: no cover - compiled
+def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pragma: no cover - compiled
     """Closed-form fused solvers on every row of ``A`` (``(B, n)``, float32 or float64).
 
-    ``which``: :data:`CLOSED_KINDS`; ``S``: ``A`` sorted ascending along rows (chi-square kinds);
+    ``which``: :data:`CLOSED_KINDS`; ``S``: ``A`` sorted ascending along rows (chi-square ball);
     ``order``: per row, the indices sorting it in descending order, and ``w`` the spectrum in
     descending order, ``logw`` its log (:func:`log_weights`; spectral with KL penalty);
     ``p1, p2, p3``: the parameters of :func:`fused_rows`. Writes the
-    weights to ``P`` and the values to ``V`` (any float dtype); returns False (and stops) at the
-    first row with a non-finite entry.
+    weights to ``P`` and the values to ``V`` (any float dtype) and the penalties ``λ D(p)`` to ``D``
+    (float64; 0 for the sets without a penalty: the value is then ``<p, l>``); returns False (and
+    stops) at the first row with a non-finite entry.
     """
     B, n = A.shape
     l = np.empty(n)
@@ -501,11 +534,12 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V):  # pragma
     p = np.empty(n)
     for b in range(B):
         if which == 4:  # spectral: the rows are read in sorted order, without a float64 copy
-            val, ok = _spectral_sorted(A, b, order[b], w, p1, p2 > 0.0, P)
+            val, ok, pen = _spectral_sorted(A, b, order[b], w, p1, p2 > 0.0, P)
             if not ok:
                 return False
             if math.isfinite(val):
                 V[b] = val
+                D[b] = pen
                 continue
         if not _load_row(A, b, l):
             return False
@@ -523,22 +557,23 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V):  # pragma
             val = _dot(p, l) - p1 * div
         elif which == 4:
             val, _, _ = fused_spectral_row(l, order[b], w, p1, False, p)
+        elif which == 2:
+            val, _, _ = fused_chi2_penalty_row(l, p1, p)
         else:
             for j in range(n):
                 s[j] = np.float64(S[b, n - 1 - j])
-            if which == 2:
-                val, _, _ = fused_chi2_penalty_row(l, s, p1, p)
-            else:
-                val, _, _ = fused_chi2_ball_row(l, s, p1, p)
+            val, _, _ = fused_chi2_ball_row(l, s, p1, p)
+        D[b] = _dot(p, l) - val if (which == 1 or which == 2 or which == 4) else 0.0
         _store_row(p, P, V, b, val)
     return True
 
 
 @numba.njit(cache=True, error_model="numpy")
-def fused_root_batch(which, A, p1, p2, tol, max_iter, X, P, V):  # pragma: no cover - compiled
+def fused_root_batch(which, A, p1, p2, tol, max_iter, X, P, V, D):  # pragma: no cover - compiled
     """Root-find fused solvers (``which``: :data:`ROOT_KINDS`) on every row of ``A``.
 
-    ``X`` (``(B,)`` float64) holds the warm starts (NaN for none) on entry and the roots on exit.
+    ``X`` (``(B,)`` float64) holds the warm starts (NaN for none) on entry and the roots on exit;
+    ``D`` (``(B,)`` float64) receives the penalties (Cressie–Read penalty; 0 for the balls).
     Returns 0 (all converged), 1 (a non-finite entry) or 2 (a root-find did not converge).
     """
     B, n = A.shape
@@ -559,6 +594,7 @@ def fused_root_batch(which, A, p1, p2, tol, max_iter, X, P, V):  # pragma: no co
         X[b] = x
         if not done:
             status = 2
+        D[b] = _dot(p, l) - val if which == 2 else 0.0
         _store_row(p, P, V, b, val)
     return status
 
@@ -729,7 +765,7 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     adjacent violators), the weights and the value are computed on that contiguous copy; the
     weights are scattered to ``P[b]``. χ² penalty: blocks of ``z - w`` (``z = l / (2 λ n)``)
     pooled by their means; KL penalty: in the exp domain of :func:`_perm_kl_row_exp`. Returns
-    ``(value, finite)``; the value is NaN (nothing written) for a KL spread of ``l / λ`` over 700,
+    ``(value, finite, penalty)``; the value is NaN (nothing written) for a KL spread of ``l / λ`` over 700,
     which the log-domain solver then handles.
     """
     n = order.shape[0]
@@ -738,7 +774,7 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
         ls[j] = np.float64(A[b, order[j]])
     for j in range(n):
         if not math.isfinite(ls[j]):
-            return 0.0, False
+            return 0.0, False, 0.0
     q = np.empty(n)
     xs = np.empty(n)
     cnt = np.empty(n)
@@ -747,7 +783,7 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
         scale = 1.0 / lam
         z0 = ls[0] * scale
         if not ((ls[0] - ls[n - 1]) * scale <= 700.0):
-            return np.nan, True
+            return np.nan, True, 0.0
         E = np.empty(n)
         for j in range(n):
             E[j] = ls[j] * scale - z0
@@ -813,4 +849,4 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
         pj = q[j] * inv
         P[b, order[j]] = pj
         dot += pj * ls[j]
-    return dot - lam * div, True
+    return dot - lam * div, True, lam * div

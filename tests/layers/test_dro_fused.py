@@ -207,7 +207,7 @@ def test_fast_path_inputs_and_outputs(dtype) -> None:
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_runner_matches_fused_robust_value(spec) -> None:
-    # the prepared per-signature runner of DROLoss gives exactly fused_robust_value's result
+    # the prepared per-signature runner of DROLoss gives fused_robust_value's result
     for dtype in (torch.float32, torch.float64):
         for shape in ((300,), (2, 3, 40)):
             L = _losses(shape, dtype, seed=shape[-1], ties=True).requires_grad_()
@@ -218,7 +218,10 @@ def test_runner_matches_fused_robust_value(spec) -> None:
             assert out is not None
             value = run(L)
             assert value is not None
-            torch.testing.assert_close(value, out[0], rtol=0, atol=0)
+            # one row: the value is <l, p> - penalty in the losses' dtype (the kernel's float64
+            # value rounded differently); several rows: the kernel's value itself
+            tol = 0.0 if len(shape) > 1 else (1e-14 if dtype == torch.float64 else 1e-6) * 4.0
+            torch.testing.assert_close(value, out[0], rtol=0, atol=tol)
             (g,) = torch.autograd.grad(value.sum(), L)
             torch.testing.assert_close(g, out[1], rtol=0, atol=0)
 

@@ -182,7 +182,7 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
             return ("legacy",)
         return ("closed", CLOSED_KINDS["chi2_ball"], float(spec.rho), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 1)
     if isinstance(spec, ChiSquarePenalty):
-        return ("closed", CLOSED_KINDS["chi2_penalty"], float(spec.lam), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 1)
+        return ("closed", CLOSED_KINDS["chi2_penalty"], float(spec.lam), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
     if isinstance(spec, KLPenalty):
         sign = -1.0 if spec.optimistic else 1.0
         return ("closed", CLOSED_KINDS["kl_penalty"], float(spec.lam), sign, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
@@ -309,7 +309,8 @@ def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = Non
             S = np.sort(a, axis=1)
         elif sort == 2:
             order = K.desc_order_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
-        if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P.reshape(B, n), V.reshape(B)):
+        if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P.reshape(B, n), V.reshape(B),
+                                    np.empty(B)):
             return None
     else:
         _, which, p1, p2 = plan
@@ -318,7 +319,8 @@ def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = Non
             X = state.get("x")
         if X is None:
             X = np.full(B, np.nan)
-        status = K.fused_root_batch(which, a, p1, p2, tol_, int(max_iter), X, P.reshape(B, n), V.reshape(B))
+        status = K.fused_root_batch(which, a, p1, p2, tol_, int(max_iter), X, P.reshape(B, n), V.reshape(B),
+                                    np.empty(B))
         if status == 1:
             return None
         if status == 2:
@@ -377,7 +379,7 @@ class FusedRunner:
     """
 
     __slots__ = ("spec", "shape", "dtype", "n", "B", "tol", "max_iter", "backend", "state", "plan", "kernels",
-                 "vshape", "legacy", "key")
+                 "vshape", "legacy", "key", "penalized")
 
     def __init__(self, spec: DROSpec, shape: torch.Size, dtype: torch.dtype, tol: float, max_iter: int,
                  backend: Backend | str | None, state: dict[str, Any] | None, plan: tuple[Any, ...]) -> None:
@@ -388,6 +390,8 @@ class FusedRunner:
         self.key = (shape[:-1], self.n)
         self.tol, self.max_iter, self.backend, self.state, self.plan = tol, max_iter, backend, state, plan
         self.legacy = plan[0] == "legacy" or (dtype != torch.float32 and dtype != torch.float64)
+        self.penalized = isinstance(spec, (ChiSquarePenalty, KLPenalty, Spectral)) or (
+            isinstance(spec, CressieRead) and spec.rho is None)
         self.kernels = None if self.legacy else _kernels()
 
     @classmethod
@@ -431,8 +435,10 @@ class FusedRunner:
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
         a = a.reshape(B, n)
-        P = np.empty((B, n), dtype=a.dtype)
+        P = np.empty(self.shape, dtype=a.dtype)
+        P2 = P.reshape(B, n)
         V = np.empty(B, dtype=a.dtype)
+        D = np.empty(B)
         plan = self.plan
         if plan[0] == "closed":
             _, which, p1, p2, p3, w, logw, sort = plan
@@ -442,7 +448,7 @@ class FusedRunner:
                 S = np.sort(a, axis=1)
             elif sort == 2:
                 order = K.desc_order_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
-            if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P, V):
+            if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P2, V, D):
                 return None
         else:
             _, which, p1, p2 = plan
@@ -452,7 +458,7 @@ class FusedRunner:
                 X = state.get("x")
             if X is None:
                 X = np.full(B, np.nan)
-            status = K.fused_root_batch(which, a, p1, p2, self.tol, self.max_iter, X, P, V)
+            status = K.fused_root_batch(which, a, p1, p2, self.tol, self.max_iter, X, P2, V, D)
             if status != 0:
                 if status == 2 and state is not None:
                     state.clear()
@@ -461,15 +467,12 @@ class FusedRunner:
                 state["key"] = self.key
                 state["x"] = X
         p_t = torch.from_numpy(P)
-        if len(self.shape) == 1:
-            p_t = p_t.reshape(n)
-            v_t = torch.from_numpy(V).reshape(())
-            if not losses.requires_grad:
-                return v_t
-            d = torch.dot(losses, p_t)  # value d + (R - d): see fused_robust_value
-            return d + (v_t - d.detach())
-        p_t = p_t.reshape(self.shape)
-        v_t = torch.from_numpy(V).reshape(self.vshape)
         if not losses.requires_grad:
-            return v_t
-        return DanskinValue.apply(losses, v_t, p_t)
+            return torch.from_numpy(V).reshape(self.vshape)
+        if B == 1 and len(self.shape) == 1:
+            # one built-in op: <l, p> carries the gradient p and is the value of a ball (in the
+            # losses' dtype; the kernel's float64 value differs by its rounding), minus the
+            # penalty λ D(p) for a penalized spec
+            d = torch.dot(losses, p_t)
+            return d - float(D[0]) if self.penalized else d
+        return DanskinValue.apply(losses, torch.from_numpy(V).reshape(self.vshape), p_t)
