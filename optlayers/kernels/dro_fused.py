@@ -29,6 +29,7 @@ from .dro_kernels import (
     _KL_BALL,
     _chi2_rows,
     _cr_f,
+    _cr_sums,
     _cvar_rows,
     _newton_bisect_row,
     _perm_kl_rows,
@@ -151,14 +152,11 @@ def fused_kl_ball_row(l, rho, tol, max_iter, warm, p):  # pragma: no cover - com
 @numba.njit(cache=True, error_model="numpy")
 def _cr_weights(Z, c, beta, p):  # pragma: no cover - compiled
     """``p = t^beta / sum(t^beta)`` with ``t = (1 + c Z)_+``."""
-    s0 = 0.0
+    _, s0, _ = _cr_sums(Z, c, beta)
+    inv = 1.0 / s0
     for i in range(Z.shape[0]):
         t = 1.0 + Z[i] * c
-        tb = _powb(t, beta) if t > 0.0 else 0.0
-        p[i] = tb
-        s0 += tb
-    for i in range(Z.shape[0]):
-        p[i] /= s0
+        p[i] = _powb(t, beta) * inv if t > 0.0 else 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -218,16 +216,11 @@ def fused_cr_penalty_row(l, k, lam, tol, max_iter, warm, p):  # pragma: no cover
     x, _, _, _, done, _ = _newton_bisect_row(_CR_PEN, Z, Z, prm, lo, hi, x0, tol, max_iter, 0, 4e-16, True, 1.0,
                                              -np.inf, np.inf)
     c = 1.0 / max(-x, 1e-300)
-    s0 = 0.0
-    s1 = 0.0
+    _, s0, s1 = _cr_sums(Z, c, beta)
+    inv = 1.0 / s0
     for i in range(n):
         t = 1.0 + Z[i] * c
-        tb = _powb(t, beta) if t > 0.0 else 0.0
-        p[i] = tb
-        s0 += tb
-        s1 += tb * t
-    for i in range(n):
-        p[i] /= s0
+        p[i] = _powb(t, beta) * inv if t > 0.0 else 0.0
     # D_k(p) = (n^{k-1} sum_i p_i^k - 1) / (k(k-1)) and p_i^k = t_i^{beta+1} / s0^k; the closed
     # form cancels for small divergences, where the terms are summed one by one instead
     kk = k * (k - 1.0)
@@ -245,14 +238,15 @@ def fused_holistic_row(l, alpha, r, tol, max_iter, warm, p):  # pragma: no cover
     """Holistic robustness (``solve_holistic``; ``p`` must not alias ``l``)."""
     n = l.shape[0]
     lmax, lmin, n_top = _max_min_top(l)
-    # poisoned weights q (holistic_poisoned_weights), stored in p for now
+    # poisoned weights q (holistic_poisoned_weights) and the smallest loss they keep
     m = alpha * n
+    q = np.empty(n)
     if m <= 0.0:
-        for i in range(n):
-            p[i] = 1.0 / n
+        q[:] = 1.0 / n
+        spread = lmin
     elif m >= n:
-        for i in range(n):
-            p[i] = 0.0
+        q[:] = 0.0
+        spread = np.inf
     else:
         j = min(max(math.ceil(m), 1), n)
         tau = _select_desc(l.copy(), n - j + 1)  # the j-th smallest
@@ -264,51 +258,41 @@ def fused_holistic_row(l, alpha, r, tol, max_iter, warm, p):  # pragma: no cover
             elif l[i] == tau:
                 n_eq += 1
         share = min(max(m - n_below, 0.0), n_eq) / (n * n_eq)
+        q_eq = max(1.0 / n - share, 0.0)
+        spread = np.inf
         for i in range(n):
-            if l[i] < tau:
-                p[i] = 0.0
-            elif l[i] == tau:
-                p[i] = max(1.0 / n - share, 0.0)
-            else:
-                p[i] = 1.0 / n
-    if r <= 0.0:
-        _argmax_row(l, lmax, n_top, p, alpha, True)
-        return _dot(p, l), np.nan, True
-    spread = np.inf
-    for i in range(n):
-        if p[i] > 0.0 and l[i] < spread:
-            spread = l[i]
-    if lmax - spread <= 0.0:
+            li = l[i]
+            qi = 0.0 if li < tau else (q_eq if li == tau else 1.0 / n)
+            q[i] = qi
+            if qi > 0.0 and li < spread:
+                spread = li
+    if r <= 0.0 or lmax - spread <= 0.0:
+        p[:] = q
         _argmax_row(l, lmax, n_top, p, alpha, True)
         return _dot(p, l), np.nan, True
     R = lmax - lmin
-    q = p.copy()
     delta = np.empty(n)
-    s1 = 0.0
-    s2 = 0.0
     for i in range(n):
-        d = (lmax - l[i]) / R
-        delta[i] = d
-        s1 += q[i] * d
-        s2 += q[i] * d * d
-    u0 = 0.5 * np.log(max((s2 - s1 * s1) / (2.0 * r), 1e-300))
-    x0 = warm if math.isfinite(warm) else u0
+        delta[i] = (lmax - l[i]) / R
+    x0 = warm if math.isfinite(warm) else _holistic_start(q, delta, r)
     prm = np.empty(2)
     prm[0] = r
     prm[1] = alpha
     _, _, hi, _, done, _ = _newton_bisect_row(_HOLISTIC, delta, q, prm, -np.inf, np.inf, x0, tol, max_iter, 1,
                                               4e-16, True, 1.0, -700.0, 700.0)
-    u = hi if math.isfinite(hi) else u0
+    u = hi if math.isfinite(hi) else _holistic_start(q, delta, r)
     e = math.exp(-u)
-    h = alpha
     for i in range(n):
-        qw = q[i] / (delta[i] * e + 1.0)
-        p[i] = qw
-        h += qw
+        p[i] = q[i] / (delta[i] * e + 1.0)
+    h = alpha + _sum(p)
+    inv = 1.0 / h
+    top = (alpha / h) / n_top
+    val = 0.0
     for i in range(n):
-        p[i] /= h
-    _argmax_row(l, lmax, n_top, p, alpha / h, True)
-    return _dot(p, l), hi, done
+        pi = p[i] * inv + (top if l[i] == lmax else 0.0)
+        p[i] = pi
+        val += pi * l[i]
+    return val, hi, done
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -329,6 +313,34 @@ def fused_kl_penalty_row(l, lam, sign, p):  # pragma: no cover - compiled
     for i in range(n):
         p[i] *= inv
     return _dot(p, l) - sign * lam * kl, np.nan, True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _holistic_start(q, delta, r):  # pragma: no cover - compiled
+    """The cold start of the holistic root-find: ``½ log(Var_q(δ) / 2r)``."""
+    s1, s2 = _weighted_moments(q, delta)
+    return 0.5 * np.log(max((s2 - s1 * s1) / (2.0 * r), 1e-300))
+
+
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
+def _weighted_moments(q, d):  # pragma: no cover - compiled
+    """``(Σ q d, Σ q d²)`` (reassociated: a vectorized reduction)."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(q.shape[0]):
+        qd = q[i] * d[i]
+        s1 += qd
+        s2 += qd * d[i]
+    return s1, s2
+
+
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
+def _sum(x):  # pragma: no cover - compiled
+    """``Σ x`` (reassociated: a vectorized reduction)."""
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += x[i]
+    return s
 
 
 @numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
