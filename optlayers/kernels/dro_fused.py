@@ -430,6 +430,70 @@ def fused_chi2_ball_row(l, s, rho, p):  # pragma: no cover - compiled
     return _dot(p, l), np.nan, True
 
 
+@numba.njit(cache=True, fastmath={"contract", "reassoc", "nsz"}, error_model="numpy")
+def _moments_above(d, e):  # pragma: no cover - compiled
+    """``(Σ d, Σ d², #)`` over the entries ``d > e`` (reassociated: a vectorized reduction)."""
+    s = 0.0
+    s2 = 0.0
+    k = 0.0
+    for i in range(d.shape[0]):
+        above = d[i] > e
+        x = d[i] if above else 0.0
+        s += x
+        s2 += x * x
+        k += 1.0 if above else 0.0
+    return s, s2, k
+
+
+@numba.njit(cache=True, error_model="numpy")
+def chi2_ball_iterate_row(l, rho, p, max_passes=64):  # pragma: no cover - compiled
+    r"""Chi-square ball ``(1/n) Σ (n p_i - 1)² ≤ ρ``, ``ρ > 0``, without a sort; returns the value.
+
+    The solution is ``p = c (l - η)_+`` where, on its support ``S = {l > η}`` of size ``k`` with
+    mean ``μ`` and variance ``σ²`` of the losses, ``c = sqrt(((1 + ρ)/n - 1/k) / (k σ²))`` and
+    ``η = μ - 1/(k c)`` (the two constraints). Starting from ``S`` = all entries, ``S`` is replaced
+    by ``{l > η}`` until it no longer changes (1–6 passes in practice); the set it settles on
+    satisfies the optimality conditions, so it is the solution of the sort-and-scan of
+    ``chi2_ball_reference``, which runs instead when the iteration leaves the valid range
+    (``k < n / (1 + ρ)``), the variance is too small for the one-pass formula, or ``max_passes``
+    passes do not settle.
+    """
+    n = l.shape[0]
+    lmax, _, n_top = _max_min_top(l)
+    if rho >= n / n_top - 1.0:
+        _argmax_row(l, lmax, n_top, p, 1.0, False)
+        return lmax
+    d = np.empty(n)
+    for i in range(n):
+        d[i] = l[i] - lmax
+    sm, s2, k = _moments_above(d, -np.inf)
+    for _ in range(max_passes):
+        mean = sm / k
+        var = s2 / k - mean * mean
+        need = (1.0 + rho) / n - 1.0 / k
+        if need < -1e-15 or not (var > 1e-8 * mean * mean):
+            break
+        c = math.sqrt(max(need, 0.0) / (k * var))
+        if c == 0.0 or not math.isfinite(c):
+            break
+        e = mean - 1.0 / (k * c)
+        sm_, s2_, k_ = _moments_above(d, e)
+        if k_ == k:
+            tot = 0.0
+            for i in range(n):
+                v = c * (d[i] - e)
+                v = v if v > 0.0 else 0.0
+                p[i] = v
+                tot += v
+            inv = 1.0 / tot
+            for i in range(n):
+                p[i] *= inv
+            return _dot(p, l)
+        sm, s2, k = sm_, s2_, k_
+    val, _, _ = fused_chi2_ball_row(l, -np.sort(-l), rho, p)
+    return val
+
+
 @numba.njit(cache=True, error_model="numpy")
 def fused_spectral_row(l, order, w, lam, kl, p):  # pragma: no cover - compiled
     """Spectral risk with a chi-square (``kl = False``) or KL penalty ``lam > 0`` (``solve_spectral``);
@@ -540,7 +604,8 @@ def _store_row(p, P, V, b, val):  # pragma: no cover - compiled
 def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pragma: no cover - compiled
     """Closed-form fused solvers on every row of ``A`` (``(B, n)``, float32 or float64).
 
-    ``which``: :data:`CLOSED_KINDS`; ``S``: ``A`` sorted ascending along rows (chi-square ball);
+    ``which``: :data:`CLOSED_KINDS`; ``S``: ``A`` sorted ascending along rows for the chi-square
+    ball's scan, or an empty ``(B, 0)`` array for its sort-free iteration;
     ``order``: per row, the indices sorting it in descending order, and ``w`` the spectrum in
     descending order, ``logw`` its log (:func:`log_weights`; spectral with KL penalty);
     ``p1, p2, p3``: the parameters of :func:`fused_rows`. Writes the
@@ -579,10 +644,12 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
             val, _, _ = fused_spectral_row(l, order[b], w, p1, False, p)
         elif which == 2:
             val, _, _ = fused_chi2_penalty_row(l, p1, p)
-        else:
+        elif S.shape[1] == n:  # the chi-square ball, by the scan over the sorted row
             for j in range(n):
                 s[j] = np.float64(S[b, n - 1 - j])
             val, _, _ = fused_chi2_ball_row(l, s, p1, p)
+        else:  # the chi-square ball, by the support iteration (the scan if it does not settle)
+            val = chi2_ball_iterate_row(l, p1, p)
         D[b] = _dot(p, l) - val if (which == 1 or which == 2 or which == 4) else 0.0
         _store_row(p, P, V, b, val)
     return True

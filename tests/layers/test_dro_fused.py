@@ -248,3 +248,22 @@ def test_runner_declines_like_fused_robust_value() -> None:
     assert loss._runner is not first and loss._runner.shape == (20,)
     loss.spec = CVaR(0.25)
     torch.testing.assert_close(loss(L), robust_weights(L, CVaR(0.25)).aux.value, rtol=0, atol=1e-12)
+
+
+def test_chi2_ball_iteration_matches_the_sorted_scan() -> None:
+    import numpy as np
+
+    from optlayers.kernels.dro_fused import chi2_ball_iterate_row, fused_chi2_ball_row
+
+    rng = np.random.default_rng(0)
+    rows = [rng.random(4096) * 3, rng.standard_normal(300) ** 2, rng.random(7), np.round(rng.random(500), 1),
+            1.0 + 1e-3 * rng.random(200), np.r_[np.full(50, 2.0), rng.random(10)]]  # near-constant; tied maxima
+    for row in rows:
+        for rho in (1e-4, 0.05, 1.0, 5.0):
+            p_scan = np.empty_like(row)
+            v_scan, _, _ = fused_chi2_ball_row(row, -np.sort(-row), rho, p_scan)
+            for passes in (64, 0):  # the iteration, and the scan it falls back to
+                p_it = np.empty_like(row)
+                v_it = chi2_ball_iterate_row(row, rho, p_it, passes)
+                np.testing.assert_allclose(p_it, p_scan, rtol=0, atol=1e-12 / row.std() if passes else 0.0)
+                assert abs(v_it - v_scan) <= 1e-12 * (1.0 + abs(v_scan))

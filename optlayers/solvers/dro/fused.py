@@ -180,7 +180,7 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
     if isinstance(spec, ChiSquareBall):
         if spec.rho <= 0.0:
             return ("legacy",)
-        return ("closed", CLOSED_KINDS["chi2_ball"], float(spec.rho), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 1)
+        return ("closed", CLOSED_KINDS["chi2_ball"], float(spec.rho), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
     if isinstance(spec, ChiSquarePenalty):
         return ("closed", CLOSED_KINDS["chi2_penalty"], float(spec.lam), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
     if isinstance(spec, KLPenalty):
@@ -207,6 +207,7 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
 
 _PLANS: dict[tuple[int, int], tuple[DROSpec, tuple[Any, ...] | None]] = {}
 _NO_INDEX = np.empty((0, 0), dtype=np.intp)
+_NO_SORT = np.empty((1, 0), dtype=np.float32)  # no sorted copy: the chi-square ball iterates
 _NO_WEIGHTS = np.empty(0)
 
 
@@ -303,7 +304,7 @@ def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = Non
     V = np.empty(shape[:-1], dtype=a.dtype)
     if plan[0] == "closed":
         _, which, p1, p2, p3, w, logw, sort = plan
-        S = a
+        S = _NO_SORT
         order = _NO_INDEX
         if sort == 1:
             S = np.sort(a, axis=1)
@@ -442,7 +443,7 @@ class FusedRunner:
         plan = self.plan
         if plan[0] == "closed":
             _, which, p1, p2, p3, w, logw, sort = plan
-            S = a
+            S = _NO_SORT
             order = _NO_INDEX
             if sort == 1:
                 S = np.sort(a, axis=1)
