@@ -430,7 +430,7 @@ class FusedRunner:
         if self.legacy:
             out = _legacy(losses, self.spec, self.tol, self.max_iter, self.B, self.n, self.state)
             return None if out is None else out[0]
-        K = self.kernels
+        K: Any = self.kernels
         B, n = self.B, self.n
         a = losses.detach().numpy()
         if not a.flags.c_contiguous:
