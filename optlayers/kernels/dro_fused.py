@@ -37,9 +37,9 @@ from .dro_kernels import (
     _powb,
     _select_desc,
     kl_terms,
+    pav_means,
 )
-from .vmath_numba import vexp, vlog1p
-from .vmath_numba import vexp_array as vexp_array_inline
+from .vmath_numba import vexp_array, vlog1p
 
 __all__ = [
     "fused_kl_ball_row", "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row",
@@ -305,7 +305,7 @@ def fused_kl_penalty_row(l, lam, sign, p):  # pragma: no cover - compiled
     E = np.empty(n)
     for i in range(n):
         E[i] = sign * l[i] / lam - zmax
-    vexp_array_inline(E, p)
+    vexp_array(E, p)
     se, ez = _sum_and_dot(p, E)
     # KL(p || u) = sum_i p_i log(n p_i) with log p_i = E_i - log(se): no log per entry
     kl = max(ez / se - math.log(se) + math.log(n), 0.0)
@@ -632,15 +632,13 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
             val, _, _ = fused_cvar_row(l, p1, int(p2), p3, p)
         elif which == 1:
             val, _, _ = fused_kl_penalty_row(l, p1, p2, p)
-        elif which == 4 and p2 > 0.0:  # spectral, KL penalty (w, logw: the spectrum and its log)
+        elif which == 4 and p2 > 0.0:  # spectral-KL with a spread of l / λ over 700: the log-domain PAV
             scale = 1.0 / p1
             for i in range(n):
                 s[i] = l[i] * scale
-            div = _perm_kl_row_exp(s, order[b], w, p)
-            if not math.isfinite(div):  # the spread of z is too wide for the exp domain
-                div = _perm_kl_row_logw(s, order[b], w, logw, p)
+            div = _perm_kl_row_logw(s, order[b], w, logw, p)
             val = _dot(p, l) - p1 * div
-        elif which == 4:
+        elif which == 4:  # spectral-chi-square whose sorted pass gave no finite value
             val, _, _ = fused_spectral_row(l, order[b], w, p1, False, p)
         elif which == 2:
             val, _, _ = fused_chi2_penalty_row(l, p1, p)
@@ -780,70 +778,6 @@ def _perm_kl_row_logw(z, order, w, logw, out):  # pragma: no cover - compiled
     return s1 / tot - math.log(tot) + math.log(n)
 
 
-@numba.njit(cache=True, fastmath={"contract"})
-def _exp_shifted_sorted(z, order, z0, E, X):  # pragma: no cover - compiled
-    """``E[j] = z[order[j]] - z0`` (a gather) and ``X = exp(E)`` (a vectorized loop)."""
-    for j in range(order.shape[0]):
-        E[j] = z[order[j]] - z0
-    for j in range(order.shape[0]):
-        X[j] = vexp(E[j])
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _perm_kl_row_exp(z, order, w, out):  # pragma: no cover - compiled
-    """:func:`_perm_kl_row_logw` in the exp domain: NaN (nothing written) when the spread of ``z``
-    exceeds 700 (``exp`` would underflow), else ``KL(out || uniform)``.
-
-    With ``x_i = exp(z_i - max z)`` a block's value ``log Σ x - log Σ w`` is compared through the
-    ratios ``Σx / Σw`` (cross-multiplied: no ``exp`` or ``log`` per merge), and the projection is
-    ``q_i = x_i Σ_blk w / Σ_blk x``: one vectorized ``exp`` pass and one ``log`` per block.
-    """
-    n = z.shape[0]
-    z0 = z[order[0]]
-    if not (z0 - z[order[n - 1]] <= 700.0):
-        return np.nan
-    E = np.empty(n)
-    X = np.empty(n)
-    _exp_shifted_sorted(z, order, z0, E, X)
-    xs = np.empty(n)
-    ws = np.empty(n)
-    cnt = np.empty(n, dtype=np.int64)
-    top = -1
-    for i in range(n):
-        top += 1
-        xs[top] = X[i]
-        ws[top] = w[i]
-        cnt[top] = 1
-        # merge while val[top-1] <= val[top], i.e. xs[top-1]/ws[top-1] <= xs[top]/ws[top]
-        while top > 0 and xs[top - 1] * ws[top] <= xs[top] * ws[top - 1]:
-            xs[top - 1] += xs[top]
-            ws[top - 1] += ws[top]
-            cnt[top - 1] += cnt[top]
-            top -= 1
-    j = 0
-    tot = 0.0
-    s1 = 0.0
-    for blk in range(top + 1):
-        if ws[blk] > 0.0:
-            r = ws[blk] / xs[blk]
-            lr = math.log(r)
-            for _ in range(cnt[blk]):
-                q = X[j] * r
-                X[j] = q
-                tot += q
-                s1 += q * (E[j] + lr)  # q log q
-                j += 1
-        else:  # zero spectrum weight: zero mass
-            for _ in range(cnt[blk]):
-                X[j] = 0.0
-                j += 1
-    inv = 1.0 / tot
-    for j in range(n):
-        out[order[j]] = X[j] * inv
-    # KL(p || uniform) = Σ p log(n p) with p = q / tot
-    return s1 / tot - math.log(tot) + math.log(n)
-
-
 @numba.njit(cache=True, error_model="numpy")
 def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     """Spectral risk with a penalty on row ``b`` of ``A``, with ``order`` its descending order.
@@ -851,9 +785,11 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     The row is read in sorted order once, and the projection onto the permutahedron (pool
     adjacent violators), the weights and the value are computed on that contiguous copy; the
     weights are scattered to ``P[b]``. χ² penalty: blocks of ``z - w`` (``z = l / (2 λ n)``)
-    pooled by their means; KL penalty: in the exp domain of :func:`_perm_kl_row_exp`. Returns
-    ``(value, finite, penalty)``; the value is NaN (nothing written) for a KL spread of ``l / λ`` over 700,
-    which the log-domain solver then handles.
+    pooled by their means; KL penalty: in the exp domain (``x = exp(z - max z)``;
+    blocks compared by ``Σx / Σw``, cross-multiplied; ``q = x Σw / Σx``: one vectorized ``exp``
+    pass and one vectorized ``log`` of the block ratios). Returns ``(value, finite, penalty)``;
+    the value is NaN (nothing written) for a KL spread of ``l / λ`` over 700, which the
+    log-domain solver then handles.
     """
     n = order.shape[0]
     ls = np.empty(n)
@@ -874,7 +810,7 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
         E = np.empty(n)
         for j in range(n):
             E[j] = ls[j] * scale - z0
-        vexp_array_inline(E, q)
+        vexp_array(E, q)
         ws = np.empty(n)
         for j in range(n):
             top += 1
@@ -914,16 +850,11 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     else:
         scale = 1.0 / (2.0 * lam * n)
         for j in range(n):
-            top += 1
-            xs[top] = ls[j] * scale - w[j]
-            cnt[top] = 1.0
-            while top > 0 and xs[top - 1] * cnt[top] <= xs[top] * cnt[top - 1]:
-                xs[top - 1] += xs[top]
-                cnt[top - 1] += cnt[top]
-                top -= 1
+            q[j] = ls[j] * scale - w[j]
+        nb = pav_means(q, xs, cnt)
         j = 0
         tot = 0.0
-        for blk in range(top + 1):
+        for blk in range(nb):
             v = xs[blk] / cnt[blk]
             for _ in range(int(cnt[blk])):
                 qj = ls[j] * scale - v

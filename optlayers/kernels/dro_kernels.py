@@ -194,26 +194,38 @@ def chi2_ball_numba(L: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Te
 
 
 @numba.njit(cache=True)
+def pav_means(y, sums, cnt):  # pragma: no cover - compiled
+    """Pool adjacent violators of the sequence ``y`` for a non-increasing fit: blocks merge while
+    a block's mean is at most the next one's. Writes the block sums and (float) sizes to ``sums``
+    and ``cnt`` and returns the number of blocks."""
+    top = -1
+    for i in range(y.shape[0]):
+        top += 1
+        sums[top] = y[i]
+        cnt[top] = 1.0
+        while top > 0 and sums[top - 1] * cnt[top] <= sums[top] * cnt[top - 1]:
+            sums[top - 1] += sums[top]
+            cnt[top - 1] += cnt[top]
+            top -= 1
+    return top + 1
+
+
+@numba.njit(cache=True)
 def _perm_l2_rows(Z, order, w, out):  # pragma: no cover - compiled
     """Euclidean projection of each row onto the permutahedron of ``w`` (descending)."""
     B, n = Z.shape
+    y = np.empty(n)
     sums = np.empty(n)
-    cnt = np.empty(n, dtype=np.int64)
+    cnt = np.empty(n)
     for b in range(B):
-        top = -1
         for i in range(n):
-            top += 1
-            sums[top] = Z[b, order[b, i]] - w[i]
-            cnt[top] = 1
-            while top > 0 and sums[top - 1] * cnt[top] <= sums[top] * cnt[top - 1]:
-                sums[top - 1] += sums[top]
-                cnt[top - 1] += cnt[top]
-                top -= 1
+            y[i] = Z[b, order[b, i]] - w[i]
+        nb = pav_means(y, sums, cnt)
         j = 0
         tot = 0.0
-        for blk in range(top + 1):
+        for blk in range(nb):
             v = sums[blk] / cnt[blk]
-            for _ in range(cnt[blk]):
+            for _ in range(int(cnt[blk])):
                 k = order[b, j]
                 q = Z[b, k] - v
                 q = q if q > 0.0 else 0.0

@@ -277,65 +277,20 @@ def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = Non
     ``state``: a dict kept by the caller between calls for the warm start (the root of the
     previous call, per batch shape); ``None`` disables it.
     """
-    shape = losses.shape
-    if not shape or not shape[-1]:
+    run = FusedRunner.create(spec, losses, tol=tol, max_iter=max_iter, backend=backend, state=state)
+    if run is None:
         return None
-    n = shape[-1]
-    plan = _plan(spec, n)
-    if plan is None or not fused_available(losses, backend):
+    if run.legacy:
+        return _legacy(losses, spec, run.tol, run.max_iter, run.B, run.n, state)
+    out = run.solve(losses)
+    if out is None:
         return None
-    B = losses.numel() // n
-    if B > MAX_ROWS or B == 0:
-        return None
-    dt = losses.dtype
-    if tol is None:
-        tol_ = 1e-12 if dt == torch.float64 else 1e-7
-    elif not (tol > 0 and math.isfinite(tol)):
-        return None  # robust_weights raises the error
-    else:
-        tol_ = float(tol)
-    if plan[0] == "legacy" or (dt != torch.float32 and dt != torch.float64):
-        return _legacy(losses, spec, tol_, int(max_iter), B, n, state)
-    K = _kernels()
-    a = losses.detach().numpy().reshape(B, n)
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    P = np.empty(shape, dtype=a.dtype)
-    V = np.empty(shape[:-1], dtype=a.dtype)
-    if plan[0] == "closed":
-        _, which, p1, p2, p3, w, logw, sort = plan
-        S = _NO_SORT
-        order = _NO_INDEX
-        if sort == 1:
-            S = np.sort(a, axis=1)
-        elif sort == 2:
-            order = K.desc_order_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
-        if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P.reshape(B, n), V.reshape(B),
-                                    np.empty(B)):
-            return None
-    else:
-        _, which, p1, p2 = plan
-        X = None
-        if state is not None and state.get("key") == (shape[:-1], n):
-            X = state.get("x")
-        if X is None:
-            X = np.full(B, np.nan)
-        status = K.fused_root_batch(which, a, p1, p2, tol_, int(max_iter), X, P.reshape(B, n), V.reshape(B),
-                                    np.empty(B))
-        if status == 1:
-            return None
-        if status == 2:
-            if state is not None:
-                state.clear()
-            return None
-        if state is not None:
-            state["key"] = (shape[:-1], n)
-            state["x"] = X
+    P, V, _ = out
     p_t = torch.from_numpy(P)
-    v_t = torch.from_numpy(V)
+    v_t = torch.from_numpy(V).reshape(run.vshape)
     if not losses.requires_grad:
         return v_t, p_t
-    if len(shape) == 1:
+    if len(run.shape) == 1:
         # built-in ops instead of the Python autograd function (cheaper in a training step):
         # value d + (R - d) with d = <losses, p>, gradient grad * p; R - d is exact (Sterbenz)
         # whenever R and d are within a factor 2, and within an ulp of R otherwise
@@ -430,6 +385,25 @@ class FusedRunner:
         if self.legacy:
             out = _legacy(losses, self.spec, self.tol, self.max_iter, self.B, self.n, self.state)
             return None if out is None else out[0]
+        res = self.solve(losses)
+        if res is None:
+            return None
+        P, V, D = res
+        p_t = torch.from_numpy(P)
+        if not losses.requires_grad:
+            return torch.from_numpy(V).reshape(self.vshape)
+        if self.B == 1 and len(self.shape) == 1:
+            # one built-in op: <l, p> carries the gradient p and is the value of a ball (in the
+            # losses' dtype; the kernel's float64 value differs by its rounding), minus the
+            # penalty λ D(p) for a penalized spec
+            d = torch.dot(losses, p_t)
+            return d - float(D[0]) if self.penalized else d
+        return DanskinValue.apply(losses, torch.from_numpy(V).reshape(self.vshape), p_t)
+
+    def solve(self, losses: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(P, V, D)``: the weights (the losses' shape and dtype), the values (``(B,)``) and the
+        penalties ``λ D(p)`` (``(B,)`` float64) from one compiled call, or ``None`` (non-finite
+        losses, a root-find that did not converge). Not for the ``legacy`` plans."""
         K: Any = self.kernels
         B, n = self.B, self.n
         a = losses.detach().numpy()
@@ -453,7 +427,7 @@ class FusedRunner:
                 return None
         else:
             _, which, p1, p2 = plan
-            state = self.state  # the warm start, in fused_robust_value's format
+            state = self.state  # the warm start: the roots of the last call with this signature
             X = None
             if state is not None and state.get("key") == self.key:
                 X = state.get("x")
@@ -467,13 +441,4 @@ class FusedRunner:
             if state is not None:
                 state["key"] = self.key
                 state["x"] = X
-        p_t = torch.from_numpy(P)
-        if not losses.requires_grad:
-            return torch.from_numpy(V).reshape(self.vshape)
-        if B == 1 and len(self.shape) == 1:
-            # one built-in op: <l, p> carries the gradient p and is the value of a ball (in the
-            # losses' dtype; the kernel's float64 value differs by its rounding), minus the
-            # penalty λ D(p) for a penalized spec
-            d = torch.dot(losses, p_t)
-            return d - float(D[0]) if self.penalized else d
-        return DanskinValue.apply(losses, torch.from_numpy(V).reshape(self.vshape), p_t)
+        return P, V, D
