@@ -106,9 +106,9 @@ def qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch
         aux = raw.aux
         B = d.B
         valid = torch.isfinite(raw.solution).reshape(B, -1).all(-1)
-        H0, C, delta, sc = kept[0]
+        H0, C, delta, sc, parts = kept[0]
         cache.add(d.Q, d.A, d.G, aux.slack.reshape(B, m), aux.ineq_dual.reshape(B, m), delta, valid,
-                  H0=H0, C=C, schur=sc)
+                  H0=H0, C=C, schur=sc, factor_parts=parts)
         return Result(solution=(raw.solution, aux.eq_dual, aux.ineq_dual), converged=raw.converged,
                       iterations=raw.iterations, residual=raw.residual, status=raw.status, aux=())
 

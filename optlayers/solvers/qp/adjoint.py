@@ -33,7 +33,9 @@ reduction of ``μ`` (about ×100), and rows with ``W`` near the regularization `
 factor a lot (on the benchmark problems of ``benchmarks/bench_qp.py`` the spectral radius of
 ``I − H_prev⁻¹ H`` was 0.14 at the median and up to ~96, so refinement with it needs many more
 steps or diverges). One ``Gᵀ D G`` product and Cholesky factorization at the solution, starting
-from the interior point's constant part, is cheaper than those extra refinement steps.
+from the interior point's constant part, is cheaper than those extra refinement steps. Where the
+compiled interior point ran (:mod:`optlayers.kernels.qp_ipm_numba`), it made that factorization at
+the end of each element's solve, in cache, and the cache takes it as it is.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 from ..._result import Result, Status
 from ...implicit.linear_solvers import Dense, LinearOperator, LinearSolver
 from ...implicit.linear_solvers._base import finish
-from .kkt import KKTFactor, SchurConstant, SchurFactor, factor_kkt, factor_schur, solve_any
+from .kkt import KKTFactor, SchurConstant, SchurFactor, factor_kkt, factor_schur, solve_any, stack_constraints
 
 __all__ = ["qp_optimality", "KKTSolve", "KKTCache"]
 
@@ -195,7 +197,8 @@ class KKTCache:
     def add(self, Q: torch.Tensor, A: torch.Tensor, G: torch.Tensor, slack: torch.Tensor,
             ineq_dual: torch.Tensor, delta: torch.Tensor, valid: torch.Tensor, *,
             H0: torch.Tensor | None = None, C: torch.Tensor | None = None,
-            schur: SchurConstant | None = None) -> None:
+            schur: SchurConstant | None = None,
+            factor_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Record one solve (flat tensors: ``(B|1, ...)`` data, ``(B, m)`` slack and dual).
 
         ``H0`` and ``C`` are the constant part of the reduced KKT matrix and the stacked
@@ -203,12 +206,21 @@ class KKTCache:
         :func:`.kkt.stack_constraints`), so the gradient's factorization only adds ``Gᵀ D G``
         at the solution's weights to ``H0`` and factors the sum. With ``schur`` (the interior
         point's :class:`.kkt.SchurConstant`, when it ran in that form) the factorization is
-        instead the ``m × m`` Cholesky factor of ``M + W`` at the solution's weights.
+        instead the ``m × m`` Cholesky factor of ``M + W`` at the solution's weights. With
+        ``factor_parts = (L, d, ok)`` (the compiled interior point made the regularized factorization
+        at these same weights, :func:`optlayers.kernels.qp_ipm_numba._solution_factor`), that
+        factorization is used as it is.
         """
         tiny = torch.finfo(slack.dtype).tiny
         ok = valid.unsqueeze(-1) & torch.isfinite(slack) & torch.isfinite(ineq_dual)
         w = torch.where(ok, slack.clamp_min(tiny) / ineq_dual.clamp_min(tiny), torch.ones_like(slack))
-        self.entries.append(_Entry(Q=Q, A=A, G=G, w=w, delta=delta, valid=valid, H0=H0, C=C, schur=schur))
+        entry = _Entry(Q=Q, A=A, G=G, w=w, delta=delta, valid=valid, H0=H0, C=C, schur=schur)
+        if factor_parts is not None and schur is None:
+            L, d, fok = factor_parts
+            Cf = C if C is not None else stack_constraints(A, G)
+            entry.factor = KKTFactor(Q=Q, C=Cf, k=A.shape[-2], w=w, d=d, L=L, delta=delta, ok=fok)
+            entry.H0 = None
+        self.entries.append(entry)
 
 
 def _solve_cholesky(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
@@ -336,19 +348,35 @@ class KKTSolve(LinearSolver):
         tol = rtol * torch.linalg.vector_norm(bz, dim=-1)
         u = msolve(bz)
         steps = 1
+        r_u: torch.Tensor | None = None  # the residual b − K u of the current u, when known
         for _ in range(self.refine):
             r = bz - op.matvec(u)
             if bool((torch.linalg.vector_norm(r, dim=-1) <= tol).all()):
+                r_u = r
                 break
             u = u + msolve(r)
             steps += 1
         iters = torch.full((op.batch,), steps, dtype=torch.int64, device=b.device)
-        res = finish(u, op, bz, iters, tol)
+        if r_u is None:
+            res = finish(u, op, bz, iters, tol)
+        else:  # `finish` without recomputing the residual the loop just checked
+            res = finish(u, _KnownResidual.wrap(op, u, bz - r_u), bz, iters, tol)
         if not bool(valid.all()):
             # Failed forward elements: zero solution, reported as solved (zero gradient by design).
             res = res.replace(converged=res.converged | ~valid,
                               status=torch.where(valid, res.status, torch.full_like(res.status, int(Status.SUCCESS))))
         return res
+
+
+class _KnownResidual:
+    """An operator whose product with one known vector is already computed (used by ``finish``)."""
+
+    @staticmethod
+    def wrap(op: LinearOperator, u: torch.Tensor, Ku: torch.Tensor) -> LinearOperator:
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            return Ku if v is u else op.matvec(v)
+
+        return dataclasses.replace(op, matvec=matvec)
 
 
 def _pick(a: Result, b: Result) -> Result:
