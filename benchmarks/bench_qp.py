@@ -16,7 +16,8 @@ Libraries, each in a fresh subprocess (median time, peak resident-set growth):
 * **qpth** — ``QPFunction`` (OptNet), from the separate environment of ``benchmarks/envs/qpth.sh``
   (qpth pins numpy<2, so it never enters the project's environment); skipped when that
   environment is absent;
-* **cvxpylayers** — ``CvxpyLayer`` with ``solver_args={'eps': 1e-10}`` (diffcp/SCS), float64 at
+* **cvxpylayers** — ``CvxpyLayer`` with ``solver_args={'eps': 1e-10}`` (diffcp/SCS; diffcp's thread
+  pool limited to the same thread count as the others: ``n_jobs_forward = n_jobs_backward``), float64 at
   the default size only (its per-instance canonicalization makes large sizes very slow).
 
 ``accuracy`` is ``max |x − x_ref| / max |x_ref|`` over the batch, against a float64 reference
@@ -159,9 +160,14 @@ def case_cvxpylayers(B: int, nz: int, nineq: int, neq: int, dtype: str) -> Any:
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Lp.T @ z) + pp @ z), [Gp @ z <= hp, Ap @ z == bp])
     layer = CvxpyLayer(prob, parameters=[Lp, pp, Gp, hp, Ap, bp], variables=[z])
 
+    # diffcp's batch runs on a thread pool of all CPUs by default; give it the thread count the
+    # other libraries get (OPTLAYERS_BENCH_THREADS, default 1), like their BLAS
+    jobs = torch.get_num_threads()
+    solver_args = {"eps": 1e-10, "n_jobs_forward": jobs, "n_jobs_backward": jobs}
+
     def run() -> dict[str, float]:
         args = [t.clone().requires_grad_() for t in (L, p, G, h, A, b)]
-        (x,) = layer(*args, solver_args={"eps": 1e-10})
+        (x,) = layer(*args, solver_args=solver_args)
         (x * w).sum().backward()
         return {"accuracy": _accuracy(x, ref)}
 
