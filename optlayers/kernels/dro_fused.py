@@ -21,6 +21,8 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from .dro_kernels import (
     _CR_BALL,
@@ -45,7 +47,7 @@ __all__ = [
     "fused_kl_ball_row", "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row",
     "fused_kl_penalty_row", "fused_chi2_penalty_row", "fused_cvar_row", "fused_chi2_ball_row",
     "fused_spectral_row", "fused_rows", "CLOSED_KINDS", "ROOT_KINDS", "fused_closed_batch",
-    "fused_root_batch", "desc_order_f32", "log_weights"
+    "fused_root_batch", "desc_order_f32", "desc_keys_f32", "log_weights"
 ]
 
 
@@ -606,7 +608,8 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
 
     ``which``: :data:`CLOSED_KINDS`; ``S``: ``A`` sorted ascending along rows for the chi-square
     ball's scan, or an empty ``(B, 0)`` array for its sort-free iteration;
-    ``order``: per row, the indices sorting it in descending order, and ``w`` the spectrum in
+    ``order``: per row, the indices sorting it in descending order (or the sorted keys of
+    :func:`desc_keys_f32`, whose low 32 bits they are), and ``w`` the spectrum in
     descending order, ``logw`` its log (:func:`log_weights`; spectral with KL penalty);
     ``p1, p2, p3``: the parameters of :func:`fused_rows`. Writes the
     weights to ``P`` and the values to ``V`` (any float dtype) and the penalties ``λ D(p)`` to ``D``
@@ -636,10 +639,10 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
             scale = 1.0 / p1
             for i in range(n):
                 s[i] = l[i] * scale
-            div = _perm_kl_row_logw(s, order[b], w, logw, p)
+            div = _perm_kl_row_logw(s, _row_order(order[b]), w, logw, p)
             val = _dot(p, l) - p1 * div
         elif which == 4:  # spectral-chi-square whose sorted pass gave no finite value
-            val, _, _ = fused_spectral_row(l, order[b], w, p1, False, p)
+            val, _, _ = fused_spectral_row(l, _row_order(order[b]), w, p1, False, p)
         elif which == 2:
             val, _, _ = fused_chi2_penalty_row(l, p1, p)
         elif S.shape[1] == n:  # the chi-square ball, by the scan over the sorted row
@@ -698,6 +701,28 @@ def _desc_keys_f32(U):  # pragma: no cover - compiled
     return K
 
 
+def _as_index(v):  # type: ignore[no-untyped-def]
+    """An entry of a row order as an index: itself, or the low 32 bits of a sort key of
+    :func:`desc_keys_f32` (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_as_index)
+def _as_index_impl(v):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    if isinstance(v, types.Integer) and not v.signed:
+        return lambda v: np.intp(v & np.uint64(0xFFFFFFFF))
+    return lambda v: np.intp(v)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _row_order(o):  # pragma: no cover - compiled
+    """A row's order as indices (``o`` itself, or the indices of its sort keys)."""
+    out = np.empty(o.shape[0], dtype=np.intp)
+    for j in range(o.shape[0]):
+        out[j] = _as_index(o[j])
+    return out
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _low_index(K):  # pragma: no cover - compiled
     B, n = K.shape
@@ -706,6 +731,16 @@ def _low_index(K):  # pragma: no cover - compiled
         for i in range(n):
             out[b, i] = np.intp(K[b, i] & np.uint64(0xFFFFFFFF))
     return out
+
+
+def desc_keys_f32(a: np.ndarray) -> np.ndarray:
+    """Per row of the finite, C-contiguous float32 ``(B, n)`` array ``a``, 64-bit keys sorted in
+    ascending order whose low 32 bits are the indices sorting the row in descending order (ties
+    in index order): the order of :func:`desc_order_f32` without extracting it, as the spectral
+    solver of :func:`fused_closed_batch` reads it."""
+    K = _desc_keys_f32(a.view(np.uint32))
+    K.sort(axis=1)
+    return K
 
 
 def desc_order_f32(a: np.ndarray) -> np.ndarray:
@@ -794,7 +829,7 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     n = order.shape[0]
     ls = np.empty(n)
     for j in range(n):
-        ls[j] = np.float64(A[b, order[j]])
+        ls[j] = np.float64(A[b, _as_index(order[j])])
     for j in range(n):
         if not math.isfinite(ls[j]):
             return 0.0, False, 0.0
@@ -871,6 +906,6 @@ def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     dot = 0.0
     for j in range(n):
         pj = q[j] * inv
-        P[b, order[j]] = pj
+        P[b, _as_index(order[j])] = pj
         dot += pj * ls[j]
     return dot - lam * div, True, lam * div

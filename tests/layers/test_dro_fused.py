@@ -155,7 +155,7 @@ def test_float32_read_in_place_matches_float64_route(spec) -> None:
 def test_desc_order_f32_sorts_descending_with_ties_in_index_order() -> None:
     import numpy as np
 
-    from optlayers.kernels.dro_fused import desc_order_f32
+    from optlayers.kernels.dro_fused import desc_keys_f32, desc_order_f32
 
     gen = np.random.default_rng(0)
     a = gen.standard_normal((3, 500)).astype(np.float32)
@@ -165,6 +165,8 @@ def test_desc_order_f32_sorts_descending_with_ties_in_index_order() -> None:
     a[2] = np.round(a[2], 1)
     a[2, :5] = [np.finfo(np.float32).max, -np.finfo(np.float32).max, np.finfo(np.float32).tiny, 1e-45, -1e-45]
     order = desc_order_f32(np.ascontiguousarray(a))
+    keys = desc_keys_f32(np.ascontiguousarray(a))  # what the spectral kernel reads: the order in the low bits
+    np.testing.assert_array_equal((keys & np.uint64(0xFFFFFFFF)).astype(np.intp), order)
     for b in range(3):
         assert sorted(order[b].tolist()) == list(range(500))  # a permutation
         s = a[b][order[b]]

@@ -422,7 +422,7 @@ class FusedRunner:
             if sort == 1:
                 S = np.sort(a, axis=1)
             elif sort == 2:
-                order = K.desc_order_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
+                order = K.desc_keys_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
             if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P2, V, D):
                 return None
         else:
