@@ -253,8 +253,10 @@ class ImplicitRoot(torch.autograd.Function):
                 return spec.fn(z, *full)
 
             vjp_fn = torch.func.vjp(f_params, *[inputs[i] for i in diff_idx])[1]
-            for i, g in zip(diff_idx, vjp_fn(u)):
-                grads[i] = -g
+            # The gradient is -(∂_θ F)ᵀ u: the cotangent is negated (linear, exact in floating
+            # point) rather than every parameter gradient, which may be much larger than u.
+            for i, g in zip(diff_idx, vjp_fn(-u)):
+                grads[i] = g
         return (None, None, *grads)
 
     @staticmethod

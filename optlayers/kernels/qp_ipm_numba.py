@@ -18,7 +18,7 @@ iteration (the two predictor right-hand sides in one pass), and the Cholesky fac
 retried once with a larger ridge when it fails (``ok = False`` and a zero step when the retry
 fails too, as ``_safe_cholesky(retry=True)``). On request it also factors ``H`` at the returned
 solution's weights, which the gradient (:class:`optlayers.solvers.qp.adjoint.KKTCache`) then uses
-instead of forming and factoring it again.
+instead of forming and factoring it again, with the compiled solve :func:`kkt_solve_numba`.
 
 Arithmetic is in the dtype of the data (float32 or float64, one compiled specialization each),
 like the PyTorch path, so the tolerances mean the same; every scalar constant is read from a typed
@@ -27,7 +27,8 @@ dimension 1) are read in place.
 
 The loops are written for LLVM's loop vectorizer (Numba leaves the SLP vectorizer off, so only
 innermost contiguous loops vectorize): ``Gᵀ D G`` is accumulated as rank-four updates, four rows
-of ``G`` at a time, into the lower triangle of ``H``; the Cholesky factorization is left-looking
+of ``G`` at a time, into two rows of the lower triangle of ``H`` at once (each load of ``G`` feeds
+eight products); the Cholesky factorization is left-looking
 by rows of ``U = Lᵀ`` (four earlier rows per pass, rows read through views from the diagonal on);
 the triangular solves use row ``axpy`` updates and row dot products. The functions use the
 ``reassoc``/``contract`` fast-math flags only, so reductions vectorize and use FMA while NaN and
@@ -48,7 +49,7 @@ import torch
 
 from .sparse_simplex_numba import parallel_launch, parallel_threads
 
-__all__ = ["qp_ipm_numba", "constants"]
+__all__ = ["qp_ipm_numba", "constants", "kkt_solve_numba"]
 
 _FM = {"reassoc", "contract"}
 
@@ -163,6 +164,80 @@ def _cholesky(H, U):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, fastmath=_FM)
+def _gdg(H0, C, k, dd, H):  # pragma: no cover - compiled
+    """Lower triangle of ``H = H0 + Cᵀ diag(dd) C`` over the rows ``r >= k`` of ``C``.
+
+    Rank-four updates (four rows of ``C`` at a time) applied to two rows of ``H`` at once, so
+    each load of ``C[r:r+4, j]`` feeds eight products. A pair of rows of ``H`` is updated up
+    to its second row's diagonal rounded up to a multiple of four columns (at most ``n``): the
+    few entries this touches above the diagonal are never read (only the lower triangle is),
+    and the equal-length rows vectorize with fewer scalar remainders.
+    """
+    n = H0.shape[0]
+    kc = C.shape[0]
+    i = 0
+    while i < n:
+        ie = min(i + 2, n)
+        je = min(n, ((ie + 3) // 4) * 4)
+        for a in range(i, ie):
+            ha = H[a]
+            h0 = H0[a]
+            for j in range(je):
+                ha[j] = h0[j]
+        i = ie
+    r = k
+    while r + 4 <= kc:
+        c0 = C[r]
+        c1 = C[r + 1]
+        c2 = C[r + 2]
+        c3 = C[r + 3]
+        d0 = dd[r]
+        d1 = dd[r + 1]
+        d2 = dd[r + 2]
+        d3 = dd[r + 3]
+        i = 0
+        while i + 2 <= n:
+            je = min(n, ((i + 5) // 4) * 4)
+            a0 = c0[i] * d0
+            a1 = c1[i] * d1
+            a2 = c2[i] * d2
+            a3 = c3[i] * d3
+            b0 = c0[i + 1] * d0
+            b1 = c1[i + 1] * d1
+            b2 = c2[i + 1] * d2
+            b3 = c3[i + 1] * d3
+            h0 = H[i]
+            h1 = H[i + 1]
+            for j in range(je):
+                x0 = c0[j]
+                x1 = c1[j]
+                x2 = c2[j]
+                x3 = c3[j]
+                h0[j] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                h1[j] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+            i += 2
+        while i < n:
+            a0 = c0[i] * d0
+            a1 = c1[i] * d1
+            a2 = c2[i] * d2
+            a3 = c3[i] * d3
+            h0 = H[i]
+            for j in range(i + 1):
+                h0[j] += a0 * c0[j] + a1 * c1[j] + a2 * c2[j] + a3 * c3[j]
+            i += 1
+        r += 4
+    while r < kc:
+        g = dd[r]
+        cr = C[r]
+        for i in range(n):
+            gi = cr[i] * g
+            hi = H[i]
+            for j in range(i + 1):
+                hi[j] += gi * cr[j]
+        r += 1
+
+
+@numba.njit(cache=True, fastmath=_FM)
 def _factor(H0, C, k, w, delta, H, L, dd, cst):  # pragma: no cover - compiled
     """Factor ``H = H0 + Gᵀ diag(1/(w + δ)) G`` (``_safe_cholesky`` with ``retry=True``).
 
@@ -177,30 +252,7 @@ def _factor(H0, C, k, w, delta, H, L, dd, cst):  # pragma: no cover - compiled
         dd[r] = one / delta
     for r in range(k, kc):
         dd[r] = one / (w[r - k] + delta)
-    for i in range(n):
-        for j in range(i + 1):
-            H[i, j] = H0[i, j]
-    r = k
-    while r + 4 <= kc:  # rank-four updates of the lower triangle, four rows of G at a time
-        d0 = dd[r]
-        d1 = dd[r + 1]
-        d2 = dd[r + 2]
-        d3 = dd[r + 3]
-        for i in range(n):
-            g0 = C[r, i] * d0
-            g1 = C[r + 1, i] * d1
-            g2 = C[r + 2, i] * d2
-            g3 = C[r + 3, i] * d3
-            for j in range(i + 1):
-                H[i, j] += g0 * C[r, j] + g1 * C[r + 1, j] + g2 * C[r + 2, j] + g3 * C[r + 3, j]
-        r += 4
-    while r < kc:
-        g = dd[r]
-        for i in range(n):
-            gi = C[r, i] * g
-            for j in range(i + 1):
-                H[i, j] += gi * C[r, j]
-        r += 1
+    _gdg(H0, C, k, dd, H)
     if _cholesky(H, L):
         return True
     dmax = H[0, 0] if n else cst[_ZERO]
@@ -630,28 +682,30 @@ def _solution_factor(C, k, H0, delta, yc, s, tau, status, cst, Lout, dout):  # p
 @numba.njit(cache=True, fastmath=_FM)
 def _solve_range(Q, p, C, bh, k, reg, cold, H0, delta, X, YC, S, TK, cst, max_iter, status, iters, resid,
                  want, Lout, dout, okout, lo, hi):  # pragma: no cover - compiled
+    scratch = np.empty(Q.shape[1:] if H0.shape[0] == 0 else (0, 0), dtype=X.dtype)
     for b in range(lo, hi):
+        H0b = H0[b] if H0.shape[0] else scratch
         iq = b if Q.shape[0] > 1 else 0
         ip = b if p.shape[0] > 1 else 0
         ic = b if C.shape[0] > 1 else 0
         ib = b if bh.shape[0] > 1 else 0
-        finite, dl = _prepare(Q[iq], p[ip], C[ic], bh[ib], k, reg, H0[b], cst)
+        finite, dl = _prepare(Q[iq], p[ip], C[ic], bh[ib], k, reg, H0b, cst)
         delta[b] = dl
         if not finite:
             status[b] = _NONFINITE
             iters[b] = 0
             resid[b] = cst[_INF]
             if want:
-                okout[b] = _solution_factor(C[ic], k, H0[b], dl, YC[b], S[b], TK[b, 0], _NONFINITE, cst, Lout[b],
+                okout[b] = _solution_factor(C[ic], k, H0b, dl, YC[b], S[b], TK[b, 0], _NONFINITE, cst, Lout[b],
                                             dout[b])
             continue
-        st, it, r = _solve_one(Q[iq], p[ip], C[ic], bh[ib], H0[b], dl, k, cold, X[b], YC[b], S[b], TK[b],
+        st, it, r = _solve_one(Q[iq], p[ip], C[ic], bh[ib], H0b, dl, k, cold, X[b], YC[b], S[b], TK[b],
                                cst, max_iter)
         status[b] = st
         iters[b] = it
         resid[b] = r
         if want:
-            okout[b] = _solution_factor(C[ic], k, H0[b], dl, YC[b], S[b], TK[b, 0], st, cst, Lout[b], dout[b])
+            okout[b] = _solution_factor(C[ic], k, H0b, dl, YC[b], S[b], TK[b, 0], st, cst, Lout[b], dout[b])
 
 
 @numba.njit(cache=True, parallel=True, fastmath=_FM)
@@ -670,7 +724,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def qp_ipm_numba(Q: torch.Tensor, p: torch.Tensor, C: torch.Tensor, bh: torch.Tensor, k: int, reg: float,
                  B: int, init: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None, *,
                  max_iter: int, rtol: float, floor: float, eps_inf: float, step_fraction: float,
-                 factor: bool = False) -> tuple[torch.Tensor, ...]:
+                 factor: bool = False, constant: bool = True) -> tuple[torch.Tensor, ...]:
     """Run the interior point on every element (see the module docstring).
 
     Args:
@@ -682,6 +736,8 @@ def qp_ipm_numba(Q: torch.Tensor, p: torch.Tensor, C: torch.Tensor, bh: torch.Te
         init: ``(x, yc, s, τ, κ)`` warm start of shapes ``(B, n)``, ``(B, k+m)``, ``(B, m)``, ``(B,)``,
             ``(B,)``, or None for the cold start.
         factor: Also return the KKT factorization at the returned solution (for the gradient).
+        constant: Return ``H0``; without it each element's ``H0`` is formed in a scratch array
+            and an empty ``(0, n, n)`` tensor stands in its place.
 
     Returns:
         ``(x, yc, s, τ, κ, status, iterations, residual, H0, delta)``: the final point of the
@@ -710,7 +766,7 @@ def qp_ipm_numba(Q: torch.Tensor, p: torch.Tensor, C: torch.Tensor, bh: torch.Te
     status = np.zeros(B, dtype=np.int64)
     iters = np.zeros(B, dtype=np.int64)
     resid = np.zeros(B, dtype=npdt)
-    H0 = np.empty((B, n, n), dtype=npdt)
+    H0 = np.empty((B if constant else 0, n, n), dtype=npdt)
     delta = np.empty(B, dtype=npdt)
     cold = init is None
     regd = npdt.type(reg)
@@ -733,3 +789,61 @@ def qp_ipm_numba(Q: torch.Tensor, p: torch.Tensor, C: torch.Tensor, bh: torch.Te
     if factor:
         out = out + (torch.from_numpy(Lout), torch.from_numpy(dout), torch.from_numpy(okout))
     return out
+
+
+@numba.njit(cache=True, fastmath=_FM)
+def _kkt_solve_range(L, C, d, RX, RC, OX, OC, t, zero, lo, hi):  # pragma: no cover - compiled
+    n = L.shape[1]
+    kc = C.shape[1]
+    V = RX.shape[2]
+    for b in range(lo, hi):
+        Lb = L[b]
+        Cb = C[b if C.shape[0] > 1 else 0]
+        db = d[b]
+        for v in range(V):
+            for i in range(n):
+                t[i] = RX[b, i, v]
+            for r in range(kc):
+                g = db[r] * RC[b, r, v]
+                cr = Cb[r]
+                for j in range(n):
+                    t[j] += g * cr[j]
+            for i in range(n):  # L y = t (row dot products)
+                li = Lb[i]
+                acc = t[i]
+                for j in range(i):
+                    acc -= li[j] * t[j]
+                t[i] = acc / li[i]
+            for i in range(n - 1, -1, -1):  # Lᵀ x = y (axpy with the rows of L)
+                li = Lb[i]
+                xi = t[i] / li[i]
+                t[i] = xi
+                for j in range(i):
+                    t[j] -= xi * li[j]
+            for i in range(n):
+                OX[b, i, v] = t[i]
+            for r in range(kc):
+                cr = Cb[r]
+                acc = zero
+                for j in range(n):
+                    acc += cr[j] * t[j]
+                OC[b, r, v] = db[r] * (acc - RC[b, r, v])
+
+
+def kkt_solve_numba(L: torch.Tensor, C: torch.Tensor, d: torch.Tensor, rx: torch.Tensor,
+                    rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The regularized KKT solve of :func:`optlayers.solvers.qp.kkt.solve_regularized`, compiled.
+
+    ``dx = (LLᵀ)⁻¹ (rx + Cᵀ(d∘rc))`` and ``dc = d∘(C dx − rc)`` for every element and right-hand
+    side: ``L (B, n, n)`` lower, ``C (B|1, k+m, n)``, ``d (B, k+m)``, ``rx (B, n, V)``,
+    ``rc (B, k+m, V)`` (CPU, one dtype). One pass per element with its factor in cache, in place
+    of the batched triangular solves and products (the gradient's solves with the factorization
+    the interior-point kernel handed over). No gradients.
+    """
+    Ln, Cn, dn, rxn, rcn = _np(L), _np(C), _np(d), _np(rx), _np(rc)
+    B, n, V = rxn.shape
+    OX = np.empty((B, n, V), dtype=Ln.dtype)
+    OC = np.empty(rcn.shape, dtype=Ln.dtype)
+    if B and V:
+        _kkt_solve_range(Ln, Cn, dn, rxn, rcn, OX, OC, np.empty(n, dtype=Ln.dtype), Ln.dtype.type(0), 0, B)
+    return torch.from_numpy(OX), torch.from_numpy(OC)

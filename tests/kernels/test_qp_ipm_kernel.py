@@ -228,3 +228,24 @@ def test_numba_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert call_count(KERNEL_NAME, "numba") == before and bool(res.converged.all())
     with pytest.raises(KernelUnavailableError, match="simulated"):
         InteriorPoint(backend="numba").run(*data)
+
+
+@pytest.mark.parametrize("shared_c", [False, True])
+def test_compiled_kkt_solve_matches_torch_solve(shared_c: bool) -> None:
+    """``kkt_solve_numba`` (the gradient's solves) equals the batched ``kkt.solve_regularized``."""
+    from optlayers.kernels.qp_ipm_numba import kkt_solve_numba
+    from optlayers.solvers.qp.kkt import factor_kkt, solve_regularized
+
+    Qb, _, Gb, _, Ab, _ = random_qp(5, 7, 6, 2, torch.float64, seed=3)
+    if shared_c:  # data shared by the batch (leading dimension 1) are read in place
+        Qb, Gb, Ab = Qb[:1], Gb[:1], Ab[:1]
+    g = torch.Generator().manual_seed(4)
+    w = torch.rand(5, 6, generator=g, dtype=torch.float64) * 10 + 1e-3
+    # A moderate δ keeps H well conditioned, so the two orders of rounding agree closely.
+    f = factor_kkt(Qb, Ab, Gb, w, torch.full((5, 1), 0.1, dtype=torch.float64))
+    rx = torch.randn(5, 7, 3, generator=g, dtype=torch.float64)
+    rc = torch.randn(5, 8, 3, generator=g, dtype=torch.float64)
+    dx, dc = kkt_solve_numba(f.L, f.C, f.d, rx, rc)
+    ex, ec = solve_regularized(f, rx, rc)
+    torch.testing.assert_close(dx, ex, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dc, ec, rtol=1e-9, atol=1e-9)

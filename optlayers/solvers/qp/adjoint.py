@@ -35,7 +35,9 @@ factor a lot (on the benchmark problems of ``benchmarks/bench_qp.py`` the spectr
 steps or diverges). One ``Gᵀ D G`` product and Cholesky factorization at the solution, starting
 from the interior point's constant part, is cheaper than those extra refinement steps. Where the
 compiled interior point ran (:mod:`optlayers.kernels.qp_ipm_numba`), it made that factorization at
-the end of each element's solve, in cache, and the cache takes it as it is.
+the end of each element's solve, in cache, and the cache takes it as it is; the solves with it
+then run compiled too (:func:`optlayers.kernels.qp_ipm_numba.kkt_solve_numba`, one pass per element)
+wherever the right-hand side is a plain CPU tensor.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class _Entry:
     schur: SchurConstant | None = None
     factor: KKTFactor | SchurFactor | None = None
     lu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    compiled: bool = False  # the factorization came from the compiled interior point
 
     @property
     def B(self) -> int:
@@ -220,14 +223,33 @@ class KKTCache:
             Cf = C if C is not None else stack_constraints(A, G)
             entry.factor = KKTFactor(Q=Q, C=Cf, k=A.shape[-2], w=w, d=d, L=L, delta=delta, ok=fok)
             entry.H0 = None
+            entry.compiled = True
         self.entries.append(entry)
 
 
+def _compiled_solve_applies(e: _Entry, f: KKTFactor | SchurFactor, rhs: torch.Tensor) -> bool:
+    """Whether the compiled solve can take this entry's solve (see :func:`_solve_cholesky`)."""
+    return (e.compiled and isinstance(f, KKTFactor) and rhs.device.type == "cpu" and rhs.dtype == f.L.dtype
+            and not rhs.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(rhs))
+
+
 def _solve_cholesky(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
-    """Regularized KKT solve of one entry for ``rhs (V, B, N)`` (V broadcasts)."""
+    """Regularized KKT solve of one entry for ``rhs (V, B, N)`` (V broadcasts).
+
+    Where the factorization came from the compiled interior point (so Numba is there and the
+    data are on the CPU) and the right-hand side is a plain tensor, the solve is the compiled
+    :func:`optlayers.kernels.qp_ipm_numba.kkt_solve_numba` (the same arithmetic, one pass per
+    element); otherwise the batched triangular solves of :func:`.kkt.solve_any`.
+    """
     f = e.cholesky()
     n = e.sizes[0]
     r = rhs.expand(rhs.shape[0], e.B, rhs.shape[-1]).permute(1, 2, 0)  # (B, N, V): V right-hand sides
+    if _compiled_solve_applies(e, f, rhs):
+        from ...kernels.qp_ipm_numba import kkt_solve_numba
+
+        assert isinstance(f, KKTFactor)
+        dx, dc = kkt_solve_numba(f.L, f.C, f.d, r[:, :n], r[:, n:])
+        return torch.cat([dx, dc], dim=-2).permute(2, 0, 1)
     dx, dc = solve_any(f, r[:, :n], r[:, n:])
     return torch.cat([dx, dc], dim=-2).permute(2, 0, 1)
 

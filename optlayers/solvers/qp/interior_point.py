@@ -335,10 +335,11 @@ class InteriorPoint:
             # The compiled solve: per element, in cache, the same iteration as the loop below.
             out = kernel(Q, p, C, bh, k, self.regularization_for(dtype), Bn, self._warm_point(p, bh, d.G, k, Bn, init),
                          max_iter=self.max_iter, rtol=rtol, floor=floor, eps_inf=eps_inf,
-                         step_fraction=self.step_fraction, factor=factor_out is not None)
-            x, yc, s, tau, kappa, status, iterations, residual, H0, delta = out[:10]
+                         step_fraction=self.step_fraction, factor=factor_out is not None, constant=False)
+            x, yc, s, tau, kappa, status, iterations, residual, _, delta = out[:10]
             if factor_out is not None:
-                factor_out.append((H0, C, delta, None, out[10:]))
+                # The kernel's factorization at the solution replaces H0 (not returned: constant=False).
+                factor_out.append((None, C, delta, None, out[10:]))
             return self._finish(d, x, yc, s, tau, status, iterations, residual)
         delta = static_delta(Q, d.A, d.G, Bn, self.regularization_for(dtype))  # (B, 1)
         H0 = kkt_constant(Q, d.A, delta)
