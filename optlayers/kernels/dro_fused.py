@@ -7,11 +7,18 @@ by step — and the batch drivers that run them over a ``(B, n)`` float32/float6
 place. The shared building blocks (selection, χ² scan, PAV, the Newton–bisection) come from
 :mod:`optlayers.kernels.dro_kernels`. Imported on first use only (it compiles with Numba).
 
+The spectral risks' sort and permutahedron projections live in
+:mod:`optlayers.kernels.dro_spectral_fused`.
+
 Example:
     >>> import numpy as np
-    >>> from optlayers.kernels.dro_fused import desc_order_f32
-    >>> desc_order_f32(np.array([[0.5, 2.0, -1.0]], dtype=np.float32)).tolist()
-    [[1, 0, 2]]
+    >>> from optlayers.kernels.dro_fused import CLOSED_KINDS, fused_closed_batch
+    >>> A = np.array([[1.0, 2.0, 3.0, 4.0]]); P = np.empty_like(A); V = np.empty(1); D = np.empty(1)
+    >>> none = np.empty((1, 0)); order = np.empty((0, 0), dtype=np.intp)
+    >>> fused_closed_batch(CLOSED_KINDS["cvar"], A, none, order, np.empty(0), np.empty(0), 0.5, 2.0, 0.0, P, V, D)
+    True
+    >>> P.tolist(), V.tolist()
+    ([[0.0, 0.0, 0.5, 0.5]], [3.5])
 """
 
 from __future__ import annotations
@@ -21,8 +28,6 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba.core import types
-from numba.extending import overload
 
 from .dro_kernels import (
     _CR_BALL,
@@ -34,20 +39,23 @@ from .dro_kernels import (
     _cr_sums,
     _cvar_rows,
     _newton_bisect_row,
-    _perm_kl_rows,
-    _perm_l2_rows,
     _powb,
     _select_desc,
     kl_terms,
-    pav_means,
 )
-from .vmath_numba import vexp_array, vlog1p
+from .dro_spectral_fused import (
+    fused_spectral_row,
+    perm_kl_row_logw,
+    row_order,
+    spectral_sorted,
+)
+from .vmath_numba import vexp_array
 
 __all__ = [
     "fused_kl_ball_row", "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row",
     "fused_kl_penalty_row", "fused_chi2_penalty_row", "fused_cvar_row", "fused_chi2_ball_row",
-    "fused_spectral_row", "fused_rows", "CLOSED_KINDS", "ROOT_KINDS", "fused_closed_batch",
-    "fused_root_batch", "desc_order_f32", "desc_keys_f32", "log_weights"
+    "fused_rows", "CLOSED_KINDS", "ROOT_KINDS", "fused_closed_batch",
+    "fused_root_batch"
 ]
 
 
@@ -317,14 +325,6 @@ def fused_kl_penalty_row(l, lam, sign, p):  # pragma: no cover - compiled
     return _dot(p, l) - sign * lam * kl, np.nan, True
 
 
-@numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
-def _log_array(x, out):  # pragma: no cover - compiled
-    """``out = log(x)`` for positive finite ``x`` (a vectorized loop: ``log1p(x - 1)``, where
-    ``x - 1`` is exact near 1 and otherwise errs by half an ulp of ``x``, i.e. 1e-16 in the log)."""
-    for i in range(x.shape[0]):
-        out[i] = vlog1p(x[i] - 1.0)
-
-
 @numba.njit(cache=True, error_model="numpy")
 def _holistic_start(q, delta, r):  # pragma: no cover - compiled
     """The cold start of the holistic root-find: ``½ log(Var_q(δ) / 2r)``."""
@@ -496,30 +496,6 @@ def chi2_ball_iterate_row(l, rho, p, max_passes=64):  # pragma: no cover - compi
     return val
 
 
-@numba.njit(cache=True, error_model="numpy")
-def fused_spectral_row(l, order, w, lam, kl, p):  # pragma: no cover - compiled
-    """Spectral risk with a chi-square (``kl = False``) or KL penalty ``lam > 0`` (``solve_spectral``);
-    ``order`` sorts ``l`` in descending order, ``w`` is the spectrum in descending order."""
-    n = l.shape[0]
-    scale = 1.0 / lam if kl else 1.0 / (2.0 * lam * n)
-    z = np.empty((1, n))
-    for i in range(n):
-        z[0, i] = l[i] * scale
-    if kl:
-        _perm_kl_rows(z, order.reshape(1, n), w, p.reshape(1, n))
-        div = 0.0
-        for i in range(n):
-            if p[i] > 0.0:
-                div += p[i] * math.log(p[i] * n)
-    else:
-        _perm_l2_rows(z, order.reshape(1, n), w, p.reshape(1, n))
-        div = 0.0
-        for i in range(n):
-            d = n * p[i] - 1.0
-            div += d * d
-        div /= n
-    return _dot(p, l) - lam * div, np.nan, True
-
 _ROW_FNS = {"kl_ball": fused_kl_ball_row, "cr_ball": fused_cr_ball_row, "cr_penalty": fused_cr_penalty_row,
             "holistic": fused_holistic_row}
 
@@ -622,7 +598,7 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
     p = np.empty(n)
     for b in range(B):
         if which == 4:  # spectral: the rows are read in sorted order, without a float64 copy
-            val, ok, pen = _spectral_sorted(A, b, order[b], w, p1, p2 > 0.0, P)
+            val, ok, pen = spectral_sorted(A, b, order[b], w, p1, p2 > 0.0, P)
             if not ok:
                 return False
             if math.isfinite(val):
@@ -639,10 +615,10 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
             scale = 1.0 / p1
             for i in range(n):
                 s[i] = l[i] * scale
-            div = _perm_kl_row_logw(s, _row_order(order[b]), w, logw, p)
+            div = perm_kl_row_logw(s, row_order(order[b]), w, logw, p)
             val = _dot(p, l) - p1 * div
         elif which == 4:  # spectral-chi-square whose sorted pass gave no finite value
-            val, _, _ = fused_spectral_row(l, _row_order(order[b]), w, p1, False, p)
+            val, _, _ = fused_spectral_row(l, row_order(order[b]), w, p1, False, p)
         elif which == 2:
             val, _, _ = fused_chi2_penalty_row(l, p1, p)
         elif S.shape[1] == n:  # the chi-square ball, by the scan over the sorted row
@@ -685,227 +661,3 @@ def fused_root_batch(which, A, p1, p2, tol, max_iter, X, P, V, D):  # pragma: no
         D[b] = _dot(p, l) - val if which == 2 else 0.0
         _store_row(p, P, V, b, val)
     return status
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _desc_keys_f32(U):  # pragma: no cover - compiled
-    """64-bit keys of the float32 bits ``U`` (``(B, n)`` uint32): an order-preserving map of the
-    value, complemented (descending order), above the column index."""
-    B, n = U.shape
-    K = np.empty((B, n), dtype=np.uint64)
-    for b in range(B):
-        for i in range(n):
-            u = np.uint64(U[b, i])
-            key = u if u >= np.uint64(0x80000000) else u ^ np.uint64(0x7FFFFFFF)
-            K[b, i] = (key << np.uint64(32)) | np.uint64(i)
-    return K
-
-
-def _as_index(v):  # type: ignore[no-untyped-def]
-    """An entry of a row order as an index: itself, or the low 32 bits of a sort key of
-    :func:`desc_keys_f32` (compiled code only)."""
-    raise NotImplementedError
-
-
-@overload(_as_index)
-def _as_index_impl(v):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    if isinstance(v, types.Integer) and not v.signed:
-        return lambda v: np.intp(v & np.uint64(0xFFFFFFFF))
-    return lambda v: np.intp(v)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _row_order(o):  # pragma: no cover - compiled
-    """A row's order as indices (``o`` itself, or the indices of its sort keys)."""
-    out = np.empty(o.shape[0], dtype=np.intp)
-    for j in range(o.shape[0]):
-        out[j] = _as_index(o[j])
-    return out
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _low_index(K):  # pragma: no cover - compiled
-    B, n = K.shape
-    out = np.empty((B, n), dtype=np.intp)
-    for b in range(B):
-        for i in range(n):
-            out[b, i] = np.intp(K[b, i] & np.uint64(0xFFFFFFFF))
-    return out
-
-
-def desc_keys_f32(a: np.ndarray) -> np.ndarray:
-    """Per row of the finite, C-contiguous float32 ``(B, n)`` array ``a``, 64-bit keys sorted in
-    ascending order whose low 32 bits are the indices sorting the row in descending order (ties
-    in index order): the order of :func:`desc_order_f32` without extracting it, as the spectral
-    solver of :func:`fused_closed_batch` reads it."""
-    K = _desc_keys_f32(a.view(np.uint32))
-    K.sort(axis=1)
-    return K
-
-
-def desc_order_f32(a: np.ndarray) -> np.ndarray:
-    """Per row of the finite, C-contiguous float32 ``(B, n)`` array ``a``, the indices sorting it
-    in descending order, by one NumPy sort of 64-bit keys (order-preserving bits of the value
-    above the index): several times faster than ``argsort`` at training sizes. Tied values keep
-    index order."""
-    K = _desc_keys_f32(a.view(np.uint32))
-    K.sort(axis=1)
-    return _low_index(K)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def log_weights(w):  # pragma: no cover - compiled
-    """``log w`` (``-inf`` where ``w <= 0``), as the KL permutahedron projection takes it."""
-    out = np.empty(w.shape[0])
-    for i in range(w.shape[0]):
-        out[i] = math.log(w[i]) if w[i] > 0 else -np.inf
-    return out
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _perm_kl_row_logw(z, order, w, logw, out):  # pragma: no cover - compiled
-    """``_perm_kl_rows`` for one row with ``log w`` precomputed and one ``exp`` per merge;
-    returns ``KL(out || uniform)``."""
-    n = z.shape[0]
-    lse = np.empty(n)
-    ws = np.empty(n)
-    val = np.empty(n)
-    cnt = np.empty(n, dtype=np.int64)
-    top = -1
-    for i in range(n):
-        zi = z[order[i]]
-        top += 1
-        lse[top] = zi
-        ws[top] = w[i]
-        val[top] = zi - logw[i]
-        cnt[top] = 1
-        while top > 0 and val[top - 1] <= val[top]:
-            x = lse[top - 1]
-            y = lse[top]
-            if x == -np.inf:
-                m = y
-            elif y == -np.inf:
-                m = x
-            else:
-                m = max(x, y)
-                m = m + math.log1p(math.exp(-abs(x - y)))
-            lse[top - 1] = m
-            ws[top - 1] += ws[top]
-            cnt[top - 1] += cnt[top]
-            val[top - 1] = m - math.log(ws[top - 1]) if ws[top - 1] > 0 else np.inf
-            top -= 1
-    j = 0
-    tot = 0.0
-    s1 = 0.0
-    for blk in range(top + 1):
-        v = val[blk]
-        for _ in range(cnt[blk]):
-            k = order[j]
-            e = z[k] - v
-            q = math.exp(e)
-            out[k] = q
-            tot += q
-            s1 += q * e
-            j += 1
-    for i in range(n):
-        out[i] /= tot
-    # KL(p || uniform) = sum_i p_i log(n p_i) with log p_i = z_i - v_blk - log(tot): no log per entry
-    return s1 / tot - math.log(tot) + math.log(n)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
-    """Spectral risk with a penalty on row ``b`` of ``A``, with ``order`` its descending order.
-
-    The row is read in sorted order once, and the projection onto the permutahedron (pool
-    adjacent violators), the weights and the value are computed on that contiguous copy; the
-    weights are scattered to ``P[b]``. χ² penalty: blocks of ``z - w`` (``z = l / (2 λ n)``)
-    pooled by their means; KL penalty: in the exp domain (``x = exp(z - max z)``;
-    blocks compared by ``Σx / Σw``, cross-multiplied; ``q = x Σw / Σx``: one vectorized ``exp``
-    pass and one vectorized ``log`` of the block ratios). Returns ``(value, finite, penalty)``;
-    the value is NaN (nothing written) for a KL spread of ``l / λ`` over 700, which the
-    log-domain solver then handles.
-    """
-    n = order.shape[0]
-    ls = np.empty(n)
-    for j in range(n):
-        ls[j] = np.float64(A[b, _as_index(order[j])])
-    for j in range(n):
-        if not math.isfinite(ls[j]):
-            return 0.0, False, 0.0
-    q = np.empty(n)
-    xs = np.empty(n)
-    cnt = np.empty(n)
-    top = -1
-    if kl:
-        scale = 1.0 / lam
-        z0 = ls[0] * scale
-        if not ((ls[0] - ls[n - 1]) * scale <= 700.0):
-            return np.nan, True, 0.0
-        E = np.empty(n)
-        for j in range(n):
-            E[j] = ls[j] * scale - z0
-        vexp_array(E, q)
-        ws = np.empty(n)
-        for j in range(n):
-            top += 1
-            xs[top] = q[j]
-            ws[top] = w[j]
-            cnt[top] = 1.0
-            while top > 0 and xs[top - 1] * ws[top] <= xs[top] * ws[top - 1]:
-                xs[top - 1] += xs[top]
-                ws[top - 1] += ws[top]
-                cnt[top - 1] += cnt[top]
-                top -= 1
-        nb = top + 1
-        R = np.empty(nb)  # each block's ratio Σw / Σx (1 for zero weight: its mass is set to 0)
-        for blk in range(nb):
-            R[blk] = ws[blk] / xs[blk] if ws[blk] > 0.0 else 1.0
-        LR = np.empty(nb)
-        _log_array(R, LR)  # one vectorized log for all blocks
-        j = 0
-        tot = 0.0
-        s1 = 0.0
-        for blk in range(nb):
-            c = int(cnt[blk])
-            if ws[blk] > 0.0:
-                r = R[blk]
-                lr = LR[blk]
-                for _ in range(c):
-                    qj = q[j] * r
-                    q[j] = qj
-                    tot += qj
-                    s1 += qj * (E[j] + lr)  # q log q
-                    j += 1
-            else:  # zero spectrum weight: zero mass
-                for _ in range(c):
-                    q[j] = 0.0
-                    j += 1
-        div = s1 / tot - math.log(tot) + math.log(n)  # KL(p || uniform), p = q / tot
-    else:
-        scale = 1.0 / (2.0 * lam * n)
-        for j in range(n):
-            q[j] = ls[j] * scale - w[j]
-        nb = pav_means(q, xs, cnt)
-        j = 0
-        tot = 0.0
-        for blk in range(nb):
-            v = xs[blk] / cnt[blk]
-            for _ in range(int(cnt[blk])):
-                qj = ls[j] * scale - v
-                qj = qj if qj > 0.0 else 0.0
-                q[j] = qj
-                tot += qj
-                j += 1
-        div = 0.0
-        for j in range(n):
-            d = n * (q[j] / tot) - 1.0
-            div += d * d
-        div /= n
-    inv = 1.0 / tot
-    dot = 0.0
-    for j in range(n):
-        pj = q[j] * inv
-        P[b, _as_index(order[j])] = pj
-        dot += pj * ls[j]
-    return dot - lam * div, True, lam * div

@@ -155,7 +155,7 @@ def test_float32_read_in_place_matches_float64_route(spec) -> None:
 def test_desc_order_f32_sorts_descending_with_ties_in_index_order() -> None:
     import numpy as np
 
-    from optlayers.kernels.dro_fused import desc_keys_f32, desc_order_f32
+    from optlayers.kernels.dro_spectral_fused import desc_keys_f32, desc_order_f32
 
     gen = np.random.default_rng(0)
     a = gen.standard_normal((3, 500)).astype(np.float32)

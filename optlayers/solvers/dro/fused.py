@@ -187,7 +187,7 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
         sign = -1.0 if spec.optimistic else 1.0
         return ("closed", CLOSED_KINDS["kl_penalty"], float(spec.lam), sign, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
     if isinstance(spec, Spectral):
-        from ...kernels.dro_fused import log_weights
+        from ...kernels.dro_spectral_fused import log_weights
 
         w = spec.sigma.cached_weights(n, torch.float64, torch.device("cpu")).flip(0).numpy()
         w = np.ascontiguousarray(w, dtype=np.float64)
@@ -251,6 +251,17 @@ def _legacy(losses: Tensor, spec: DROSpec, tol: float, max_iter: int, B: int, n:
 
 
 _KERNELS: Any = None
+_SPECTRAL: Any = None
+
+
+def _spectral() -> Any:
+    """:mod:`optlayers.kernels.dro_spectral_fused` (imported on first use)."""
+    global _SPECTRAL
+    if _SPECTRAL is None:
+        from ...kernels import dro_spectral_fused
+
+        _SPECTRAL = dro_spectral_fused
+    return _SPECTRAL
 
 
 def _kernels() -> Any:
@@ -422,7 +433,7 @@ class FusedRunner:
             if sort == 1:
                 S = np.sort(a, axis=1)
             elif sort == 2:
-                order = K.desc_keys_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
+                order = _spectral().desc_keys_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
             if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P2, V, D):
                 return None
         else:
