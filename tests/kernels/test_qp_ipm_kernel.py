@@ -233,7 +233,7 @@ def test_numba_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("shared_c", [False, True])
 def test_compiled_kkt_solve_matches_torch_solve(shared_c: bool) -> None:
     """``kkt_solve_numba`` (the gradient's solves) equals the batched ``kkt.solve_regularized``."""
-    from optlayers.kernels.qp_ipm_numba import kkt_solve_numba
+    from optlayers.kernels.qp_kkt_numba import kkt_solve_numba
     from optlayers.solvers.qp.kkt import factor_kkt, solve_regularized
 
     Qb, _, Gb, _, Ab, _ = random_qp(5, 7, 6, 2, torch.float64, seed=3)

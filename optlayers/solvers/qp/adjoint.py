@@ -36,7 +36,7 @@ steps or diverges). One ``Gᵀ D G`` product and Cholesky factorization at the s
 from the interior point's constant part, is cheaper than those extra refinement steps. Where the
 compiled interior point ran (:mod:`optlayers.kernels.qp_ipm_numba`), it made that factorization at
 the end of each element's solve, in cache, and the cache takes it as it is; the solves with it
-then run compiled too (:func:`optlayers.kernels.qp_ipm_numba.kkt_solve_numba`, one pass per element)
+then run compiled too (:func:`optlayers.kernels.qp_kkt_numba.kkt_solve_numba`, one pass per element)
 wherever the right-hand side is a plain CPU tensor.
 """
 
@@ -238,14 +238,14 @@ def _solve_cholesky(e: _Entry, rhs: torch.Tensor) -> torch.Tensor:
 
     Where the factorization came from the compiled interior point (so Numba is there and the
     data are on the CPU) and the right-hand side is a plain tensor, the solve is the compiled
-    :func:`optlayers.kernels.qp_ipm_numba.kkt_solve_numba` (the same arithmetic, one pass per
+    :func:`optlayers.kernels.qp_kkt_numba.kkt_solve_numba` (the same arithmetic, one pass per
     element); otherwise the batched triangular solves of :func:`.kkt.solve_any`.
     """
     f = e.cholesky()
     n = e.sizes[0]
     r = rhs.expand(rhs.shape[0], e.B, rhs.shape[-1]).permute(1, 2, 0)  # (B, N, V): V right-hand sides
     if _compiled_solve_applies(e, f, rhs):
-        from ...kernels.qp_ipm_numba import kkt_solve_numba
+        from ...kernels.qp_kkt_numba import kkt_solve_numba
 
         assert isinstance(f, KKTFactor)
         dx, dc = kkt_solve_numba(f.L, f.C, f.d, r[:, :n], r[:, n:])
