@@ -124,14 +124,21 @@ def _scaled_z(l, lmax, R):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _uniform_row(l, p):  # pragma: no cover - compiled
+    """``p = 1/n`` (a ball of radius 0); returns the mean of ``l``."""
+    n = l.shape[0]
+    for i in range(n):
+        p[i] = 1.0 / n
+    return _dot(p, l)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def fused_kl_ball_row(l, rho, tol, max_iter, warm, p):  # pragma: no cover - compiled
     """KL ball (``solve_kl_ball``)."""
     n = l.shape[0]
     lmax, lmin, n_top = _max_min_top(l)
     if rho <= 0.0:
-        for i in range(n):
-            p[i] = 1.0 / n
-        return _dot(p, l), np.nan, True
+        return _uniform_row(l, p), np.nan, True
     if rho >= math.log(n / n_top):
         _argmax_row(l, lmax, n_top, p, 1.0, False)
         return lmax, np.nan, True
@@ -175,9 +182,7 @@ def fused_cr_ball_row(l, k, rho, tol, max_iter, warm, p):  # pragma: no cover - 
     n = l.shape[0]
     lmax, lmin, n_top = _max_min_top(l)
     if rho <= 0.0:
-        for i in range(n):
-            p[i] = 1.0 / n
-        return _dot(p, l), np.nan, True
+        return _uniform_row(l, p), np.nan, True
     beta = 1.0 / (k - 1.0)
     kk = k * (k - 1.0)
     R = lmax - lmin
