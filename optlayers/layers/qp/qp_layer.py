@@ -14,6 +14,12 @@ with the factorization of the final KKT matrix (:class:`~optlayers.solvers.qp.KK
 solution ``z = (x, ν, λ)`` is one root, so the duals are differentiable too, and reverse mode,
 forward mode, double backward and ``torch.func.vmap``/``jacrev``/``jacfwd`` all work.
 
+A plain reverse-mode call (no ``torch.func`` transform, no forward-mode level active) takes a
+shorter route to the same gradient: one KKT solve with that factorization and OptNet's
+closed-form parameter gradients (:mod:`optlayers.solvers.qp.explicit_vjp`), instead of tracing
+the KKT conditions under autograd; a backward with ``create_graph=True`` replays the generic
+route on the same solution.
+
 References:
     Amos & Kolter, "OptNet: Differentiable Optimization as a Layer in Neural Networks",
     ICML 2017 (arXiv:1703.00443).
@@ -28,8 +34,9 @@ from torch import nn
 
 from ..._result import Result, raise_if_failed
 from ...implicit import ImplicitAdjoint, custom_root
-from ...solvers.qp._data import prepare_qp
+from ...solvers.qp._data import QPData, prepare_qp
 from ...solvers.qp.adjoint import KKTCache, KKTSolve, qp_optimality
+from ...solvers.qp.explicit_vjp import ExplicitGradState, QPExplicitGrad, explicit_grad_applies
 from ...solvers.qp.interior_point import InteriorPoint, QPAux, warm_start_tensors
 
 __all__ = ["qp", "QPLayer"]
@@ -84,41 +91,92 @@ def qp(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch
     if not isinstance(cfg, InteriorPoint):
         raise TypeError(f"solver must be an InteriorPoint config, got {type(cfg).__name__}")
     data = prepare_qp(Q, p, G, h, A, b)  # validates shapes/dtypes before anything runs
-    n, k, m = data.n, data.n_eq, data.n_ineq
+    n = data.n
     if G is None:
         G, h = Q.new_zeros(0, n), Q.new_zeros(0)
     if A is None:
         A, b = Q.new_zeros(0, n), Q.new_zeros(0)
-    batch = tuple(data.batch_shape)
+    assert G is not None and h is not None and A is not None and b is not None
     x0, nu0, lam0 = warm_start_tensors(init)
+    if explicit_grad_applies():
+        return _qp_explicit(cfg, data, (Q, p, G, h, A, b), (x0, nu0, lam0), throw)
+    return _qp_generic(cfg, data, (Q, p, G, h, A, b), (x0, nu0, lam0), throw)
+
+
+def _solve_flat(cfg: InteriorPoint, d: QPData, warm: tuple, throw: bool, cache: KKTCache,
+                factor: bool = True, done: tuple | None = None) -> tuple[Result, tuple]:
+    """Run the interior point on prepared data (or take ``done``, an earlier run), check, fill ``cache``.
+
+    Returns the raw batch-shaped :class:`Result` and the ``factor_out`` record of
+    :meth:`InteriorPoint._run`, so that a replay can reuse both.
+    """
+    if done is None:
+        start = tuple(warm) if warm[0] is not None else None
+        kept: list = []
+        with torch.no_grad():
+            raw = cfg._run(d, start, factor_out=kept if factor else None)
+        # Checked here, on real tensors, so that throw=True also works under torch.func.vmap.
+        raise_if_failed("qp (InteriorPoint)", raw, throw, tol=cfg.tolerance(d.Q.dtype), max_iter=cfg.max_iter)
+        done = (raw, kept[0] if kept else None)
+    raw, record = done
+    if record is not None:
+        B, m = d.B, d.n_ineq
+        valid = torch.isfinite(raw.solution).reshape(B, -1).all(-1)
+        H0, C, delta, sc, parts = record
+        aux = raw.aux
+        cache.add(d.Q, d.A, d.G, aux.slack.reshape(B, m), aux.ineq_dual.reshape(B, m), delta, valid,
+                  H0=H0, C=C, schur=sc, factor_parts=parts)
+    return raw, done
+
+
+def _qp_result(res: Result, x: torch.Tensor, nu: torch.Tensor, lam: torch.Tensor, G: torch.Tensor,
+               h: torch.Tensor) -> Result[QPAux]:
+    slack = h - (x.unsqueeze(-2) @ G.mT).squeeze(-2)  # row-vector form: batched BLAS runs it faster than G x
+    return Result(solution=x, converged=res.converged, iterations=res.iterations, residual=res.residual,
+                  status=res.status, aux=QPAux(ineq_dual=lam, eq_dual=nu, slack=slack))
+
+
+def _qp_explicit(cfg: InteriorPoint, data: QPData, inputs: tuple[torch.Tensor, ...], warm: tuple,
+                 throw: bool) -> Result[QPAux]:
+    """A plain call: one solve, and the closed-form reverse-mode gradient of :mod:`.explicit_vjp`."""
+    Q, p, G, h, A, b = inputs
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    cache = KKTCache()
+    raw, done = _solve_flat(cfg, data, warm, throw, cache, factor=grad)
+    x, nu, lam = raw.solution, raw.aux.eq_dual, raw.aux.ineq_dual
+    if grad:
+        def replay(*ins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            res = _qp_generic(cfg, data, ins, warm, throw, done=done)
+            return res.solution, res.aux.eq_dual, res.aux.ineq_dual
+
+        state = ExplicitGradState(solution=(x, nu, lam), batch_shape=data.batch_shape,
+                                  solver=KKTSolve(cache=cache), throw=True, replay=replay,
+                                  C=done[1][1] if done[1] is not None else None)
+        x, nu, lam = QPExplicitGrad.apply(state, Q, p, G, h, A, b)
+    return _qp_result(raw, x, nu, lam, G, h)
+
+
+def _qp_generic(cfg: InteriorPoint, data: QPData, inputs: tuple[torch.Tensor, ...], warm: tuple,
+                throw: bool, done: tuple | None = None) -> Result[QPAux]:
+    """Through :func:`~optlayers.implicit.custom_root`: forward mode, double backward, ``torch.func``."""
+    Q, p, G, h, A, b = inputs
+    n, k, m = data.n, data.n_eq, data.n_ineq
+    batch = tuple(data.batch_shape)
     cache = KKTCache()
     adjoint = ImplicitAdjoint(linear_solver=KKTSolve(cache=cache))
 
     @custom_root(qp_optimality, adjoint=adjoint, batch_ndim=len(batch))
     def _solve(z0: Any, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: torch.Tensor,
                A: torch.Tensor, b: torch.Tensor, *warm: torch.Tensor | None) -> Result:
-        d = prepare_qp(Q, p, G, h, A, b)
-        start = tuple(warm) if warm[0] is not None else None
-        kept: list = []
-        raw = cfg._run(d, start, factor_out=kept)
-        # Checked here, on real tensors, so that throw=True also works under torch.func.vmap.
-        raise_if_failed("qp (InteriorPoint)", raw, throw, tol=cfg.tolerance(d.Q.dtype), max_iter=cfg.max_iter)
+        raw, _ = _solve_flat(cfg, prepare_qp(Q, p, G, h, A, b), warm, throw, cache, done=done)
         aux = raw.aux
-        B = d.B
-        valid = torch.isfinite(raw.solution).reshape(B, -1).all(-1)
-        H0, C, delta, sc, parts = kept[0]
-        cache.add(d.Q, d.A, d.G, aux.slack.reshape(B, m), aux.ineq_dual.reshape(B, m), delta, valid,
-                  H0=H0, C=C, schur=sc, factor_parts=parts)
         return Result(solution=(raw.solution, aux.eq_dual, aux.ineq_dual), converged=raw.converged,
                       iterations=raw.iterations, residual=raw.residual, status=raw.status, aux=())
 
     z0 = (Q.new_zeros(*batch, n), Q.new_zeros(*batch, k), Q.new_zeros(*batch, m))
-    res = _solve(z0, Q, p, G, h, A, b, x0, nu0, lam0)
+    res = _solve(z0, Q, p, G, h, A, b, *warm)
     x, nu, lam = res.solution
-    slack = h - (x.unsqueeze(-2) @ G.mT).squeeze(-2)  # row-vector form: batched BLAS runs it faster than G x
-    out = Result(solution=x, converged=res.converged, iterations=res.iterations, residual=res.residual,
-                 status=res.status, aux=QPAux(ineq_dual=lam, eq_dual=nu, slack=slack))
-    return out
+    return _qp_result(res, x, nu, lam, G, h)
 
 
 class QPLayer(nn.Module):
