@@ -157,6 +157,7 @@ def test_singular_adjoint_raises(monkeypatch):
         return orig(dataclasses.replace(state, solver=Never()), *a)
 
     monkeypatch.setattr(explicit_mod, "_closed_form_grads", patched)
+    monkeypatch.setattr(explicit_mod, "_compiled_adjoint", lambda *a: None)
     with pytest.raises(AdjointSolveError, match="adjoint solve of qp"):
         x.sum().backward()
 
@@ -172,3 +173,58 @@ def test_forward_mode_and_vmap_take_generic_route():
         pd = fwAD.make_dual(data[1], tang)
         out = fwAD.unpack_dual(qp(data[0], pd, *data[2:]).solution).tangent
     torch.testing.assert_close(out, jv, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.kernels
+def test_compiled_adjoint_matches_batched_kktsolve(monkeypatch):
+    pytest.importorskip("numba")
+    data = _problem((6,), 7, 9, 2, seed=13)
+    calls = []
+    orig = explicit_mod._compiled_adjoint
+
+    def spy(state, *a):
+        out = orig(state, *a)
+        calls.append((state.solver.cache.entries[0].compiled, out is not None))
+        return out
+
+    monkeypatch.setattr(explicit_mod, "_compiled_adjoint", spy)
+    ins = [t.clone().requires_grad_() for t in data]
+    res = qp(*ins)
+    weights = _weights(res)
+    grads = torch.autograd.grad(_loss(res, weights), ins)
+    if not calls[0][0]:
+        pytest.skip("the compiled interior point did not run (OPTLAYERS_KERNELS=reference)")
+    assert calls[0][1], "the compiled adjoint solve did not converge"
+    monkeypatch.setattr(explicit_mod, "_compiled_adjoint", lambda *a: None)  # the batched KKTSolve
+    ins2 = [t.clone().requires_grad_() for t in data]
+    ref = torch.autograd.grad(_loss(qp(*ins2), weights), ins2)
+    for name, g, r in zip("Q p G h A b".split(), grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11, msg=f"gradient of {name}")
+
+
+@pytest.mark.kernels
+def test_compiled_adjoint_falls_back_when_refinement_misses():
+    pytest.importorskip("numba")
+    from optlayers.kernels.qp_kkt_numba import kkt_refine_numba
+    from optlayers.solvers.qp.adjoint import KKTCache
+    from optlayers.layers.qp.qp_layer import _solve_flat
+
+    data = _problem((3,), 5, 4, 2, seed=17)
+    d = prepare_qp(*data)
+    cache = KKTCache()
+    raw, _ = _solve_flat(InteriorPoint(backend="numba"), d, (None, None, None), True, cache)
+    f = cache.entries[0].cholesky()
+    x, lam = raw.solution, raw.aux.ineq_dual
+    lam_c = torch.where(lam > 0, lam, torch.ones_like(lam))
+    r = ((x.unsqueeze(-2) @ d.G.mT).squeeze(-2) - d.h) / lam_c
+    g = torch.randn(3, 5 + 2 + 4, dtype=F64)
+    u, ok, rel = kkt_refine_numba(f.L, f.C, f.d, d.Q, lam / lam_c, r, g, 2, 1e-10, 3)
+    assert ok.all() and (rel <= 1e-10).all()
+    K = torch.zeros(3, 11, 11, dtype=F64)  # the dense (∂_z F)ᵀ
+    K[:, :5, :5] = d.Q.mT
+    K[:, :5, 5:] = f.C.mT * torch.cat([torch.ones(3, 2, dtype=F64), lam / lam_c], -1).unsqueeze(-2)
+    K[:, 5:, :5] = f.C
+    K[:, 7:, 7:] = torch.diag_embed(r)
+    torch.testing.assert_close(u, torch.linalg.solve(K, g), rtol=1e-8, atol=1e-10)
+    _, ok0, rel0 = kkt_refine_numba(f.L, f.C, f.d, d.Q, lam / lam_c, r, g, 2, 1e-30, 0)  # unreachable tolerance
+    assert not ok0.any() and (rel0 > 0).all()

@@ -47,11 +47,11 @@ from typing import Any
 
 import torch
 
-from ..._result import AdjointSolveError, failure_message
+from ..._result import AdjointSolveError, Result, failure_message
 from ...implicit.linear_solvers import LinearOperator
 from ._data import prepare_qp
 from .adjoint import KKTSolve
-from .kkt import stack_constraints
+from .kkt import KKTFactor, stack_constraints
 
 __all__ = ["QPExplicitGrad", "ExplicitGradState", "explicit_grad_applies"]
 
@@ -127,6 +127,31 @@ class QPExplicitGrad(torch.autograd.Function):
         return (None, *_closed_form_grads(state, data, needs, (x, nu, lam), (gx, gnu, glam)))
 
 
+def _compiled_adjoint(state: ExplicitGradState, Q: torch.Tensor, c: torch.Tensor, r: torch.Tensor,
+                      rhs: torch.Tensor, k: int) -> Result | None:
+    """The adjoint solve as one compiled pass per element (:func:`.kernels.qp_kkt_numba.kkt_refine_numba`).
+
+    Applies where the factorization came from the compiled interior point (one forward solve,
+    CPU data). Returns None when it does not apply or when some element misses the tolerance; the
+    caller then runs :class:`.adjoint.KKTSolve`, whose scaled-LU fallback handles those elements.
+    """
+    entries = state.solver.cache.entries
+    if len(entries) != 1 or not entries[0].compiled or rhs.device.type != "cpu":
+        return None
+    from ...kernels.qp_kkt_numba import kkt_refine_numba
+
+    e = entries[0]
+    f = e.cholesky()
+    assert isinstance(f, KKTFactor)
+    rtol = state.solver.rtol if state.solver.rtol is not None else (1e-10 if rhs.dtype == torch.float64 else 1e-4)
+    g = torch.where(e.valid.unsqueeze(-1), rhs, torch.zeros_like(rhs))  # failed elements: zero gradient
+    u, ok, rel = kkt_refine_numba(f.L, f.C, f.d, Q, c, r, g, k, rtol, state.solver.refine)
+    if not bool(ok.all()):
+        return None
+    zeros = torch.zeros(u.shape[0], dtype=torch.int64)
+    return Result(solution=u, converged=ok, iterations=zeros + 1, residual=rel, status=zeros)
+
+
 def _replayed_grads(state: ExplicitGradState, data: tuple[torch.Tensor, ...], needs: tuple[bool, ...],
                     cot: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
     """The gradients through the generic primitive (twice differentiable), on the same solution."""
@@ -168,7 +193,9 @@ def _closed_form_grads(state: ExplicitGradState, data: tuple[torch.Tensor, ...],
     rhs = torch.cat(parts, -1)
     op = LinearOperator(matvec=rmatvec, rmatvec=matvec, batch=Bn, n=n + k + m, dtype=dt, device=dev,
                         symmetric=True)
-    res = state.solver(op, rhs)
+    res = _compiled_adjoint(state, d.Q, c, r, rhs, k)
+    if res is None:  # not the compiled kernel's factorization, or an element it could not solve
+        res = state.solver(op, rhs)
     if state.throw and not bool(res.converged.all()):
         raise AdjointSolveError(
             failure_message("adjoint solve of qp (KKTSolve)", res, tol=state.solver.rtol)
