@@ -274,7 +274,12 @@ def run(full: bool = False) -> list[dict[str, Any]]:
                 hint = " (bash benchmarks/envs/qpth.sh)" if lib == "qpth" else ""
                 rows.append({**row, "note": f"skipped: {lib} not installed{hint}"})
                 continue
-            repeats = 5 if B * nz <= 128 * 100 and lib != "cvxpylayers" else 3
+            # More repeats where a call is short (a steadier median on a shared machine); the
+            # seconds-long cvxpylayers calls get five at the default size, three beyond it.
+            if lib == "cvxpylayers":
+                repeats = 5 if B * nz <= 128 * 50 else 3
+            else:
+                repeats = 15 if B * nz <= 128 * 100 else 5
             try:
                 res = isolated(exe[lib], lib, repeats=repeats, B=B, nz=nz, nineq=m, neq=k, dtype=dtype)
             except Exception as err:  # noqa: BLE001 - report the failure in the table and go on
