@@ -24,8 +24,8 @@ from numba.extending import overload
 from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means
 from .vmath_numba import vexp_array, vlog1p
 
-__all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "log_weights", "spectral_sorted",
-           "perm_kl_row_logw", "row_order"]
+__all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "desc_order_radix_f32", "log_weights",
+           "spectral_sorted", "perm_kl_row_logw", "row_order"]
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -108,6 +108,59 @@ def _low_index(K):  # pragma: no cover - compiled
         for i in range(n):
             out[b, i] = np.intp(K[b, i] & np.uint64(0xFFFFFFFF))
     return out
+
+
+@numba.njit(cache=True, error_model="numpy")
+def desc_order_radix_f32(a, order, keys, keys2, idx, cnt):  # pragma: no cover - compiled
+    """``order`` = the indices sorting the float32 row ``a`` in descending order, ties in index order.
+
+    The same order as :func:`desc_order_f32`, by a stable least-significant-digit radix sort of the
+    32-bit order-preserving keys (three passes of 11, 11 and 10 bits, the three histograms counted
+    in one pass), inside the compiled call: no 64-bit keys, no NumPy call. ``keys``, ``keys2``
+    (uint32), ``idx`` (int32) of the row's length and ``cnt`` (``(3, 2048)`` int32) are workspace.
+    Inside a training step, where the row and the workspace are no longer in cache, it took about
+    half the time of the key construction plus NumPy sort (on the 2-core AMD EPYC of
+    ``benchmarks/bench_dro.py``, n = 4096: ~55 µs against ~90 µs), though it is slower on hot data.
+    """
+    n = a.shape[0]
+    U = a.view(np.uint32)
+    for d in range(3):
+        for j in range(2048):
+            cnt[d, j] = 0
+    for i in range(n):
+        u = U[i]
+        key = u if u >= np.uint32(0x80000000) else u ^ np.uint32(0x7FFFFFFF)
+        keys[i] = key
+        cnt[0, key & np.uint32(2047)] += 1
+        cnt[1, (key >> np.uint32(11)) & np.uint32(2047)] += 1
+        cnt[2, key >> np.uint32(22)] += 1
+    for d in range(3):
+        tot = 0
+        for j in range(2048):
+            c = cnt[d, j]
+            cnt[d, j] = tot
+            tot += c
+    for i in range(n):  # digit 0: keys -> keys2, the index is i
+        k = keys[i]
+        dg = k & np.uint32(2047)
+        pos = cnt[0, dg]
+        cnt[0, dg] = pos + 1
+        keys2[pos] = k
+        idx[pos] = i
+    for i in range(n):  # digit 1: keys2, idx -> keys, order
+        k = keys2[i]
+        dg = (k >> np.uint32(11)) & np.uint32(2047)
+        pos = cnt[1, dg]
+        cnt[1, dg] = pos + 1
+        keys[pos] = k
+        order[pos] = idx[i]
+    for i in range(n):  # digit 2: keys, order -> idx
+        dg = keys[i] >> np.uint32(22)
+        pos = cnt[2, dg]
+        cnt[2, dg] = pos + 1
+        idx[pos] = order[i]
+    for i in range(n):
+        order[i] = idx[i]
 
 
 def desc_keys_f32(a: np.ndarray) -> np.ndarray:

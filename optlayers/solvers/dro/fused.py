@@ -432,8 +432,10 @@ class FusedRunner:
             order = _NO_INDEX
             if sort == 1:
                 S = np.sort(a, axis=1)
+            elif sort == 2 and a.dtype == np.float32:  # spectral: the order by a radix sort in the call
+                return (P, V, D) if K.fused_spectral_f32_batch(a, w, logw, p1, p2 > 0.0, P2, V, D) else None
             elif sort == 2:
-                order = _spectral().desc_keys_f32(a) if a.dtype == np.float32 else np.argsort(-a, axis=1)
+                order = np.argsort(-a, axis=1)
             if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P2, V, D):
                 return None
         else:
