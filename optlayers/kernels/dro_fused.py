@@ -44,10 +44,11 @@ from .dro_kernels import (
     kl_terms,
 )
 from .dro_spectral_fused import (
-    desc_order_radix_f32,
+    desc_sorted_radix_f32,
     fused_spectral_row,
     perm_kl_row_logw,
     row_order,
+    spectral_core,
     spectral_sorted,
 )
 from .vmath_numba import vexp_array
@@ -642,8 +643,8 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
 def fused_spectral_f32_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover - compiled
     """:func:`fused_closed_batch` for the spectral risks (``which = 4``) on float32 rows, each row's
     descending order computed in the same call by :func:`desc_order_radix_f32` (the order of
-    :func:`desc_keys_f32`, so the same weights). Returns False at the first row with a
-    non-finite entry."""
+    :func:`desc_keys_f32`, so the same weights) together with the sorted row. Returns False at the
+    first row with a non-finite entry."""
     B, n = A.shape
     order = np.empty(n, dtype=np.int32)
     keys = np.empty(n, dtype=np.uint32)
@@ -654,10 +655,9 @@ def fused_spectral_f32_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover 
     s = np.empty(n)
     p = np.empty(n)
     for b in range(B):
-        desc_order_radix_f32(A[b], order, keys, keys2, idx, cnt)
-        val, ok, pen = spectral_sorted(A, b, order, w, lam, kl, P)
-        if not ok:
+        if not desc_sorted_radix_f32(A[b], order, l, keys, keys2, idx, cnt):
             return False
+        val, _, pen = spectral_core(l, order, w, lam, kl, P, b)
         if math.isfinite(val):
             V[b] = val
             D[b] = pen

@@ -25,7 +25,8 @@ from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means
 from .vmath_numba import vexp_array, vlog1p
 
 __all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "desc_order_radix_f32", "log_weights",
-           "spectral_sorted", "perm_kl_row_logw", "row_order"]
+           "spectral_sorted", "spectral_core", "desc_sorted_radix_f32", "perm_kl_row_logw",
+           "row_order"]
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -111,16 +112,18 @@ def _low_index(K):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, error_model="numpy")
-def desc_order_radix_f32(a, order, keys, keys2, idx, cnt):  # pragma: no cover - compiled
-    """``order`` = the indices sorting the float32 row ``a`` in descending order, ties in index order.
+def desc_sorted_radix_f32(a, order, ls, keys, keys2, idx, cnt):  # pragma: no cover - compiled
+    """``order`` = the indices sorting the float32 row ``a`` in descending order (ties in index
+    order) and ``ls`` = ``float64(a[order])``; returns whether every entry is finite.
 
     The same order as :func:`desc_order_f32`, by a stable least-significant-digit radix sort of the
     32-bit order-preserving keys (three passes of 11, 11 and 10 bits, the three histograms counted
-    in one pass), inside the compiled call: no 64-bit keys, no NumPy call. ``keys``, ``keys2``
-    (uint32), ``idx`` (int32) of the row's length and ``cnt`` (``(3, 2048)`` int32) are workspace.
-    Inside a training step, where the row and the workspace are no longer in cache, it took about
-    half the time of the key construction plus NumPy sort (on the 2-core AMD EPYC of
-    ``benchmarks/bench_dro.py``, n = 4096: ~55 µs against ~90 µs), though it is slower on hot data.
+    in one pass) inside the compiled call: no 64-bit keys, no NumPy call, and the sorted values
+    are decoded from the sorted keys in one sequential pass instead of gathered through the order.
+    ``keys``, ``keys2`` (uint32), ``idx`` (int32) of the row's length and ``cnt`` (``(3, 2048)``
+    int32) are workspace. Inside a training step, where the row and the workspace are no longer in
+    cache, this took about half the time of the key construction plus NumPy sort (2-core AMD EPYC
+    of ``benchmarks/bench_dro.py``, n = 4096), though it is slower on data in cache.
     """
     n = a.shape[0]
     U = a.view(np.uint32)
@@ -146,21 +149,39 @@ def desc_order_radix_f32(a, order, keys, keys2, idx, cnt):  # pragma: no cover -
         pos = cnt[0, dg]
         cnt[0, dg] = pos + 1
         keys2[pos] = k
-        idx[pos] = i
-    for i in range(n):  # digit 1: keys2, idx -> keys, order
+        order[pos] = i
+    for i in range(n):  # digit 1: keys2, order -> keys, idx
         k = keys2[i]
         dg = (k >> np.uint32(11)) & np.uint32(2047)
         pos = cnt[1, dg]
         cnt[1, dg] = pos + 1
         keys[pos] = k
-        order[pos] = idx[i]
-    for i in range(n):  # digit 2: keys, order -> idx
-        dg = keys[i] >> np.uint32(22)
+        idx[pos] = order[i]
+    for i in range(n):  # digit 2: keys, idx -> keys2, order
+        k = keys[i]
+        dg = k >> np.uint32(22)
         pos = cnt[2, dg]
         cnt[2, dg] = pos + 1
-        idx[pos] = order[i]
-    for i in range(n):
-        order[i] = idx[i]
+        keys2[pos] = k
+        order[pos] = idx[i]
+    if ls.shape[0] != n:
+        return True
+    for j in range(n):  # the keys back to the float32 bits (the map is its own inverse)
+        k = keys2[j]
+        keys2[j] = k if k >= np.uint32(0x80000000) else k ^ np.uint32(0x7FFFFFFF)
+    vals = keys2.view(np.float32)
+    finite = True
+    for j in range(n):
+        v = np.float64(vals[j])
+        ls[j] = v
+        finite = finite and math.isfinite(v)
+    return finite
+
+
+@numba.njit(cache=True, error_model="numpy")
+def desc_order_radix_f32(a, order, keys, keys2, idx, cnt):  # pragma: no cover - compiled
+    """:func:`desc_sorted_radix_f32` without the sorted values."""
+    desc_sorted_radix_f32(a, order, np.empty(0), keys, keys2, idx, cnt)
 
 
 def desc_keys_f32(a: np.ndarray) -> np.ndarray:
@@ -263,6 +284,13 @@ def spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     for j in range(n):
         if not math.isfinite(ls[j]):
             return 0.0, False, 0.0
+    return spectral_core(ls, order, w, lam, kl, P, b)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
+    """:func:`spectral_sorted` from the finite sorted row ``ls = A[b, order]`` (float64)."""
+    n = order.shape[0]
     q = np.empty(n)
     xs = np.empty(n)
     cnt = np.empty(n)

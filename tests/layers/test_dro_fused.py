@@ -181,7 +181,7 @@ def test_radix_order_equals_the_key_sort() -> None:
     extremes, subnormals, infinities, several lengths)."""
     import numpy as np
 
-    from optlayers.kernels.dro_spectral_fused import desc_order_f32, desc_order_radix_f32
+    from optlayers.kernels.dro_spectral_fused import desc_order_f32, desc_order_radix_f32, desc_sorted_radix_f32
 
     gen = np.random.default_rng(1)
     for n in (1, 2, 7, 500, 4096):
@@ -195,9 +195,16 @@ def test_radix_order_equals_the_key_sort() -> None:
         ref = desc_order_f32(np.ascontiguousarray(a))
         order = np.empty(n, dtype=np.int32)
         work = (np.empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, np.int32), np.empty((3, 2048), np.int32))
+        ls = np.empty(n)
         for b in range(4):
             desc_order_radix_f32(np.ascontiguousarray(a[b]), order, *work)
             np.testing.assert_array_equal(order, ref[b])
+            order[:] = -1
+            finite = desc_sorted_radix_f32(np.ascontiguousarray(a[b]), order, ls, *work)
+            np.testing.assert_array_equal(order, ref[b])
+            np.testing.assert_array_equal(ls, a[b][ref[b]].astype(np.float64))  # -0.0 == 0.0 here
+            np.testing.assert_array_equal(np.signbit(ls), np.signbit(a[b][ref[b]]))
+            assert finite == bool(np.isfinite(a[b]).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
