@@ -22,7 +22,7 @@ from numba.core import types
 from numba.extending import overload
 
 from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means
-from .vmath_numba import vexp_array, vlog1p
+from .vmath_numba import vexp, vlog1p
 
 __all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "desc_order_radix_f32", "log_weights",
            "spectral_sorted", "spectral_core", "desc_sorted_radix_f32", "perm_kl_row_logw",
@@ -63,6 +63,13 @@ def _log_array(x, out):  # pragma: no cover - compiled
     ``x - 1`` is exact near 1 and otherwise errs by half an ulp of ``x``, i.e. 1e-16 in the log)."""
     for i in range(x.shape[0]):
         out[i] = vlog1p(x[i] - 1.0)
+
+
+@numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def _exp_affine(x, scale, shift, out):  # pragma: no cover - compiled
+    """``out = exp(x · scale − shift)`` (a vectorized loop, no array of the exponents)."""
+    for i in range(x.shape[0]):
+        out[i] = vexp(x[i] * scale - shift)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -300,10 +307,7 @@ def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
         z0 = ls[0] * scale
         if not ((ls[0] - ls[n - 1]) * scale <= 700.0):
             return np.nan, True, 0.0
-        E = np.empty(n)
-        for j in range(n):
-            E[j] = ls[j] * scale - z0
-        vexp_array(E, q)
+        _exp_affine(ls, scale, z0, q)
         ws = np.empty(n)
         for j in range(n):
             top += 1
@@ -333,7 +337,7 @@ def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
                     qj = q[j] * r
                     q[j] = qj
                     tot += qj
-                    s1 += qj * (E[j] + lr)  # q log q
+                    s1 += qj * ((ls[j] * scale - z0) + lr)  # q log q
                     j += 1
             else:  # zero spectrum weight: zero mass
                 for _ in range(c):
