@@ -345,25 +345,34 @@ def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
                     j += 1
         div = s1 / tot - math.log(tot) + math.log(n)  # KL(p || uniform), p = q / tot
     else:
+        # χ²: PAV of z - w in place (a block's sum is written at or before the entry it reads),
+        # the unnormalized weights scattered straight to P, then one sequential pass normalizes P
+        # and sums the divergence (1/n) Σ (n p - 1)² of the stored weights.
         scale = 1.0 / (2.0 * lam * n)
         for j in range(n):
-            q[j] = ls[j] * scale - w[j]
-        nb = pav_means(q, xs, cnt)
+            xs[j] = ls[j] * scale - w[j]
+        nb = pav_means(xs, xs, cnt)
         j = 0
         tot = 0.0
+        sl = 0.0
         for blk in range(nb):
             v = xs[blk] / cnt[blk]
             for _ in range(int(cnt[blk])):
                 qj = ls[j] * scale - v
                 qj = qj if qj > 0.0 else 0.0
-                q[j] = qj
+                P[b, _as_index(order[j])] = qj
                 tot += qj
+                sl += qj * ls[j]
                 j += 1
+        inv = 1.0 / tot
         div = 0.0
-        for j in range(n):
-            d = n * (q[j] / tot) - 1.0
+        for i in range(n):
+            pi = P[b, i] * inv
+            P[b, i] = pi
+            d = n * np.float64(P[b, i]) - 1.0
             div += d * d
         div /= n
+        return sl * inv - lam * div, True, lam * div
     inv = 1.0 / tot
     dot = 0.0
     for j in range(n):
