@@ -406,9 +406,10 @@ class FusedRunner:
         if self.B == 1 and len(self.shape) == 1:
             # one built-in op: <l, p> carries the gradient p and is the value of a ball (in the
             # losses' dtype; the kernel's float64 value differs by its rounding), minus the
-            # penalty λ D(p) for a penalized spec
-            d = torch.dot(losses, p_t)
-            return d - float(D[0]) if self.penalized else d
+            # penalty λ D(p) for a penalized spec (as the bias of a linear map)
+            if self.penalized:  # <l, p> - λ D(p) in one op (the bias is a constant)
+                return torch.nn.functional.linear(losses, p_t, torch.scalar_tensor(-float(D[0]), dtype=self.dtype))
+            return torch.dot(losses, p_t)
         return DanskinValue.apply(losses, torch.from_numpy(V).reshape(self.vshape), p_t)
 
     def solve(self, losses: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
