@@ -21,12 +21,7 @@ from optlayers.solvers.qp._data import prepare_qp
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(batch, n, m, k, seed=0, dtype=F64):
@@ -206,8 +201,8 @@ def test_compiled_adjoint_matches_batched_kktsolve(monkeypatch):
 def test_compiled_adjoint_falls_back_when_refinement_misses():
     pytest.importorskip("numba")
     from optlayers.kernels.qp_kkt_numba import kkt_refine_numba
-    from optlayers.solvers.qp.adjoint import KKTCache
     from optlayers.layers.qp.qp_layer import _solve_flat
+    from optlayers.solvers.qp.adjoint import KKTCache
 
     data = _problem((3,), 5, 4, 2, seed=17)
     d = prepare_qp(*data)

@@ -15,13 +15,7 @@ from optlayers.solvers.lp import PDHG, AdaptivePDHG, LPGradient, diag_qp, linpro
 T = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batched matmuls are much slower with several BLAS threads on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_lp(seed: int, m: int = 30, n: int = 50):

@@ -16,13 +16,7 @@ cp = pytest.importorskip("cvxpy")
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batched LAPACK calls are much slower with several BLAS threads on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_qp(B: int, n: int, m: int, p: int, *, dtype: torch.dtype = F64, seed: int = 0, psd: bool = False):
