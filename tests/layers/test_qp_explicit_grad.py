@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_qp_layer import random_qp  # same folder (pytest's default prepend import mode)
 
 import optlayers.solvers.qp.explicit_vjp as explicit_mod
 from optlayers._result import AdjointSolveError
@@ -22,19 +23,6 @@ F64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _problem(batch, n, m, k, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    L = torch.randn(*batch, n, n, dtype=dtype, generator=g)
-    Q = L @ L.mT / n + 0.2 * torch.eye(n, dtype=dtype)
-    p = torch.randn(*batch, n, dtype=dtype, generator=g)
-    G = torch.randn(*batch, m, n, dtype=dtype, generator=g)
-    x0 = torch.randn(*batch, n, dtype=dtype, generator=g)
-    h = (G @ x0.unsqueeze(-1)).squeeze(-1) + torch.rand(*batch, m, dtype=dtype, generator=g)
-    A = torch.randn(*batch, k, n, dtype=dtype, generator=g)
-    b = (A @ x0.unsqueeze(-1)).squeeze(-1)
-    return [Q, p, G, h, A, b]
 
 
 def _loss(res, weights):
@@ -68,7 +56,7 @@ CUT = {(): (0, 0), (3,): (0,), (2, 3): (), (1, 3): (slice(0, 1),)}
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_explicit_matches_generic_route(layout):
-    full = _problem((2, 3), 5, 4, 2, seed=3)
+    full = random_qp((2, 3), 5, 4, 2, seed=3)
     data = [t[CUT[s]] for t, s in zip(full, LAYOUTS[layout])]
     ins = [t.clone().requires_grad_() for t in data]
     res = qp(*ins)
@@ -82,7 +70,7 @@ def test_explicit_matches_generic_route(layout):
 
 
 def test_gradcheck_explicit_path():
-    data = _problem((2,), 4, 3, 1, seed=5)
+    data = random_qp((2,), 4, 3, 1, seed=5)
     data[0] = data[0][0]  # shared Q
 
     def f(Q, p, G, h, A, b):
@@ -95,7 +83,7 @@ def test_gradcheck_explicit_path():
 
 
 def test_only_some_inputs_require_grad_and_partial_cotangents():
-    data = _problem((3,), 5, 4, 2, seed=7)
+    data = random_qp((3,), 5, 4, 2, seed=7)
     ins = [t.clone() for t in data]
     ins[2].requires_grad_()  # G only
     res = qp(*ins)
@@ -111,7 +99,7 @@ def test_only_some_inputs_require_grad_and_partial_cotangents():
 
 
 def test_double_backward_replays_generic_route():
-    data = _problem((2,), 4, 3, 1, seed=9)
+    data = random_qp((2,), 4, 3, 1, seed=9)
     p = data[1].clone().requires_grad_()
     x = qp(data[0], p, *data[2:]).solution
     (g,) = torch.autograd.grad((x ** 2).sum(), p, create_graph=True)
@@ -124,7 +112,7 @@ def test_double_backward_replays_generic_route():
 
 
 def test_no_grad_call_builds_no_graph_and_skips_factor():
-    data = _problem((2,), 4, 3, 1)
+    data = random_qp((2,), 4, 3, 1)
     with torch.no_grad():
         res = qp(*[t.clone().requires_grad_() for t in data])
     assert res.solution.grad_fn is None
@@ -133,7 +121,7 @@ def test_no_grad_call_builds_no_graph_and_skips_factor():
 
 
 def test_singular_adjoint_raises(monkeypatch):
-    data = _problem((2,), 4, 3, 1)
+    data = random_qp((2,), 4, 3, 1)
     ins = [t.clone().requires_grad_() for t in data]
     x = qp(*ins).solution
 
@@ -158,7 +146,7 @@ def test_singular_adjoint_raises(monkeypatch):
 
 
 def test_forward_mode_and_vmap_take_generic_route():
-    data = _problem((2,), 4, 3, 1, seed=11)
+    data = random_qp((2,), 4, 3, 1, seed=11)
     tang = torch.randn_like(data[1])
     _, jv = torch.func.jvp(lambda pp: qp(data[0], pp, *data[2:]).solution, (data[1],), (tang,))
     J = torch.func.jacrev(lambda pp: qp(data[0], pp, *data[2:]).solution)(data[1])  # (2, n, 2, n)
@@ -173,7 +161,7 @@ def test_forward_mode_and_vmap_take_generic_route():
 @pytest.mark.kernels
 def test_compiled_adjoint_matches_batched_kktsolve(monkeypatch):
     pytest.importorskip("numba")
-    data = _problem((6,), 7, 9, 2, seed=13)
+    data = random_qp((6,), 7, 9, 2, seed=13)
     calls = []
     orig = explicit_mod._compiled_adjoint
 
@@ -204,7 +192,7 @@ def test_compiled_adjoint_falls_back_when_refinement_misses():
     from optlayers.layers.qp.qp_layer import _solve_flat
     from optlayers.solvers.qp.adjoint import KKTCache
 
-    data = _problem((3,), 5, 4, 2, seed=17)
+    data = random_qp((3,), 5, 4, 2, seed=17)
     d = prepare_qp(*data)
     cache = KKTCache()
     raw, _ = _solve_flat(InteriorPoint(backend="numba"), d, (None, None, None), True, cache)
