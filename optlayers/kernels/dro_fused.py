@@ -647,15 +647,15 @@ def fused_spectral_f32_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover 
     first row with a non-finite entry."""
     B, n = A.shape
     order = np.empty(n, dtype=np.int32)
-    keys = np.empty(n, dtype=np.uint32)
-    keys2 = np.empty(n, dtype=np.uint32)
-    idx = np.empty(n, dtype=np.int32)
+    keys = np.empty(n, dtype=np.uint64)
+    keys2 = np.empty(n, dtype=np.uint64)
+    bits = np.empty(n, dtype=np.uint32)
     cnt = np.empty((3, 2048), dtype=np.int32)
     l = np.empty(n)
     s = np.empty(n)
     p = np.empty(n)
     for b in range(B):
-        if not desc_sorted_radix_f32(A[b], order, l, keys, keys2, idx, cnt):
+        if not desc_sorted_radix_f32(A[b], order, l, keys, keys2, bits, cnt):
             return False
         val, _, pen = spectral_core(l, order, w, lam, kl, P, b)
         if math.isfinite(val):

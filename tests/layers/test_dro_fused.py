@@ -194,7 +194,7 @@ def test_radix_order_equals_the_key_sort() -> None:
             a[3, :7] = [np.inf, -np.inf, np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45, -1e-45, 3.0]
         ref = desc_order_f32(np.ascontiguousarray(a))
         order = np.empty(n, dtype=np.int32)
-        work = (np.empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, np.int32), np.empty((3, 2048), np.int32))
+        work = (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty(n, np.uint32), np.empty((3, 2048), np.int32))
         ls = np.empty(n)
         for b in range(4):
             desc_order_radix_f32(np.ascontiguousarray(a[b]), order, *work)
