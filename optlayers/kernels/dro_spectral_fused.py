@@ -292,11 +292,11 @@ def spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
 def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
     """:func:`spectral_sorted` from the finite sorted row ``ls = A[b, order]`` (float64)."""
     n = order.shape[0]
-    q = np.empty(n)
     xs = np.empty(n)
     cnt = np.empty(n)
     top = -1
     if kl:
+        q = np.empty(n)
         scale = 1.0 / lam
         z0 = ls[0] * scale
         if not ((ls[0] - ls[n - 1]) * scale <= 700.0):
@@ -319,9 +319,11 @@ def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
             R[blk] = ws[blk] / xs[blk] if ws[blk] > 0.0 else 1.0
         LR = np.empty(nb)
         _log_array(R, LR)  # one vectorized log for all blocks
+        # the unnormalized weights scattered straight to P (normalized by one sequential pass below)
         j = 0
         tot = 0.0
         s1 = 0.0
+        sl = 0.0
         for blk in range(nb):
             c = int(cnt[blk])
             if ws[blk] > 0.0:
@@ -329,15 +331,20 @@ def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
                 lr = LR[blk]
                 for _ in range(c):
                     qj = q[j] * r
-                    q[j] = qj
+                    P[b, _as_index(order[j])] = qj
                     tot += qj
                     s1 += qj * ((ls[j] * scale - z0) + lr)  # q log q
+                    sl += qj * ls[j]
                     j += 1
             else:  # zero spectrum weight: zero mass
                 for _ in range(c):
-                    q[j] = 0.0
+                    P[b, _as_index(order[j])] = 0.0
                     j += 1
         div = s1 / tot - math.log(tot) + math.log(n)  # KL(p || uniform), p = q / tot
+        inv = 1.0 / tot
+        for i in range(n):
+            P[b, i] = P[b, i] * inv
+        return sl * inv - lam * div, True, lam * div
     else:
         # χ²: PAV of z - w in place (a block's sum is written at or before the entry it reads),
         # the unnormalized weights scattered straight to P, then one sequential pass normalizes P
@@ -367,10 +374,3 @@ def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
             div += d * d
         div /= n
         return sl * inv - lam * div, True, lam * div
-    inv = 1.0 / tot
-    dot = 0.0
-    for j in range(n):
-        pj = q[j] * inv
-        P[b, _as_index(order[j])] = pj
-        dot += pj * ls[j]
-    return dot - lam * div, True, lam * div
