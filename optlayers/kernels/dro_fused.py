@@ -605,7 +605,7 @@ def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pra
     p = np.empty(n)
     for b in range(B):
         if which == 4:  # spectral: the rows are read in sorted order, without a float64 copy
-            val, ok, pen = spectral_sorted(A, b, order[b], w, p1, p2 > 0.0, P)
+            val, ok, pen = spectral_sorted(A, b, order[b], w, logw, p1, p2 > 0.0, P)
             if not ok:
                 return False
             if math.isfinite(val):
@@ -657,7 +657,7 @@ def fused_spectral_f32_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover 
     for b in range(B):
         if not desc_sorted_radix_f32(A[b], order, l, keys, keys2, bits, cnt):
             return False
-        val, _, pen = spectral_core(l, order, w, lam, kl, P, b)
+        val, _, pen = spectral_core(l, order, w, logw, lam, kl, P, b)
         if math.isfinite(val):
             V[b] = val
             D[b] = pen

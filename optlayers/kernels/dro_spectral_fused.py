@@ -22,7 +22,7 @@ from numba.core import types
 from numba.extending import overload
 
 from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means
-from .vmath_numba import vexp, vlog1p
+from .vmath_numba import vexp
 
 __all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "desc_order_radix_f32", "log_weights",
            "spectral_sorted", "spectral_core", "desc_sorted_radix_f32", "perm_kl_row_logw",
@@ -55,14 +55,6 @@ def fused_spectral_row(l, order, w, lam, kl, p):  # pragma: no cover - compiled
     for i in range(n):
         val += p[i] * l[i]
     return val - lam * div, np.nan, True
-
-
-@numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
-def _log_array(x, out):  # pragma: no cover - compiled
-    """``out = log(x)`` for positive finite ``x`` (a vectorized loop: ``log1p(x - 1)``, where
-    ``x - 1`` is exact near 1 and otherwise errs by half an ulp of ``x``, i.e. 1e-16 in the log)."""
-    for i in range(x.shape[0]):
-        out[i] = vlog1p(x[i] - 1.0)
 
 
 @numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
@@ -266,7 +258,7 @@ def perm_kl_row_logw(z, order, w, logw, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, error_model="numpy")
-def spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
+def spectral_sorted(A, b, order, w, logw, lam, kl, P):  # pragma: no cover - compiled
     """Spectral risk with a penalty on row ``b`` of ``A``, with ``order`` its descending order.
 
     The row is read in sorted order once, and the projection onto the permutahedron (pool
@@ -274,7 +266,8 @@ def spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     weights are scattered to ``P[b]``. χ² penalty: blocks of ``z - w`` (``z = l / (2 λ n)``)
     pooled by their means; KL penalty: in the exp domain (``x = exp(z - max z)``;
     blocks compared by ``Σx / Σw``, cross-multiplied; ``q = x Σw / Σx``: one vectorized ``exp``
-    pass and one vectorized ``log`` of the block ratios). Returns ``(value, finite, penalty)``;
+    pass; a block of one entry takes its spectrum weight as it is, a pooled block one ``log`` of
+    its ratio). Returns ``(value, finite, penalty)``;
     the value is NaN (nothing written) for a KL spread of ``l / λ`` over 700, which the
     log-domain solver then handles.
     """
@@ -285,12 +278,13 @@ def spectral_sorted(A, b, order, w, lam, kl, P):  # pragma: no cover - compiled
     for j in range(n):
         if not math.isfinite(ls[j]):
             return 0.0, False, 0.0
-    return spectral_core(ls, order, w, lam, kl, P, b)
+    return spectral_core(ls, order, w, logw, lam, kl, P, b)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
-    """:func:`spectral_sorted` from the finite sorted row ``ls = A[b, order]`` (float64)."""
+def spectral_core(ls, order, w, logw, lam, kl, P, b):  # pragma: no cover - compiled
+    """:func:`spectral_sorted` from the finite sorted row ``ls = A[b, order]`` (float64); ``logw``
+    is ``log w`` (:func:`log_weights`) for the KL penalty (unused for χ²)."""
     n = order.shape[0]
     xs = np.empty(n)
     cnt = np.empty(n)
@@ -314,21 +308,26 @@ def spectral_core(ls, order, w, lam, kl, P, b):  # pragma: no cover - compiled
                 cnt[top - 1] += cnt[top]
                 top -= 1
         nb = top + 1
-        R = np.empty(nb)  # each block's ratio Σw / Σx (1 for zero weight: its mass is set to 0)
-        for blk in range(nb):
-            R[blk] = ws[blk] / xs[blk] if ws[blk] > 0.0 else 1.0
-        LR = np.empty(nb)
-        _log_array(R, LR)  # one vectorized log for all blocks
-        # the unnormalized weights scattered straight to P (normalized by one sequential pass below)
+        # The unnormalized weights go straight to P (normalized by one sequential pass below). A
+        # block of one entry j has weight x_j (w_j / x_j) = w_j and q log q = w_j log w_j: no
+        # ratio and no log; a pooled block scales its x by r = Σw / Σx.
         j = 0
         tot = 0.0
         s1 = 0.0
         sl = 0.0
         for blk in range(nb):
             c = int(cnt[blk])
-            if ws[blk] > 0.0:
-                r = R[blk]
-                lr = LR[blk]
+            if c == 1:
+                wj = w[j]
+                P[b, _as_index(order[j])] = wj
+                if wj > 0.0:
+                    tot += wj
+                    s1 += wj * logw[j]
+                    sl += wj * ls[j]
+                j += 1
+            elif ws[blk] > 0.0:
+                r = ws[blk] / xs[blk]
+                lr = math.log(r)
                 for _ in range(c):
                     qj = q[j] * r
                     P[b, _as_index(order[j])] = qj
