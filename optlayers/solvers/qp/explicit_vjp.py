@@ -217,9 +217,13 @@ def _closed_form_grads(state: ExplicitGradState, data: tuple[torch.Tensor, ...],
     if needs[1]:
         back(1, -ux)
     if needs[2] or needs[4]:  # [Ā; Ḡ] = −[ν; λ] u_xᵀ − [u_ν; c∘u_λ] xᵀ in one product
-        rows = [nu, un] if not needs[2] else [lam, cul] if not needs[4] else [torch.cat([nu, lam], -1),
-                                                                             torch.cat([un, cul], -1)]
-        gC = torch.stack(rows, -1) @ Y
+        if needs[2] and needs[4]:
+            left, right = torch.cat([nu, lam], -1), torch.cat([un, cul], -1)
+        elif needs[4]:
+            left, right = nu, un
+        else:
+            left, right = lam, cul
+        gC = torch.stack([left, right], -1) @ Y
         if needs[2] and needs[4]:
             back(4, gC[:, :k])
             back(2, gC[:, k:])
