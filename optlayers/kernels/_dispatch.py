@@ -17,7 +17,9 @@ Choice of backend, in order:
    tensors when it is importable, registered, and the problem size lies in the range where the
    registered Numba version was measured to win (``min_size ≤ size ≤ max_size`` of
    :func:`register`: some compiled loops win only on large problems, others — whose gain is
-   the reference's per-call overhead — only on small ones); otherwise the reference.
+   the reference's per-call overhead — only on small ones); otherwise the reference. Under a
+   ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) always the reference: the
+   compiled kernels read raw memory, which the transforms' wrapped tensors do not have.
 
 A backend chosen by 1 or 2 (a *forced* backend) that is not registered for the kernel, whose
 package cannot be imported, or that cannot run on the device raises
@@ -402,7 +404,9 @@ def dispatch(kernel_name: str, *, backend: Backend | str | None = None,
     entries = _REGISTRY.get(kernel_name)
     if not entries:
         raise KernelUnavailableError(f"no kernel named {kernel_name!r} is registered")
-    order = (Backend.TRITON,) if device_type == "cuda" else (Backend.NUMBA,)
+    order: tuple[Backend, ...] = (Backend.TRITON,) if device_type == "cuda" else (Backend.NUMBA,)
+    if torch._C._are_functorch_transforms_active():
+        order = ()  # compiled kernels read raw memory, which torch.func's wrapped tensors do not have
     for b in order:
         entry = entries.get(b)
         if (entry is None or size < entry.min_size

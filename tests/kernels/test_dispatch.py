@@ -82,6 +82,23 @@ def test_automatic_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         dispatch("test.toy3", backend="numba")
 
 
+def test_automatic_choice_is_the_reference_under_torch_func() -> None:
+    """Compiled kernels read raw memory, which torch.func's wrapped tensors lack."""
+    _toy("test.toy_func")
+    want = "numba" if HAS_NUMBA else "ref"
+    chosen = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        chosen.append(dispatch("test.toy_func", size=1000)(0)[0])
+        return x.sum()
+
+    assert dispatch("test.toy_func", size=1000)(0)[0] == want
+    torch.func.grad(f)(torch.ones(3))
+    torch.func.vmap(f)(torch.ones(2, 3))
+    assert chosen == ["ref", "ref"]
+    assert dispatch("test.toy_func", size=1000)(0)[0] == want  # and back outside the transform
+
+
 def test_automatic_size_window() -> None:
     """``max_size``: a backend that wins only on small problems is not chosen above it."""
     register("test.window", Backend.REFERENCE, lambda: (lambda: "ref"))

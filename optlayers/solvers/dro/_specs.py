@@ -464,7 +464,10 @@ class Spectrum:
 
 @functools.lru_cache(maxsize=64)
 def _cached_weights(spectrum: Spectrum, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return spectrum.weights(n, dtype=dtype, device=device)
+    # built outside any torch.func transform: under one, factory ops return wrapped tensors that
+    # would outlive their transform in the cache
+    with torch._C._DisableFuncTorch():
+        return spectrum.weights(n, dtype=dtype, device=device)
 
 
 @dataclasses.dataclass(frozen=True)

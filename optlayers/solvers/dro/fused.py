@@ -34,13 +34,16 @@ search typically needs 1–3 function evaluations instead of 5–10.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ...kernels import ENV_VAR, Backend, backend_available, forced_backend
 from ._specs import (
@@ -139,10 +142,11 @@ def fused_solve(a: np.ndarray, spec: DROSpec, *, tol: float, max_iter: int,
 
 
 def fused_available(losses: Tensor, backend: Backend | str | None) -> bool:
-    """Whether the fast path may run: CPU losses, Numba installed, and no backend other than
-    Numba requested (by ``backend=`` or ``OPTLAYERS_KERNELS``)."""
+    """Whether the fast path may run: CPU losses, Numba installed, no backend other than Numba
+    requested (by ``backend=`` or ``OPTLAYERS_KERNELS``), and no ``torch.func`` transform or
+    forward-mode AD level active."""
     global _NUMBA_OK
-    if losses.device.type != "cpu" or losses.dim() == 0 or losses.shape[-1] == 0:
+    if losses.device.type != "cpu" or losses.dim() == 0 or losses.shape[-1] == 0 or _transformed():
         return False
     if backend is None and _NUMBA_OK and not os.environ.get(ENV_VAR):  # the common case, cheaply
         return True
@@ -310,6 +314,78 @@ def fused_robust_value(losses: Tensor, spec: DROSpec, *, tol: float | None = Non
     return DanskinValue.apply(losses, v_t, p_t), p_t
 
 
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform or a forward-mode AD level is active. The fast path
+    then declines: it reads the losses' raw memory (which wrapped tensors lack) and carries only
+    the reverse-mode gradient; :func:`~optlayers.solvers.dro.robust_weights` handles both."""
+    return bool(torch._C._are_functorch_transforms_active()) or getattr(forward_ad, "_current_level", -1) >= 0
+
+
+_SCALAR_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def _danskin_dot(losses: Tensor, p: Tensor, value: float | None) -> Tensor:
+    """``<losses, p>`` as one autograd node, whose gradient ``grad * p`` is the Danskin gradient,
+    with its value replaced by ``value`` when given (a penalized spec: ``<p, l> - λ D(p)``).
+
+    The dot product's backward saves its inputs, not its output, so overwriting the fresh 0-d
+    output changes the value and not the gradient. It is written through its address: an
+    in-place torch op, or a bias added by a second op, would be one more dispatched op, and in a
+    training step (cold caches) each costs 20–40 µs (measured: ``dot`` + an address write ~10 µs
+    over ``dot`` alone, ``F.linear`` with a bias ~45 µs)."""
+    out = torch.dot(losses, p)
+    if value is not None:
+        ctype = _SCALAR_CTYPES.get(out.dtype)
+        if ctype is None:  # e.g. a lower precision under autocast: the value by two more ops
+            return out + (value - out.detach())
+        ctype.from_address(out.data_ptr()).value = value
+    return out
+
+
+def _row_runner(run: FusedRunner) -> Callable[[Tensor], Tensor | None]:
+    """The call of ``run`` for one contiguous row of losses, by address
+    (:mod:`optlayers.kernels.dro_fused_row`): the weights go into a fresh tensor, the value comes
+    back as a number, and no NumPy view or output array is made (see that module for why)."""
+    from ...kernels.dro_fused_row import closed_row_at, root_row_at
+
+    n, dtype, penalized, plan = run.n, run.dtype, run.penalized, run.plan
+    f32 = dtype == torch.float32
+
+    def finish(losses: Tensor, p: Tensor, value: float) -> Tensor:
+        if not losses.requires_grad:
+            return torch.scalar_tensor(value, dtype=dtype)
+        return _danskin_dot(losses, p, value if penalized else None)
+
+    if plan[0] == "closed":
+        _, which, c1, c2, c3, w, logw, _ = plan
+
+        def closed(losses: Tensor) -> Tensor | None:
+            p = torch.empty(n, dtype=dtype)
+            ok, value, _ = closed_row_at(which, f32, losses.data_ptr(), p.data_ptr(), n, w, logw, c1, c2, c3)
+            return finish(losses, p, value) if ok else None
+
+        return closed
+
+    _, which, r1, r2 = plan
+    state, tol, max_iter, key = run.state, run.tol, run.max_iter, ("row", n)
+
+    def root(losses: Tensor) -> Tensor | None:
+        x0 = state["x"] if state is not None and state.get("key") == key else math.nan
+        p = torch.empty(n, dtype=dtype)
+        status, value, _, x = root_row_at(which, f32, losses.data_ptr(), p.data_ptr(), n, r1, r2, tol, max_iter,
+                                          x0)
+        if status != 0:
+            if status == 2 and state is not None:
+                state.clear()
+            return None
+        if state is not None:
+            state["key"] = key
+            state["x"] = x
+        return finish(losses, p, value)
+
+    return root
+
+
 def _env_forced() -> bool:
     """Whether ``OPTLAYERS_KERNELS`` is set (a dict lookup on POSIX, where ``os.environ.get``
     re-encodes the key on every call)."""
@@ -346,7 +422,7 @@ class FusedRunner:
     """
 
     __slots__ = ("spec", "shape", "dtype", "n", "B", "tol", "max_iter", "backend", "state", "plan", "kernels",
-                 "vshape", "legacy", "key", "penalized")
+                 "vshape", "legacy", "key", "penalized", "row")
 
     def __init__(self, spec: DROSpec, shape: torch.Size, dtype: torch.dtype, tol: float, max_iter: int,
                  backend: Backend | str | None, state: dict[str, Any] | None, plan: tuple[Any, ...]) -> None:
@@ -360,6 +436,7 @@ class FusedRunner:
         self.penalized = isinstance(spec, (ChiSquarePenalty, KLPenalty, Spectral)) or (
             isinstance(spec, CressieRead) and spec.rho is None)
         self.kernels = None if self.legacy else _kernels()
+        self.row = None if self.legacy or len(shape) != 1 else _row_runner(self)
 
     @classmethod
     def create(cls, spec: DROSpec, losses: Tensor, *, tol: float | None, max_iter: int,
@@ -369,8 +446,10 @@ class FusedRunner:
         if not shape or not shape[-1]:
             return None
         n = shape[-1]
+        if not fused_available(losses, backend):
+            return None
         plan = _plan(spec, n)
-        if plan is None or not fused_available(losses, backend):
+        if plan is None:
             return None
         B = losses.numel() // n
         if B > MAX_ROWS or B == 0:
@@ -393,6 +472,11 @@ class FusedRunner:
         gradient, or ``None`` (see the class doc)."""
         if self.backend is None and _env_forced() and not fused_available(losses, None):
             return None
+        if _transformed():
+            return None
+        row = self.row
+        if row is not None and losses.is_contiguous():
+            return row(losses)
         if self.legacy:
             out = _legacy(losses, self.spec, self.tol, self.max_iter, self.B, self.n, self.state)
             return None if out is None else out[0]
@@ -403,13 +487,8 @@ class FusedRunner:
         p_t = torch.from_numpy(P)
         if not losses.requires_grad:
             return torch.from_numpy(V).reshape(self.vshape)
-        if self.B == 1 and len(self.shape) == 1:
-            # one built-in op: <l, p> carries the gradient p and is the value of a ball (in the
-            # losses' dtype; the kernel's float64 value differs by its rounding), minus the
-            # penalty λ D(p) for a penalized spec (as the bias of a linear map)
-            if self.penalized:  # <l, p> - λ D(p) in one op (the bias is a constant)
-                return torch.nn.functional.linear(losses, p_t, torch.scalar_tensor(-float(D[0]), dtype=self.dtype))
-            return torch.dot(losses, p_t)
+        if len(self.shape) == 1:
+            return _danskin_dot(losses, p_t, float(V[0]) if self.penalized else None)
         return DanskinValue.apply(losses, torch.from_numpy(V).reshape(self.vshape), p_t)
 
     def solve(self, losses: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

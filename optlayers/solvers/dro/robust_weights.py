@@ -250,7 +250,16 @@ def robust_weights(losses: Tensor, spec: DROSpec, *, tol: float | None = None, m
         L = losses.detach().reshape(-1, n).to(torch.float64)
         # one reduction and one host sync: a finite sum means every entry is finite (float64 sums
         # of finite losses do not overflow in practice; if one does, the exact check below runs)
-        all_finite = math.isfinite(float(L.sum()))
+        try:
+            all_finite = math.isfinite(float(L.sum()))
+        except RuntimeError as exc:  # losses batched by torch.func.vmap have no value to branch on
+            if "vmap" not in str(exc):
+                raise
+            raise NotImplementedError(
+                "robust_weights (and DROLoss) cannot run with losses batched by torch.func.vmap: the "
+                "solvers branch on the data (sorts, pooling, root-finds). Pass the batch as leading "
+                "dimensions instead: losses of shape (B, n) give B problems, solved together "
+                "(torch.func.grad, jacrev and jacfwd do work).") from exc
         finite = None
         if not all_finite:
             finite = torch.isfinite(L).all(1)
