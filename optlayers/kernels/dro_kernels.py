@@ -197,16 +197,37 @@ def chi2_ball_numba(L: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Te
 def pav_means(y, sums, cnt):  # pragma: no cover - compiled
     """Pool adjacent violators of the sequence ``y`` for a non-increasing fit: blocks merge while
     a block's mean is at most the next one's. Writes the block sums and (float) sizes to ``sums``
-    and ``cnt`` and returns the number of blocks."""
+    and ``cnt`` and returns the number of blocks. ``sums`` may be ``y`` itself: while entry ``i``
+    is read, at most ``i - 1`` blocks have been stored, at indices below ``i``.
+
+    The last block is carried in registers and stored when the next one starts, so an entry that
+    starts no merge costs one comparison and no stack traffic; the sums and comparisons are those
+    of the textbook stack form (the same operands, so the same result to the bit).
+    """
+    n = y.shape[0]
+    if n == 0:
+        return 0
     top = -1
-    for i in range(y.shape[0]):
-        top += 1
-        sums[top] = y[i]
-        cnt[top] = 1.0
-        while top > 0 and sums[top - 1] * cnt[top] <= sums[top] * cnt[top - 1]:
-            sums[top - 1] += sums[top]
-            cnt[top - 1] += cnt[top]
-            top -= 1
+    cs = y[0]
+    cc = 1.0
+    for i in range(1, n):
+        yi = y[i]
+        if cs <= yi * cc:  # the current block's mean is at most y_i: pool
+            cs += yi
+            cc += 1.0
+            while top >= 0 and sums[top] * cc <= cs * cnt[top]:
+                cs += sums[top]
+                cc += cnt[top]
+                top -= 1
+        else:
+            top += 1
+            sums[top] = cs
+            cnt[top] = cc
+            cs = yi
+            cc = 1.0
+    top += 1
+    sums[top] = cs
+    cnt[top] = cc
     return top + 1
 
 

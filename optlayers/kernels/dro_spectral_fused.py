@@ -297,16 +297,34 @@ def spectral_core(ls, order, w, logw, lam, kl, P, b):  # pragma: no cover - comp
             return np.nan, True, 0.0
         _exp_affine(ls, scale, z0, q)
         ws = np.empty(n)
-        for j in range(n):
-            top += 1
-            xs[top] = q[j]
-            ws[top] = w[j]
-            cnt[top] = 1.0
-            while top > 0 and xs[top - 1] * ws[top] <= xs[top] * ws[top - 1]:
-                xs[top - 1] += xs[top]
-                ws[top - 1] += ws[top]
-                cnt[top - 1] += cnt[top]
-                top -= 1
+        # PAV with the last block (cx, cw, cc) in registers, as in pav_means
+        cx = q[0]
+        cw = w[0]
+        cc = 1.0
+        for j in range(1, n):
+            xj = q[j]
+            wj = w[j]
+            if cx * wj <= xj * cw:
+                cx += xj
+                cw += wj
+                cc += 1.0
+                while top >= 0 and xs[top] * cw <= cx * ws[top]:
+                    cx += xs[top]
+                    cw += ws[top]
+                    cc += cnt[top]
+                    top -= 1
+            else:
+                top += 1
+                xs[top] = cx
+                ws[top] = cw
+                cnt[top] = cc
+                cx = xj
+                cw = wj
+                cc = 1.0
+        top += 1
+        xs[top] = cx
+        ws[top] = cw
+        cnt[top] = cc
         nb = top + 1
         # The unnormalized weights go straight to P (normalized by one sequential pass below). A
         # block of one entry j has weight x_j (w_j / x_j) = w_j and q log q = w_j log w_j: no
