@@ -41,8 +41,9 @@ _SPECTRAL = 4  # CLOSED_KINDS["spectral"]
 def closed_row_at(which, f32, a_addr, p_addr, n, w, logw, p1, p2, p3):  # pragma: no cover - compiled
     """:func:`~optlayers.kernels.dro_fused.fused_closed_batch` on one row by address (float32
     spectral rows: :func:`~optlayers.kernels.dro_fused.fused_spectral_f32_batch`, the sort in the
-    call; float64 spectral rows: a stable ``argsort``). Returns ``(ok, value, penalty)``; ``ok``
-    is False for a non-finite entry."""
+    call). Returns ``(ok, value, penalty)``; ``ok`` is False for a non-finite entry, and for a
+    float64 spectral row, which this entry does not take: its order comes from NumPy's
+    ``argsort``, several times faster than a compiled sort (~80 against ~350 µs at n = 4096)."""
     V = np.empty(1)
     D = np.zeros(1)
     no_sort = np.empty((1, 0), dtype=np.float32)
@@ -54,13 +55,13 @@ def closed_row_at(which, f32, a_addr, p_addr, n, w, logw, p1, p2, p3):  # pragma
         else:
             ok = fused_closed_batch(which, A, no_sort, np.empty((0, 0), dtype=np.intp), w, logw, p1, p2, p3, P,
                                     V, D)
+    elif which == _SPECTRAL:
+        return False, np.nan, np.nan
     else:
         A64 = numba.carray(void_pointer(a_addr), (1, n), np.float64)
         P64 = numba.carray(void_pointer(p_addr), (1, n), np.float64)
-        order = np.empty((1, n if which == _SPECTRAL else 0), dtype=np.intp)
-        if which == _SPECTRAL:
-            order[0] = np.argsort(-A64[0], kind="mergesort")
-        ok = fused_closed_batch(which, A64, no_sort, order, w, logw, p1, p2, p3, P64, V, D)
+        ok = fused_closed_batch(which, A64, no_sort, np.empty((0, 0), dtype=np.intp), w, logw, p1, p2, p3, P64,
+                                V, D)
     return ok, V[0], D[0]
 
 

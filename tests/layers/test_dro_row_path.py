@@ -58,7 +58,9 @@ def test_row_path_equals_the_batch_drivers(spec, dtype) -> None:
     for n in (1, 7, 300):
         L = _losses(n, dtype, seed=n).requires_grad_()
         run = FusedRunner.create(spec, L, tol=None, max_iter=100, backend=None, state=None)
-        assert run is not None and run.row is not None
+        assert run is not None
+        # float64 spectral rows keep the array route (NumPy's argsort is the fastest order there)
+        assert (run.row is None) == (isinstance(spec, Spectral) and dtype == torch.float64)
         value = run(L)
         (p_row,) = torch.autograd.grad(value, L)
         L2 = L.detach().reshape(1, n).requires_grad_()
@@ -85,7 +87,7 @@ def test_overwritten_value_flows_downstream(dtype) -> None:
     L = _losses(500, dtype, seed=0).requires_grad_()
     loss = DROLoss(spec)
     value = loss(L)
-    assert loss._runner is not None and loss._runner.row is not None
+    assert loss._runner is not None  # the row path (float32) or the array route (float64)
     (g,) = torch.autograd.grad(value**2, L)
     ref = robust_weights(L.detach().double(), spec)
     R, p = float(ref.aux.value), ref.solution

@@ -436,7 +436,9 @@ class FusedRunner:
         self.penalized = isinstance(spec, (ChiSquarePenalty, KLPenalty, Spectral)) or (
             isinstance(spec, CressieRead) and spec.rho is None)
         self.kernels = None if self.legacy else _kernels()
-        self.row = None if self.legacy or len(shape) != 1 else _row_runner(self)
+        # one row by address; not float64 spectral rows, whose order comes from NumPy's argsort
+        sorted_f64 = plan[0] == "closed" and plan[-1] == 2 and dtype == torch.float64
+        self.row = None if self.legacy or len(shape) != 1 or sorted_f64 else _row_runner(self)
 
     @classmethod
     def create(cls, spec: DROSpec, losses: Tensor, *, tol: float | None, max_iter: int,
