@@ -100,14 +100,14 @@ def test_danskin_dot() -> None:
     L = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
     p = torch.tensor([0.25, 0.25, 0.5])
     v = _danskin_dot(L, p, 1.5)
-    assert v.shape == () and float(v) == 1.5
+    assert v.shape == () and v.item() == 1.5
     (g,) = torch.autograd.grad(v, L)
     assert g.tolist() == p.tolist()
-    assert float(_danskin_dot(L, p, None)) == 2.75  # no value given: the dot itself
+    assert _danskin_dot(L, p, None).item() == 2.75  # no value given: the dot itself
     # a dtype with no C scalar type (bfloat16, as under autocast): the value by tensor ops
     Lb, pb = L.detach().bfloat16().requires_grad_(), p.bfloat16()
     vb = _danskin_dot(Lb, pb, 1.5)
-    assert float(vb) == 1.5 and torch.autograd.grad(vb, Lb)[0].tolist() == pb.tolist()
+    assert vb.item() == 1.5 and torch.autograd.grad(vb, Lb)[0].tolist() == pb.tolist()
 
 
 def test_strided_vector_takes_the_array_route() -> None:
