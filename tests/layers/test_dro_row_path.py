@@ -121,7 +121,7 @@ def test_strided_vector_takes_the_array_route() -> None:
     vc = DROLoss(spec)(Lc)
     (gc,) = torch.autograd.grad(vc, Lc)
     torch.testing.assert_close(g, gc, rtol=0, atol=0)
-    assert abs(float(v) - float(vc)) <= 1e-6 * abs(float(vc))
+    assert abs(v.item() - vc.item()) <= 1e-6 * abs(vc.item())
 
 
 def test_root_row_path_warm_start_state() -> None:
