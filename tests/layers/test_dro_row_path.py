@@ -132,7 +132,7 @@ def test_root_row_path_warm_start_state() -> None:
     cold = DROLoss(KLBall(0.5), warm_start=False)
     for s in range(3):
         Ls = (L * (1.0 + 0.02 * s)).requires_grad_()
-        assert abs(float(loss(Ls)) - float(cold(Ls))) <= 4e-12
+        assert abs(loss(Ls).item() - cold(Ls).item()) <= 4e-12
     assert cold._warm == {}
 
 
