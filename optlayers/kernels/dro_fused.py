@@ -647,24 +647,27 @@ def fused_spectral_f32_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover 
     first row with a non-finite entry."""
     B, n = A.shape
     order = np.empty(n, dtype=np.int32)
-    keys = np.empty(n, dtype=np.uint64)
-    keys2 = np.empty(n, dtype=np.uint64)
-    bits = np.empty(n, dtype=np.uint32)
+    K = np.empty(2 * n, dtype=np.uint64)  # the sort's workspace; then the sorted row and q
+    keys = K[:n]
+    keys2 = K[n:]
     cnt = np.empty((3, 2048), dtype=np.int32)
-    l = np.empty(n)
-    s = np.empty(n)
-    p = np.empty(n)
+    ls = keys2.view(np.float64)
+    q = keys.view(np.float64)
+    stack = np.empty(3 * n)
     for b in range(B):
-        if not desc_sorted_radix_f32(A[b], order, l, keys, keys2, bits, cnt):
+        if not desc_sorted_radix_f32(A[b], order, keys, keys2, cnt):
             return False
-        val, _, pen = spectral_core(l, order, w, logw, lam, kl, P, b)
+        val, _, pen = spectral_core(ls, order, w, logw, lam, kl, P, b, q, stack)
         if math.isfinite(val):
             V[b] = val
             D[b] = pen
             continue
+        l = np.empty(n)
+        p = np.empty(n)
         _load_row(A, b, l)
         if kl:  # a spread of l / λ over 700: the log-domain PAV
             scale = 1.0 / lam
+            s = np.empty(n)
             for i in range(n):
                 s[i] = l[i] * scale
             div = perm_kl_row_logw(s, row_order(order), w, logw, p)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 
+import llvmlite.ir as ir
 import numba
 import numpy as np
 from numba.core import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means
 from .vmath_numba import vexp
@@ -110,21 +111,34 @@ def _low_index(K):  # pragma: no cover - compiled
     return out
 
 
+@intrinsic
+def _f32_from_bits(typingctx, u):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The float32 whose bits are the uint32 ``u`` (compiled code only)."""
+    if not isinstance(u, types.Integer) or u.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(u), codegen
+
+
 @numba.njit(cache=True, error_model="numpy")
-def desc_sorted_radix_f32(a, order, ls, keys, keys2, bits, cnt):  # pragma: no cover - compiled
+def desc_sorted_radix_f32(a, order, keys, keys2, cnt):  # pragma: no cover - compiled
     """``order`` = the indices sorting the float32 row ``a`` in descending order (ties in index
-    order) and ``ls`` = ``float64(a[order])`` (skipped when ``ls`` is empty); returns whether every
-    entry is finite.
+    order), and the sorted row ``float64(a[order])`` written over ``keys2`` (read it as
+    ``keys2.view(np.float64)``); returns whether every entry is finite.
 
     The same order as :func:`desc_order_f32`, by a stable least-significant-digit radix sort of
     the 32-bit order-preserving keys (three passes of 11, 11 and 10 bits, the three histograms
     counted in one pass) inside the compiled call: no NumPy call. Each pass moves one 64-bit word,
     the key above the index; the sorted values are decoded from the sorted keys in one sequential
-    pass instead of gathered through the order. ``keys``, ``keys2`` (uint64), ``bits`` (uint32) of
-    the row's length and ``cnt`` (``(3, 2048)`` int32) are workspace. Inside a training step, where
-    the row and the workspace are no longer in cache, this took well under half the time of 64-bit
-    keys plus NumPy's sort (2-core AMD EPYC of ``benchmarks/bench_dro.py``, n = 4096: ~54 µs
-    against ~90–130 µs), though it is no faster on data in cache.
+    pass, in place, instead of gathered through the order. ``keys``, ``keys2`` (uint64, the row's
+    length) and ``cnt`` (``(3, 2048)`` int32) are workspace. Inside a training step, where the row
+    and the workspace are no longer in cache, this took well under half the time of 64-bit keys
+    plus NumPy's sort (2-core AMD EPYC of ``benchmarks/bench_dro.py``, n = 4096: ~54 µs against
+    ~90–130 µs), though it is no faster on data in cache; there every array it touches is a cost,
+    hence no separate arrays for the decoded bits and values.
     """
     n = a.shape[0]
     U = a.view(np.uint32)
@@ -146,7 +160,7 @@ def desc_sorted_radix_f32(a, order, ls, keys, keys2, bits, cnt):  # pragma: no c
             tot += c
     src = keys
     dst = keys2
-    for d in range(3):
+    for d in range(3):  # keys -> keys2 -> keys -> keys2
         sh = np.uint64(32 + 11 * d)
         for i in range(n):
             v = src[i]
@@ -155,26 +169,22 @@ def desc_sorted_radix_f32(a, order, ls, keys, keys2, bits, cnt):  # pragma: no c
             cnt[d, dg] = pos + 1
             dst[pos] = v
         src, dst = dst, src
+    ls = keys2.view(np.float64)
+    finite = True
     for j in range(n):  # the order, and the keys back to the float32 bits (the map is its own inverse)
-        v = src[j]
+        v = keys2[j]
         order[j] = np.int32(v & np.uint64(0xFFFFFFFF))
         k = np.uint32(v >> np.uint64(32))
-        bits[j] = k if k >= np.uint32(0x80000000) else k ^ np.uint32(0x7FFFFFFF)
-    if ls.shape[0] != n:
-        return True
-    vals = bits.view(np.float32)
-    finite = True
-    for j in range(n):
-        x = np.float64(vals[j])
+        x = np.float64(_f32_from_bits(np.uint32(k if k >= np.uint32(0x80000000) else k ^ np.uint32(0x7FFFFFFF))))
         ls[j] = x
         finite = finite and math.isfinite(x)
     return finite
 
 
 @numba.njit(cache=True, error_model="numpy")
-def desc_order_radix_f32(a, order, keys, keys2, bits, cnt):  # pragma: no cover - compiled
-    """:func:`desc_sorted_radix_f32` without the sorted values."""
-    desc_sorted_radix_f32(a, order, np.empty(0), keys, keys2, bits, cnt)
+def desc_order_radix_f32(a, order, keys, keys2, cnt):  # pragma: no cover - compiled
+    """:func:`desc_sorted_radix_f32`, for the order only."""
+    desc_sorted_radix_f32(a, order, keys, keys2, cnt)
 
 
 def desc_keys_f32(a: np.ndarray) -> np.ndarray:
@@ -278,25 +288,26 @@ def spectral_sorted(A, b, order, w, logw, lam, kl, P):  # pragma: no cover - com
     for j in range(n):
         if not math.isfinite(ls[j]):
             return 0.0, False, 0.0
-    return spectral_core(ls, order, w, logw, lam, kl, P, b)
+    return spectral_core(ls, order, w, logw, lam, kl, P, b, np.empty(n), np.empty(3 * n))
 
 
 @numba.njit(cache=True, error_model="numpy")
-def spectral_core(ls, order, w, logw, lam, kl, P, b):  # pragma: no cover - compiled
+def spectral_core(ls, order, w, logw, lam, kl, P, b, q, stack):  # pragma: no cover - compiled
     """:func:`spectral_sorted` from the finite sorted row ``ls = A[b, order]`` (float64); ``logw``
-    is ``log w`` (:func:`log_weights`) for the KL penalty (unused for χ²)."""
+    is ``log w`` (:func:`log_weights`) for the KL penalty (unused for χ²). ``q`` (the row's
+    length; KL only) and ``stack`` (three times the row's length) are float64 workspace apart from
+    ``ls``."""
     n = order.shape[0]
-    xs = np.empty(n)
-    cnt = np.empty(n)
+    xs = stack[:n]
+    cnt = stack[n:2 * n]
     top = -1
     if kl:
-        q = np.empty(n)
         scale = 1.0 / lam
         z0 = ls[0] * scale
         if not ((ls[0] - ls[n - 1]) * scale <= 700.0):
             return np.nan, True, 0.0
         _exp_affine(ls, scale, z0, q)
-        ws = np.empty(n)
+        ws = stack[2 * n:]
         # PAV with the last block (cx, cw, cc) in registers, as in pav_means
         cx = q[0]
         cw = w[0]

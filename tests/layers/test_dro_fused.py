@@ -195,13 +195,14 @@ def test_radix_order_equals_the_key_sort() -> None:
             a[3, :7] = [np.inf, -np.inf, np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45, -1e-45, 3.0]
         ref = desc_order_f32(np.ascontiguousarray(a))
         order = np.empty(n, dtype=np.int32)
-        work = (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty(n, np.uint32), np.empty((3, 2048), np.int32))
-        ls = np.empty(n)
+        work = (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty((3, 2048), np.int32))
+        ls = work[1].view(np.float64)  # the sorted row is decoded over the second key buffer
         for b in range(4):
             desc_order_radix_f32(np.ascontiguousarray(a[b]), order, *work)
             np.testing.assert_array_equal(order, ref[b])
             order[:] = -1
-            finite = desc_sorted_radix_f32(np.ascontiguousarray(a[b]), order, ls, *work)
+            work[1][:] = 0
+            finite = desc_sorted_radix_f32(np.ascontiguousarray(a[b]), order, *work)
             np.testing.assert_array_equal(order, ref[b])
             np.testing.assert_array_equal(ls, a[b][ref[b]].astype(np.float64))  # -0.0 == 0.0 here
             np.testing.assert_array_equal(np.signbit(ls), np.signbit(a[b][ref[b]]))

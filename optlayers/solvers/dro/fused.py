@@ -9,15 +9,27 @@ compiled (Numba) call per row, with no per-op tensor overhead.
 
 by the same algorithms (the fused row solvers of :mod:`optlayers.kernels.dro_fused` transcribe
 the PyTorch solvers step by step; the tests compare the two to the solvers' tolerance): the
-detached float32 or float64 losses are read in place as one NumPy view (no dtype round trip:
-the compiled batch drivers load each row into float64 and write the weights and values back in
-the losses' dtype), the whole inner problem (selection, sort, scan, PAV or 1-D safeguarded
+detached float32 or float64 losses are read in place (no dtype round trip: the compiled batch
+drivers load each row into float64 and write the weights and values back in the losses'
+dtype), the whole inner problem (selection, sort, scan, PAV or 1-D safeguarded
 Newton–bisection, then the weights) runs in one compiled call per batch, and the value carries
-the Danskin gradient ``grad * p`` (built-in ops for one row, a small autograd function for a
-batch of rows). At a training step's sizes the PyTorch solvers spend most of their time in the
-per-op overhead of tens of small tensor ops; here a step costs a few NumPy/Numba calls. The
-spectral risks sort float32 losses by one NumPy sort of packed 64-bit (value, index) keys,
-several times faster than ``argsort``. Other loss dtypes take a float64 copy.
+the Danskin gradient ``grad * p``. At a training step's sizes the PyTorch solvers spend most of
+their time in the per-op overhead of tens of small tensor ops; here a step costs one compiled
+call and one or two tensor ops.
+
+- **One vector of losses** (the training step; :class:`FusedRunner`): the kernel reads the
+  losses and writes the weights by address (:mod:`optlayers.kernels.dro_fused_row`; no NumPy
+  view, no output array), and the value is one ``dot`` node whose output is overwritten with
+  the penalized value (:func:`_danskin_dot`). Inside a training step, where the model's forward
+  pass has just evicted the caches, each Python-level conversion or extra tensor op costs
+  20–40 µs, several times the kernel's own per-op share.
+- **A batch of rows:** NumPy views of the losses and the outputs, and a small autograd function.
+- **Sorting:** float32 spectral rows are sorted inside the compiled call (an LSD radix sort of
+  the order-preserving 32-bit keys); float64 rows by NumPy's ``argsort``. Loss dtypes other than
+  float32 and float64 take a float64 copy.
+- **Transforms:** under ``torch.func`` (``grad``, ``jacrev``, ``jacfwd``) or a forward-mode AD
+  level the fast path declines (it reads raw memory and carries only the reverse-mode gradient);
+  :func:`~optlayers.solvers.dro.robust_weights` then gives the same value with full support.
 
 Covered: ``CVaR`` (unsmoothed), ``TotalVariation``, ``ChiSquareBall`` (no penalty),
 ``ChiSquarePenalty``, ``KLBall``, ``KLPenalty``, ``CressieRead`` (``k != 2``), ``Spectral``
