@@ -194,41 +194,57 @@ def chi2_ball_numba(L: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Te
 
 
 @numba.njit(cache=True)
-def pav_means(y, sums, cnt):  # pragma: no cover - compiled
-    """Pool adjacent violators of the sequence ``y`` for a non-increasing fit: blocks merge while
-    a block's mean is at most the next one's. Writes the block sums and (float) sizes to ``sums``
-    and ``cnt`` and returns the number of blocks. ``sums`` may be ``y`` itself: while entry ``i``
-    is read, at most ``i - 1`` blocks have been stored, at indices below ``i``.
+def pav_ratios(x, w, xs, ws, cnt):  # pragma: no cover - compiled
+    """Pool adjacent violators of the ratios ``x_i / w_i`` (``w = None``: all weights 1, the
+    means of ``x``) for a non-increasing fit: blocks merge while a block's ratio ``Σx / Σw`` is at
+    most the next one's (compared cross-multiplied, ``Σx · w_i <= x_i · Σw``). Writes each block's ``Σx``,
+    ``Σw`` and size (float) to ``xs``, ``ws`` and ``cnt`` and returns the number of blocks.
+    ``xs`` may be ``x`` itself (while entry ``i`` is read, at most ``i - 1`` blocks have been
+    stored, at indices below ``i``); with ``w = None``, ``ws`` may be ``cnt``.
 
     The last block is carried in registers and stored when the next one starts, so an entry that
     starts no merge costs one comparison and no stack traffic; the sums and comparisons are those
     of the textbook stack form (the same operands, so the same result to the bit).
     """
-    n = y.shape[0]
+    n = x.shape[0]
     if n == 0:
         return 0
     top = -1
-    cs = y[0]
+    cx = x[0]
+    cw = 1.0 if w is None else w[0]
     cc = 1.0
     for i in range(1, n):
-        yi = y[i]
-        if cs <= yi * cc:  # the current block's mean is at most y_i: pool
-            cs += yi
+        xi = x[i]
+        wi = 1.0 if w is None else w[i]
+        if cx * wi <= xi * cw:  # the current block's ratio is at most entry i's: pool
+            cx += xi
+            cw += wi
             cc += 1.0
-            while top >= 0 and sums[top] * cc <= cs * cnt[top]:
-                cs += sums[top]
+            while top >= 0 and xs[top] * cw <= cx * ws[top]:
+                cx += xs[top]
+                cw += ws[top]
                 cc += cnt[top]
                 top -= 1
         else:
             top += 1
-            sums[top] = cs
+            xs[top] = cx
+            ws[top] = cw
             cnt[top] = cc
-            cs = yi
+            cx = xi
+            cw = wi
             cc = 1.0
     top += 1
-    sums[top] = cs
+    xs[top] = cx
+    ws[top] = cw
     cnt[top] = cc
     return top + 1
+
+
+@numba.njit(cache=True)
+def pav_means(y, sums, cnt):  # pragma: no cover - compiled
+    """:func:`pav_ratios` of the means of ``y``: the block sums and sizes in ``sums`` and ``cnt``
+    (``sums`` may be ``y``)."""
+    return pav_ratios(y, None, sums, cnt, cnt)
 
 
 @numba.njit(cache=True)

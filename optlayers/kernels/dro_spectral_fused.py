@@ -22,7 +22,7 @@ import numpy as np
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means
+from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means, pav_ratios
 from .vmath_numba import vexp
 
 __all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "desc_order_radix_f32", "log_weights",
@@ -300,7 +300,6 @@ def spectral_core(ls, order, w, logw, lam, kl, P, b, q, stack):  # pragma: no co
     n = order.shape[0]
     xs = stack[:n]
     cnt = stack[n:2 * n]
-    top = -1
     if kl:
         scale = 1.0 / lam
         z0 = ls[0] * scale
@@ -308,35 +307,7 @@ def spectral_core(ls, order, w, logw, lam, kl, P, b, q, stack):  # pragma: no co
             return np.nan, True, 0.0
         _exp_affine(ls, scale, z0, q)
         ws = stack[2 * n:]
-        # PAV with the last block (cx, cw, cc) in registers, as in pav_means
-        cx = q[0]
-        cw = w[0]
-        cc = 1.0
-        for j in range(1, n):
-            xj = q[j]
-            wj = w[j]
-            if cx * wj <= xj * cw:
-                cx += xj
-                cw += wj
-                cc += 1.0
-                while top >= 0 and xs[top] * cw <= cx * ws[top]:
-                    cx += xs[top]
-                    cw += ws[top]
-                    cc += cnt[top]
-                    top -= 1
-            else:
-                top += 1
-                xs[top] = cx
-                ws[top] = cw
-                cnt[top] = cc
-                cx = xj
-                cw = wj
-                cc = 1.0
-        top += 1
-        xs[top] = cx
-        ws[top] = cw
-        cnt[top] = cc
-        nb = top + 1
+        nb = pav_ratios(q, w, xs, ws, cnt)
         # The unnormalized weights go straight to P (normalized by one sequential pass below). A
         # block of one entry j has weight x_j (w_j / x_j) = w_j and q log q = w_j log w_j: no
         # ratio and no log; a pooled block scales its x by r = Σw / Σx.
