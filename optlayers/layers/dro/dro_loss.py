@@ -88,10 +88,9 @@ class DROLoss(nn.Module):
     fast path declines: non-finite losses, a root-find that did not converge) goes through
     :func:`~optlayers.solvers.dro.robust_weights`.
 
-    Transforms: ``torch.func.grad``, ``jacrev``, ``jacfwd`` and forward-mode AD give the Danskin
-    derivative (through :func:`~optlayers.solvers.dro.robust_weights`); ``torch.func.vmap`` over
-    the losses raises ``NotImplementedError`` (the solvers branch on the data): pass the batch as
-    leading dimensions instead.
+    Transforms: ``torch.func.grad``, ``jacrev``, ``jacfwd``, ``vmap`` (e.g. over an ensemble's
+    losses) and forward-mode AD work, through :func:`~optlayers.solvers.dro.robust_weights`,
+    and give the Danskin derivative.
 
     Example:
         >>> import torch

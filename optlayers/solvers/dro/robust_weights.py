@@ -12,6 +12,11 @@ Gradient (Danskin): the robust value is returned as
 the gradient wherever the maximiser is unique (all penalised and ball sets with non-constant
 losses) and a valid subgradient otherwise. The weights themselves carry no gradient.
 
+Transforms: under ``torch.func`` the solve runs as one function with a ``vmap`` rule (the
+vmapped dimension becomes a leading batch dimension of a single solve, since the solvers branch
+on the data), so ``vmap``, ``grad``, ``jacrev``, ``jacfwd`` and their compositions work, as
+does forward-mode AD; compiled kernels then give way to the PyTorch reference.
+
 Exactness: CVaR, TV, :math:`\chi^2` ball/penalty, KL penalty and spectral risk (+ penalty) are
 closed forms (sort, selection, simplex projection, logsumexp, PAV) with no tolerance.
 KL ball, Cressie–Read, KL-smoothed CVaR and holistic robustness need a 1-D root-find:
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -243,29 +249,48 @@ def robust_weights(losses: Tensor, spec: DROSpec, *, tol: float | None = None, m
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     tol_ = _default_tol(losses.dtype, tol)
+    detached = losses.detach()
+    if torch._C._are_functorch_transforms_active():  # vmap batches the solve by its rule
+        p_out, conv, iters, res, status, eta, lam, div, penalty = _InnerSolve.apply(
+            detached, spec, tol_, max_iter, backend, throw)
+    else:
+        p_out, conv, iters, res, status, eta, lam, div, penalty = _inner_solve(
+            detached, spec, tol_, max_iter, backend, throw)
+    value = torch.linalg.vecdot(p_out, losses)
+    if penalty is not None:
+        value = value - penalty
+    aux = DROAux(value=value, dual=DRODual(eta=eta, lam=lam), divergence=div)
+    return Result(solution=p_out, converged=conv, iterations=iters, residual=res, status=status, aux=aux)
+
+
+def _inner_solve(losses: Tensor, spec: DROSpec, tol: float, max_iter: int, backend: Backend | str | None,
+                 throw: bool) -> tuple[Any, ...]:
+    """The weights and every reported tensor of :func:`robust_weights` for detached ``losses``
+    (``(*batch, n)``): ``(p, converged, iterations, residual, status, eta, lam, divergence,
+    penalty)``, in the losses' dtype and batch shape; ``penalty`` is ``None`` for a ball. Raises
+    the :class:`~optlayers.ConvergenceError` of a failed row when ``throw``."""
     batch = losses.shape[:-1]
     n = losses.shape[-1]
     dt = losses.dtype
     with torch.no_grad():
-        L = losses.detach().reshape(-1, n).to(torch.float64)
-        # one reduction and one host sync: a finite sum means every entry is finite (float64 sums
-        # of finite losses do not overflow in practice; if one does, the exact check below runs)
+        L = losses.reshape(-1, n).to(torch.float64)
         try:
+            # one reduction and one host sync: a finite sum means every entry is finite (float64
+            # sums of finite losses do not overflow in practice; if one does, the exact check runs)
             all_finite = math.isfinite(float(L.sum()))
-        except RuntimeError as exc:  # losses batched by torch.func.vmap have no value to branch on
+        except RuntimeError as exc:  # a data-dependent branch under a transform with no rule for it
             if "vmap" not in str(exc):
                 raise
             raise NotImplementedError(
-                "robust_weights (and DROLoss) cannot run with losses batched by torch.func.vmap: the "
-                "solvers branch on the data (sorts, pooling, root-finds). Pass the batch as leading "
-                "dimensions instead: losses of shape (B, n) give B problems, solved together "
-                "(torch.func.grad, jacrev and jacfwd do work).") from exc
+                "robust_weights (and DROLoss) cannot branch on losses batched by this combination of "
+                "torch.func transforms; pass the batch as leading dimensions instead: losses of shape "
+                "(B, n) give B problems, solved together.") from exc
         finite = None
         if not all_finite:
             finite = torch.isfinite(L).all(1)
             all_finite = bool(finite.all())
         Ls = L if finite is None or all_finite else torch.where(finite[:, None], L, torch.zeros_like(L))
-        sol = solve_flat(Ls.contiguous(), spec, tol=tol_, max_iter=max_iter, backend=backend)
+        sol = solve_flat(Ls.contiguous(), spec, tol=tol, max_iter=max_iter, backend=backend)
         p = sol.p
         conv = sol.converged
         res = sol.residual
@@ -276,21 +301,47 @@ def robust_weights(losses: Tensor, spec: DROSpec, *, tol: float | None = None, m
             conv = conv & finite
             res = torch.where(finite, res, torch.full_like(res, math.nan))
             status = torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
-        p_out = p.to(dt).reshape(losses.shape)
-    value = torch.linalg.vecdot(p_out, losses)
-    if not sol.zero_penalty:
-        value = value - sol.penalty.to(dt).reshape(batch)
-    aux = DROAux(
-        value=value,
-        dual=DRODual(eta=_out(sol.eta, dt, batch), lam=_out(sol.lam, dt, batch)),
-        divergence=_out(sol.divergence, dt, batch),
-    )
-    result = Result(solution=p_out, converged=conv.reshape(batch), iterations=sol.iterations.reshape(batch),
-                    residual=_out(res, dt, batch), status=status.reshape(batch), aux=aux)
-    if sol.closed_form and all_finite:  # every row converged by construction: nothing can raise
-        return result
-    return raise_if_failed(f"robust_weights[{type(spec).__name__}]", result, throw, tol=tol_,
-                           max_iter=max_iter)
+        out = (p.to(dt).reshape(losses.shape), conv.reshape(batch), sol.iterations.reshape(batch),
+               _out(res, dt, batch), status.reshape(batch), _out(sol.eta, dt, batch), _out(sol.lam, dt, batch),
+               _out(sol.divergence, dt, batch), None if sol.zero_penalty else _out(sol.penalty, dt, batch))
+    if throw and not (sol.closed_form and all_finite):  # a closed form on finite rows cannot fail
+        value = torch.linalg.vecdot(out[0], losses)
+        aux = DROAux(value=value if out[8] is None else value - out[8], dual=DRODual(eta=out[5], lam=out[6]),
+                     divergence=out[7])
+        result: Result[DROAux] = Result(solution=out[0], converged=out[1], iterations=out[2], residual=out[3],
+                                        status=out[4], aux=aux)
+        raise_if_failed(f"robust_weights[{type(spec).__name__}]", result, throw, tol=tol, max_iter=max_iter)
+    return out
+
+
+class _InnerSolve(torch.autograd.Function):
+    """:func:`_inner_solve` as a function with a ``torch.func.vmap`` rule: the vmapped dimension
+    becomes one more leading batch dimension of one solve (the solvers branch on the data, so
+    they cannot be traced per example). Its outputs carry no derivative; the robust value gets
+    the Danskin gradient from ``<p, losses>`` outside."""
+
+    @staticmethod
+    def forward(losses: Tensor, spec: DROSpec, tol: float, max_iter: int,  # type: ignore[override]
+                backend: Backend | str | None, throw: bool) -> tuple[Tensor, ...]:
+        out = _inner_solve(losses, spec, tol, max_iter, backend, throw)
+        if out[-1] is None:  # a ball: a zero penalty, as outputs must be tensors
+            out = (*out[:-1], torch.zeros_like(out[3]))
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.mark_non_differentiable(*output)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:  # pragma: no cover - never reached
+        return (None,) * 6
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], losses: Tensor, spec: DROSpec, tol: float,
+             max_iter: int, backend: Backend | str | None, throw: bool) -> tuple[tuple[Tensor, ...], tuple[Any, ...]]:
+        d = in_dims[0]
+        out = _InnerSolve.apply(losses if d is None else losses.movedim(d, 0), spec, tol, max_iter, backend, throw)
+        return out, (None if d is None else 0,) * len(out)
 
 
 def _out(t: Tensor, dtype: torch.dtype, batch: torch.Size) -> Tensor:
