@@ -14,8 +14,7 @@ Example:
     >>> import numpy as np
     >>> from optlayers.kernels.dro_fused import CLOSED_KINDS, fused_closed_batch
     >>> A = np.array([[1.0, 2.0, 3.0, 4.0]]); P = np.empty_like(A); V = np.empty(1); D = np.empty(1)
-    >>> none = np.empty((1, 0)); order = np.empty((0, 0), dtype=np.intp)
-    >>> fused_closed_batch(CLOSED_KINDS["cvar"], A, none, order, np.empty(0), np.empty(0), 0.5, 2.0, 0.0, P, V, D)
+    >>> fused_closed_batch(CLOSED_KINDS["cvar"], A, 0.5, 2.0, 0.0, P, V, D)
     True
     >>> P.tolist(), V.tolist()
     ([[0.0, 0.0, 0.5, 0.5]], [3.5])
@@ -44,12 +43,11 @@ from .dro_kernels import (
     kl_terms,
 )
 from .dro_spectral_fused import (
-    desc_sorted_radix_f32,
+    desc_sorted_radix,
     fused_spectral_row,
     perm_kl_row_logw,
     row_order,
     spectral_core,
-    spectral_sorted,
 )
 from .vmath_numba import vexp_array
 
@@ -57,7 +55,7 @@ __all__ = [
     "fused_kl_ball_row", "fused_cr_ball_row", "fused_cr_penalty_row", "fused_holistic_row",
     "fused_kl_penalty_row", "fused_chi2_penalty_row", "fused_cvar_row", "fused_chi2_ball_row",
     "fused_rows", "CLOSED_KINDS", "ROOT_KINDS", "fused_closed_batch",
-    "fused_root_batch", "fused_spectral_f32_batch"
+    "fused_root_batch", "fused_spectral_batch"
 ]
 
 
@@ -586,65 +584,42 @@ def _store_row(p, P, V, b, val):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, error_model="numpy")
-def fused_closed_batch(which, A, S, order, w, logw, p1, p2, p3, P, V, D):  # pragma: no cover - compiled
+def fused_closed_batch(which, A, p1, p2, p3, P, V, D):  # pragma: no cover - compiled
     """Closed-form fused solvers on every row of ``A`` (``(B, n)``, float32 or float64).
 
-    ``which``: :data:`CLOSED_KINDS`; ``S``: ``A`` sorted ascending along rows for the chi-square
-    ball's scan, or an empty ``(B, 0)`` array for its sort-free iteration;
-    ``order``: per row, the indices sorting it in descending order (or the sorted keys of
-    :func:`desc_keys_f32`, whose low 32 bits they are), and ``w`` the spectrum in
-    descending order, ``logw`` its log (:func:`log_weights`; spectral with KL penalty);
-    ``p1, p2, p3``: the parameters of :func:`fused_rows`. Writes the
-    weights to ``P`` and the values to ``V`` (any float dtype) and the penalties ``λ D(p)`` to ``D``
-    (float64; 0 for the sets without a penalty: the value is then ``<p, l>``); returns False (and
-    stops) at the first row with a non-finite entry.
+    ``which``: :data:`CLOSED_KINDS` other than ``"spectral"`` (:func:`fused_spectral_batch`);
+    ``p1, p2, p3``: the parameters of :func:`fused_rows`. Writes the weights to ``P`` and the
+    values to ``V`` (any float dtype) and the penalties ``λ D(p)`` to ``D`` (float64; 0 for the
+    sets without a penalty: the value is then ``<p, l>``); returns False (and stops) at the first
+    row with a non-finite entry.
     """
     B, n = A.shape
     l = np.empty(n)
-    s = np.empty(n)
     p = np.empty(n)
     for b in range(B):
-        if which == 4:  # spectral: the rows are read in sorted order, without a float64 copy
-            val, ok, pen = spectral_sorted(A, b, order[b], w, logw, p1, p2 > 0.0, P)
-            if not ok:
-                return False
-            if math.isfinite(val):
-                V[b] = val
-                D[b] = pen
-                continue
         if not _load_row(A, b, l):
             return False
         if which == 0:
             val, _, _ = fused_cvar_row(l, p1, int(p2), p3, p)
         elif which == 1:
             val, _, _ = fused_kl_penalty_row(l, p1, p2, p)
-        elif which == 4 and p2 > 0.0:  # spectral-KL with a spread of l / λ over 700: the log-domain PAV
-            scale = 1.0 / p1
-            for i in range(n):
-                s[i] = l[i] * scale
-            div = perm_kl_row_logw(s, row_order(order[b]), w, logw, p)
-            val = _dot(p, l) - p1 * div
-        elif which == 4:  # spectral-chi-square whose sorted pass gave no finite value
-            val, _, _ = fused_spectral_row(l, row_order(order[b]), w, p1, False, p)
         elif which == 2:
             val, _, _ = fused_chi2_penalty_row(l, p1, p)
-        elif S.shape[1] == n:  # the chi-square ball, by the scan over the sorted row
-            for j in range(n):
-                s[j] = np.float64(S[b, n - 1 - j])
-            val, _, _ = fused_chi2_ball_row(l, s, p1, p)
-        else:  # the chi-square ball, by the support iteration (the scan if it does not settle)
+        else:  # the chi-square ball, by the support iteration (the sorted scan if it does not settle)
             val = chi2_ball_iterate_row(l, p1, p)
-        D[b] = _dot(p, l) - val if (which == 1 or which == 2 or which == 4) else 0.0
+        D[b] = _dot(p, l) - val if (which == 1 or which == 2) else 0.0
         _store_row(p, P, V, b, val)
     return True
 
 
 @numba.njit(cache=True, error_model="numpy")
-def fused_spectral_f32_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover - compiled
-    """:func:`fused_closed_batch` for the spectral risks (``which = 4``) on float32 rows, each row's
-    descending order computed in the same call by :func:`desc_order_radix_f32` (the order of
-    :func:`desc_keys_f32`, so the same weights) together with the sorted row. Returns False at the
-    first row with a non-finite entry."""
+def fused_spectral_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover - compiled
+    """The spectral risks with a penalty (``w`` the spectrum in descending order, ``logw`` its log
+    (:func:`log_weights`; KL penalty), ``lam`` the penalty, ``kl`` KL or χ²) on every float32 or
+    float64 row of ``A``: each row sorted in the call (:func:`desc_sorted_radix`), projected
+    onto the permutahedron (:func:`spectral_core`), the weights written to ``P``, the values to
+    ``V`` and the penalties ``λ D(p)`` to ``D``. Returns False at the first row with a non-finite
+    entry."""
     B, n = A.shape
     order = np.empty(n, dtype=np.int32)
     K = np.empty(2 * n, dtype=np.uint64)  # the sort's workspace; then the sorted row and q
@@ -655,7 +630,7 @@ def fused_spectral_f32_batch(A, w, logw, lam, kl, P, V, D):  # pragma: no cover 
     q = keys.view(np.float64)
     stack = np.empty(3 * n)
     for b in range(B):
-        if not desc_sorted_radix_f32(A[b], order, keys, keys2, cnt):
+        if not desc_sorted_radix(A[b], order, keys, keys2, cnt):
             return False
         val, _, pen = spectral_core(ls, order, w, logw, lam, kl, P, b, q, stack)
         if math.isfinite(val):

@@ -1,9 +1,11 @@
 """Numba kernels of the spectral risks in the DRO training fast path (:mod:`optlayers.kernels.dro_fused`).
 
-The descending order of a float32 row by one NumPy sort of packed 64-bit keys (order-preserving
-bits of the value above the index), and the projection onto the permutahedron of the spectrum
-(pool adjacent violators) with the weights and the value: with a χ² penalty on the block means,
-with a KL penalty in the exp domain (the log-domain solver for spreads of ``l / λ`` over 700).
+The descending order of a float32 or float64 row by a radix sort inside the compiled call
+(:func:`desc_sorted_radix`; its specification is :func:`desc_order_f32`, one NumPy sort of packed
+64-bit keys: order-preserving bits of the value above the index), and the projection onto the
+permutahedron of the spectrum (pool adjacent violators) with the weights and the value: with a
+χ² penalty on the block means, with a KL penalty in the exp domain (the log-domain solver for
+spreads of ``l / λ`` over 700).
 
 Example:
     >>> import numpy as np
@@ -25,8 +27,8 @@ from numba.extending import intrinsic, overload
 from .dro_kernels import _perm_kl_rows, _perm_l2_rows, pav_means, pav_ratios
 from .vmath_numba import vexp
 
-__all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "desc_order_radix_f32", "log_weights",
-           "spectral_sorted", "spectral_core", "desc_sorted_radix_f32", "perm_kl_row_logw",
+__all__ = ["fused_spectral_row", "desc_order_f32", "desc_keys_f32", "desc_order_radix", "log_weights",
+           "spectral_core", "desc_sorted_radix", "perm_kl_row_logw",
            "row_order"]
 
 
@@ -112,41 +114,45 @@ def _low_index(K):  # pragma: no cover - compiled
 
 
 @intrinsic
-def _f32_from_bits(typingctx, u):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """The float32 whose bits are the uint32 ``u`` (compiled code only)."""
-    if not isinstance(u, types.Integer) or u.bitwidth != 32:
+def _f32_bits(typingctx, x):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The bits of the float32 ``x`` as a uint32 (compiled code only)."""
+    if x != types.float32:
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.FloatType())
+        return builder.bitcast(args[0], ir.IntType(32))
 
-    return types.float32(u), codegen
+    return types.uint32(x), codegen
 
 
 @numba.njit(cache=True, error_model="numpy")
-def desc_sorted_radix_f32(a, order, keys, keys2, cnt):  # pragma: no cover - compiled
-    """``order`` = the indices sorting the float32 row ``a`` in descending order (ties in index
-    order), and the sorted row ``float64(a[order])`` written over ``keys2`` (read it as
-    ``keys2.view(np.float64)``); returns whether every entry is finite.
+def desc_sorted_radix(a, order, keys, keys2, cnt):  # pragma: no cover - compiled
+    """``order`` = the indices sorting the float32 or float64 row ``a`` in descending order (ties
+    in index order; +0 before -0), and the sorted row ``float64(a[order])`` written over ``keys2``
+    (read it as ``keys2.view(np.float64)``); returns whether every entry is finite.
 
-    The same order as :func:`desc_order_f32`, by a stable least-significant-digit radix sort of
-    the 32-bit order-preserving keys (three passes of 11, 11 and 10 bits, the three histograms
-    counted in one pass) inside the compiled call: no NumPy call. Each pass moves one 64-bit word,
-    the key above the index; the sorted values are decoded from the sorted keys in one sequential
-    pass, in place, instead of gathered through the order. ``keys``, ``keys2`` (uint64, the row's
-    length) and ``cnt`` (``(3, 2048)`` int32) are workspace. Inside a training step, where the row
-    and the workspace are no longer in cache, this took well under half the time of 64-bit keys
-    plus NumPy's sort (2-core AMD EPYC of ``benchmarks/bench_dro.py``, n = 4096: ~54 µs against
-    ~90–130 µs), though it is no faster on data in cache; there every array it touches is a cost,
-    hence no separate arrays for the decoded bits and values.
+    A stable least-significant-digit radix sort of 32-bit order-preserving keys of the values
+    rounded to float32 (three passes of 11, 11 and 10 bits, the three histograms counted in one
+    pass), inside the compiled call: no NumPy call. Each pass moves one 64-bit word, the key above
+    the index. For float32 rows the keys are exact, so this is the order of
+    :func:`desc_order_f32`. For float64 rows, rounding is monotone, so entries with different
+    float32 keys are already in order; the runs of equal keys are then put in exact order by one
+    insertion pass (stable, so ties stay in index order), which costs one comparison per entry
+    when the values are distinct in float32. ``keys``, ``keys2`` (uint64, the row's length) and
+    ``cnt`` (``(3, 2048)`` int32) are workspace.
+
+    Inside a training step, where the row and the workspace are no longer in cache, this took
+    well under half the time of 64-bit keys plus NumPy's sort for float32 rows (2-core AMD EPYC of
+    ``benchmarks/bench_dro.py``, n = 4096: ~54 µs against ~90–130 µs), though it is no faster on
+    data in cache; there every array it touches is a cost, hence the sorted values decoded in
+    place over the keys.
     """
     n = a.shape[0]
-    U = a.view(np.uint32)
     for d in range(3):
         for j in range(2048):
             cnt[d, j] = 0
     for i in range(n):
-        u = U[i]
+        u = _f32_bits(np.float32(a[i]))
         key = u if u >= np.uint32(0x80000000) else u ^ np.uint32(0x7FFFFFFF)
         keys[i] = (np.uint64(key) << np.uint64(32)) | np.uint64(i)
         cnt[0, key & np.uint32(2047)] += 1
@@ -171,27 +177,37 @@ def desc_sorted_radix_f32(a, order, keys, keys2, cnt):  # pragma: no cover - com
         src, dst = dst, src
     ls = keys2.view(np.float64)
     finite = True
-    for j in range(n):  # the order, and the keys back to the float32 bits (the map is its own inverse)
-        v = keys2[j]
-        order[j] = np.int32(v & np.uint64(0xFFFFFFFF))
-        k = np.uint32(v >> np.uint64(32))
-        x = np.float64(_f32_from_bits(np.uint32(k if k >= np.uint32(0x80000000) else k ^ np.uint32(0x7FFFFFFF))))
+    for j in range(n):  # the order, and the values gathered in it (over the keys just read)
+        k = np.int32(keys2[j] & np.uint64(0xFFFFFFFF))
+        order[j] = k
+        x = np.float64(a[k])
         ls[j] = x
         finite = finite and math.isfinite(x)
+    if a.itemsize > 4:  # float64: the runs of equal float32 keys in exact order, by insertion
+        for j in range(1, n):
+            x = ls[j]
+            if x > ls[j - 1]:
+                k = order[j]
+                i = j - 1
+                while i >= 0 and x > ls[i]:
+                    ls[i + 1] = ls[i]
+                    order[i + 1] = order[i]
+                    i -= 1
+                ls[i + 1] = x
+                order[i + 1] = k
     return finite
 
 
 @numba.njit(cache=True, error_model="numpy")
-def desc_order_radix_f32(a, order, keys, keys2, cnt):  # pragma: no cover - compiled
-    """:func:`desc_sorted_radix_f32`, for the order only."""
-    desc_sorted_radix_f32(a, order, keys, keys2, cnt)
+def desc_order_radix(a, order, keys, keys2, cnt):  # pragma: no cover - compiled
+    """:func:`desc_sorted_radix`, for the order only."""
+    desc_sorted_radix(a, order, keys, keys2, cnt)
 
 
 def desc_keys_f32(a: np.ndarray) -> np.ndarray:
     """Per row of the finite, C-contiguous float32 ``(B, n)`` array ``a``, 64-bit keys sorted in
     ascending order whose low 32 bits are the indices sorting the row in descending order (ties
-    in index order): the order of :func:`desc_order_f32` without extracting it, as the spectral
-    solver of :func:`fused_closed_batch` reads it."""
+    in index order): the order of :func:`desc_order_f32` without extracting it."""
     K = _desc_keys_f32(a.view(np.uint32))
     K.sort(axis=1)
     return K
@@ -268,35 +284,23 @@ def perm_kl_row_logw(z, order, w, logw, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, error_model="numpy")
-def spectral_sorted(A, b, order, w, logw, lam, kl, P):  # pragma: no cover - compiled
-    """Spectral risk with a penalty on row ``b`` of ``A``, with ``order`` its descending order.
-
-    The row is read in sorted order once, and the projection onto the permutahedron (pool
-    adjacent violators), the weights and the value are computed on that contiguous copy; the
-    weights are scattered to ``P[b]``. χ² penalty: blocks of ``z - w`` (``z = l / (2 λ n)``)
-    pooled by their means; KL penalty: in the exp domain (``x = exp(z - max z)``;
-    blocks compared by ``Σx / Σw``, cross-multiplied; ``q = x Σw / Σx``: one vectorized ``exp``
-    pass; a block of one entry takes its spectrum weight as it is, a pooled block one ``log`` of
-    its ratio). Returns ``(value, finite, penalty)``;
-    the value is NaN (nothing written) for a KL spread of ``l / λ`` over 700, which the
-    log-domain solver then handles.
-    """
-    n = order.shape[0]
-    ls = np.empty(n)
-    for j in range(n):
-        ls[j] = np.float64(A[b, _as_index(order[j])])
-    for j in range(n):
-        if not math.isfinite(ls[j]):
-            return 0.0, False, 0.0
-    return spectral_core(ls, order, w, logw, lam, kl, P, b, np.empty(n), np.empty(3 * n))
-
-
-@numba.njit(cache=True, error_model="numpy")
 def spectral_core(ls, order, w, logw, lam, kl, P, b, q, stack):  # pragma: no cover - compiled
-    """:func:`spectral_sorted` from the finite sorted row ``ls = A[b, order]`` (float64); ``logw``
-    is ``log w`` (:func:`log_weights`) for the KL penalty (unused for χ²). ``q`` (the row's
-    length; KL only) and ``stack`` (three times the row's length) are float64 workspace apart from
-    ``ls``."""
+    """Spectral risk with a penalty on row ``b`` of the weights ``P``, from the finite sorted row
+    ``ls = A[b, order]`` (float64, ``order`` the descending order) and the spectrum ``w`` in
+    descending order.
+
+    The projection onto the permutahedron (pool adjacent violators), the weights and the value
+    are computed on the contiguous sorted row; the weights are scattered to ``P[b]``. χ²
+    penalty: blocks of ``z - w`` (``z = l / (2 λ n)``) pooled by their means; KL penalty: in the
+    exp domain (``x = exp(z - max z)``; blocks compared by ``Σx / Σw``, cross-multiplied;
+    ``q = x Σw / Σx``: one vectorized ``exp`` pass; a block of one entry takes its spectrum
+    weight as it is, a pooled block one ``log`` of its ratio). ``logw`` is ``log w``
+    (:func:`log_weights`) for the KL penalty (unused for χ²). ``q`` (the row's length; KL only)
+    and ``stack`` (three times the row's length) are float64 workspace apart from ``ls``.
+
+    Returns ``(value, True, penalty)``; the value is NaN (nothing written) for a KL spread of
+    ``l / λ`` over 700, which the log-domain solver (:func:`perm_kl_row_logw`) then handles.
+    """
     n = order.shape[0]
     xs = stack[:n]
     cnt = stack[n:2 * n]

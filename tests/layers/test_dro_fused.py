@@ -178,35 +178,43 @@ def test_desc_order_f32_sorts_descending_with_ties_in_index_order() -> None:
 
 @pytest.mark.kernels
 def test_radix_order_equals_the_key_sort() -> None:
-    """The in-kernel radix sort gives exactly the order of the packed-key NumPy sort (ties, ±0,
-    extremes, subnormals, infinities, several lengths)."""
+    """The in-kernel radix sort gives exactly the order of the packed-key NumPy sort for float32
+    rows, and the exact descending order (ties in index order, +0 before -0) for float64 rows,
+    whose float32-rounded keys tie far more often (ties, ±0, extremes, subnormals, infinities,
+    values equal in float32 but not in float64, several lengths)."""
     import numpy as np
 
-    from optlayers.kernels.dro_spectral_fused import desc_order_f32, desc_order_radix_f32, desc_sorted_radix_f32
+    from optlayers.kernels.dro_spectral_fused import desc_order_f32, desc_order_radix, desc_sorted_radix
 
     gen = np.random.default_rng(1)
     for n in (1, 2, 7, 500, 4096):
-        a = gen.standard_normal((4, n)).astype(np.float32)
+        a = gen.standard_normal((5, n))
         a[0, : n // 2] = 0.0
         a[0, n // 2: (3 * n) // 4] = -0.0
         a[1, ::3] = a[1, 0]
         a[2] = np.round(a[2] * 3, 0)
         if n >= 7:
             a[3, :7] = [np.inf, -np.inf, np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45, -1e-45, 3.0]
-        ref = desc_order_f32(np.ascontiguousarray(a))
-        order = np.empty(n, dtype=np.int32)
-        work = (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty((3, 2048), np.int32))
-        ls = work[1].view(np.float64)  # the sorted row is decoded over the second key buffer
-        for b in range(4):
-            desc_order_radix_f32(np.ascontiguousarray(a[b]), order, *work)
-            np.testing.assert_array_equal(order, ref[b])
-            order[:] = -1
-            work[1][:] = 0
-            finite = desc_sorted_radix_f32(np.ascontiguousarray(a[b]), order, *work)
-            np.testing.assert_array_equal(order, ref[b])
-            np.testing.assert_array_equal(ls, a[b][ref[b]].astype(np.float64))  # -0.0 == 0.0 here
-            np.testing.assert_array_equal(np.signbit(ls), np.signbit(a[b][ref[b]]))
-            assert finite == bool(np.isfinite(a[b]).all())
+        a[4] = 1.0 + gen.integers(0, 4, n) * 1e-12  # distinct in float64, one float32 value
+        for dtype in (np.float32, np.float64):
+            rows = np.ascontiguousarray(a.astype(dtype))
+            if dtype == np.float32:
+                ref = desc_order_f32(rows)
+            else:  # value descending, then +0 before -0, then index
+                ref = np.stack([np.lexsort((np.arange(n), np.signbit(r) & (r == 0), -r)) for r in rows])
+            order = np.empty(n, dtype=np.int32)
+            work = (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty((3, 2048), np.int32))
+            ls = work[1].view(np.float64)  # the sorted row is decoded over the second key buffer
+            for b in range(5):
+                desc_order_radix(rows[b], order, *work)
+                np.testing.assert_array_equal(order, ref[b])
+                order[:] = -1
+                work[1][:] = 0
+                finite = desc_sorted_radix(rows[b], order, *work)
+                np.testing.assert_array_equal(order, ref[b])
+                np.testing.assert_array_equal(ls, rows[b][ref[b]].astype(np.float64))  # -0.0 == 0.0 here
+                np.testing.assert_array_equal(np.signbit(ls), np.signbit(rows[b][ref[b]]))
+                assert finite == bool(np.isfinite(rows[b]).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -179,9 +179,9 @@ _NUMBA_OK: bool | None = None
 
 def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
     """How the fast path solves ``spec`` at size ``n``: ``None`` (not covered), ``("legacy",)``
-    (the degenerate closed forms of :func:`fused_solve`), ``("closed", which, p1, p2, p3, w,
-    logw, sort)`` or ``("root", which, p1, p2)`` (the batch drivers of
-    :mod:`optlayers.kernels.dro_fused`; ``sort``: 0 none, 1 sorted rows, 2 descending order)."""
+    (the degenerate closed forms of :func:`fused_solve`), or the batch driver of
+    :mod:`optlayers.kernels.dro_fused` and its parameters: ``("closed", which, p1, p2, p3)``,
+    ``("spectral", lam, kl, w, logw)`` or ``("root", which, p1, p2)``."""
     from ...kernels.dro_fused import CLOSED_KINDS, ROOT_KINDS
 
     if not fused_supported(spec):
@@ -191,25 +191,22 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
     if isinstance(spec, (CVaR, TotalVariation)):
         eps = spec.eps if isinstance(spec, TotalVariation) else 0.0
         alpha = spec.alpha if isinstance(spec, CVaR) else 1.0 - eps
-        return ("closed", CLOSED_KINDS["cvar"], float(alpha), float(cvar_k(alpha, n)), float(eps), _NO_WEIGHTS,
-                _NO_WEIGHTS, 0)
+        return ("closed", CLOSED_KINDS["cvar"], float(alpha), float(cvar_k(alpha, n)), float(eps))
     if isinstance(spec, ChiSquareBall):
         if spec.rho <= 0.0:
             return ("legacy",)
-        return ("closed", CLOSED_KINDS["chi2_ball"], float(spec.rho), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
+        return ("closed", CLOSED_KINDS["chi2_ball"], float(spec.rho), 0.0, 0.0)
     if isinstance(spec, ChiSquarePenalty):
-        return ("closed", CLOSED_KINDS["chi2_penalty"], float(spec.lam), 0.0, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
+        return ("closed", CLOSED_KINDS["chi2_penalty"], float(spec.lam), 0.0, 0.0)
     if isinstance(spec, KLPenalty):
-        sign = -1.0 if spec.optimistic else 1.0
-        return ("closed", CLOSED_KINDS["kl_penalty"], float(spec.lam), sign, 0.0, _NO_WEIGHTS, _NO_WEIGHTS, 0)
+        return ("closed", CLOSED_KINDS["kl_penalty"], float(spec.lam), -1.0 if spec.optimistic else 1.0, 0.0)
     if isinstance(spec, Spectral):
         from ...kernels.dro_spectral_fused import log_weights
 
         w = spec.sigma.cached_weights(n, torch.float64, torch.device("cpu")).flip(0).numpy()
         w = np.ascontiguousarray(w, dtype=np.float64)
         kl = spec.divergence == "kl"
-        return ("closed", CLOSED_KINDS["spectral"], float(spec.lam), 1.0 if kl else 0.0, 0.0, w,
-                log_weights(w) if kl else _NO_WEIGHTS, 2)
+        return ("spectral", float(spec.lam), kl, w, log_weights(w) if kl else _NO_WEIGHTS)
     if isinstance(spec, KLBall):
         return ("root", ROOT_KINDS["kl_ball"], float(spec.rho), 0.0)
     if isinstance(spec, CressieRead):
@@ -222,8 +219,6 @@ def _make_plan(spec: DROSpec, n: int) -> tuple[Any, ...] | None:
 
 
 _PLANS: dict[tuple[int, int], tuple[DROSpec, tuple[Any, ...] | None]] = {}
-_NO_INDEX = np.empty((0, 0), dtype=np.intp)
-_NO_SORT = np.empty((1, 0), dtype=np.float32)  # no sorted copy: the chi-square ball iterates
 _NO_WEIGHTS = np.empty(0)
 
 
@@ -358,7 +353,7 @@ def _row_runner(run: FusedRunner) -> Callable[[Tensor], Tensor | None]:
     """The call of ``run`` for one contiguous row of losses, by address
     (:mod:`optlayers.kernels.dro_fused_row`): the weights go into a fresh tensor, the value comes
     back as a number, and no NumPy view or output array is made (see that module for why)."""
-    from ...kernels.dro_fused_row import closed_row_at, root_row_at
+    from ...kernels.dro_fused_row import closed_row_at, root_row_at, spectral_row_at
 
     n, dtype, penalized, plan = run.n, run.dtype, run.penalized, run.plan
     f32 = dtype == torch.float32
@@ -369,14 +364,24 @@ def _row_runner(run: FusedRunner) -> Callable[[Tensor], Tensor | None]:
         return _danskin_dot(losses, p, value if penalized else None)
 
     if plan[0] == "closed":
-        _, which, c1, c2, c3, w, logw, _ = plan
+        _, which, c1, c2, c3 = plan
 
         def closed(losses: Tensor) -> Tensor | None:
             p = torch.empty(n, dtype=dtype)
-            ok, value, _ = closed_row_at(which, f32, losses.data_ptr(), p.data_ptr(), n, w, logw, c1, c2, c3)
+            ok, value, _ = closed_row_at(which, f32, losses.data_ptr(), p.data_ptr(), n, c1, c2, c3)
             return finish(losses, p, value) if ok else None
 
         return closed
+
+    if plan[0] == "spectral":
+        _, lam, kl, w, logw = plan
+
+        def spectral(losses: Tensor) -> Tensor | None:
+            p = torch.empty(n, dtype=dtype)
+            ok, value, _ = spectral_row_at(f32, losses.data_ptr(), p.data_ptr(), n, w, logw, lam, kl)
+            return finish(losses, p, value) if ok else None
+
+        return spectral
 
     _, which, r1, r2 = plan
     state, tol, max_iter, key = run.state, run.tol, run.max_iter, ("row", n)
@@ -448,9 +453,7 @@ class FusedRunner:
         self.penalized = isinstance(spec, (ChiSquarePenalty, KLPenalty, Spectral)) or (
             isinstance(spec, CressieRead) and spec.rho is None)
         self.kernels = None if self.legacy else _kernels()
-        # one row by address; not float64 spectral rows, whose order comes from NumPy's argsort
-        sorted_f64 = plan[0] == "closed" and plan[-1] == 2 and dtype == torch.float64
-        self.row = None if self.legacy or len(shape) != 1 or sorted_f64 else _row_runner(self)
+        self.row = None if self.legacy or len(shape) != 1 else _row_runner(self)  # one row, by address
 
     @classmethod
     def create(cls, spec: DROSpec, losses: Tensor, *, tol: float | None, max_iter: int,
@@ -521,16 +524,12 @@ class FusedRunner:
         D = np.empty(B)
         plan = self.plan
         if plan[0] == "closed":
-            _, which, p1, p2, p3, w, logw, sort = plan
-            S = _NO_SORT
-            order = _NO_INDEX
-            if sort == 1:
-                S = np.sort(a, axis=1)
-            elif sort == 2 and a.dtype == np.float32:  # spectral: the order by a radix sort in the call
-                return (P, V, D) if K.fused_spectral_f32_batch(a, w, logw, p1, p2 > 0.0, P2, V, D) else None
-            elif sort == 2:
-                order = np.argsort(-a, axis=1)
-            if not K.fused_closed_batch(which, a, S, order, w, logw, p1, p2, p3, P2, V, D):
+            _, which, p1, p2, p3 = plan
+            if not K.fused_closed_batch(which, a, p1, p2, p3, P2, V, D):
+                return None
+        elif plan[0] == "spectral":
+            _, lam, kl, w, logw = plan
+            if not K.fused_spectral_batch(a, w, logw, lam, kl, P2, V, D):
                 return None
         else:
             _, which, p1, p2 = plan
