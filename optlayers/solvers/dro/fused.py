@@ -418,8 +418,9 @@ _ENV_KEY = os.fsencode(ENV_VAR) if os.name == "posix" else ENV_VAR
 class FusedRunner:
     """:func:`fused_robust_value` prepared once for a spec and a losses signature (shape, dtype,
     CPU), for the training step, where the checks and the plan lookup of a general call are a
-    sizeable part of the time: a call is a NumPy view, two output arrays, one compiled call and
-    the Danskin value.
+    sizeable part of the time. For one contiguous vector of losses a call is one weights tensor,
+    one compiled call by address and one ``dot`` (:func:`_row_runner`); for a batch of rows, NumPy
+    views, one compiled call and a small autograd function.
 
     :meth:`create` returns ``None`` when the fast path cannot apply to that signature (then use
     :func:`~optlayers.solvers.dro.robust_weights`); a call returns ``None`` when it declines for
