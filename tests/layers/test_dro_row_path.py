@@ -96,6 +96,19 @@ def test_overwritten_value_flows_downstream(dtype) -> None:
     torch.testing.assert_close(g.double(), 2.0 * R * p, rtol=tol, atol=tol * float(p.max()))
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_row_path_gradcheck(spec) -> None:
+    # finite differences of the returned value against its gradient p: for a penalized spec this
+    # checks that the overwritten value is the robust value (d<l, p(l)>/dl is not p)
+    L = _losses(9, torch.float64, seed=5)
+    L[:3] += torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64)  # no ties: a smooth point
+    loss = DROLoss(spec, warm_start=False)
+    x0 = L.clone().requires_grad_()
+    loss(x0)
+    assert loss._runner is not None and loss._runner.row is not None
+    assert torch.autograd.gradcheck(loss, (x0,))
+
+
 def test_danskin_dot() -> None:
     L = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
     p = torch.tensor([0.25, 0.25, 0.5])
