@@ -24,10 +24,10 @@ call and one or two tensor ops.
   pass has just evicted the caches, each Python-level conversion or extra tensor op costs
   20–40 µs, several times the kernel's own per-op share.
 - **A batch of rows:** NumPy views of the losses and the outputs, and a small autograd function.
-- **Sorting:** float32 spectral rows are sorted inside the compiled call (an LSD radix sort of
-  the order-preserving 32-bit keys); float64 rows by NumPy's ``argsort``. Loss dtypes other than
-  float32 and float64 take a float64 copy.
-- **Transforms:** under ``torch.func`` (``grad``, ``jacrev``, ``jacfwd``) or a forward-mode AD
+- **Sorting:** spectral rows are sorted inside the compiled call, by an LSD radix sort of
+  order-preserving 32-bit keys (float64 rows: of their float32-rounded values, then one exact
+  insertion pass over equal keys). Loss dtypes other than float32 and float64 take a float64 copy.
+- **Transforms:** under ``torch.func`` (``grad``, ``jacrev``, ``jacfwd``, ``vmap``) or a forward-mode AD
   level the fast path declines (it reads raw memory and carries only the reverse-mode gradient);
   :func:`~optlayers.solvers.dro.robust_weights` then gives the same value with full support.
 
